@@ -1,0 +1,226 @@
+"""DivergenceDetector: non-finite values, a blow-up far above the best loss, or a significant sustained rise."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from statistics import median
+
+from scipy.special import ndtri
+
+from lr_guard.detectors.base import Detector, LogOrLinear, NoiseScale, check_choice, check_number, to_float
+from lr_guard.events import Event, EventKind
+
+__all__ = ["DivergenceDetector"]
+
+
+class DivergenceDetector(Detector):
+    """Reports that training is diverging. Three rules, checked in this order:
+
+    1. **Non-finite**: a NaN or +-inf value, at once (also during warm-up).
+    2. **Blow-up**: one value above both the first values' level (the untrained loss) and ``instant_factor``
+       times the best smoothed loss -- at once, also during warm-up; or the smoothed loss (median of the last
+       ``smoothing_window`` values) above ``factor`` times its best for ``patience`` consecutive values. In log
+       space "``factor`` times" is a margin of ``log(factor)``, widened to ``noise_sigmas`` robust sigmas where
+       the per-step noise is that large (losses near zero), so lucky low batches cannot make noise look like 2x.
+    3. **Sustained rise**: over the last ``trend_window`` values a one-sided Mann-Kendall test finds an upward
+       trend at level ``significance``, and the median of the window's last tenth exceeds that of its first tenth
+       by at least the blow-up margin scaled by ``min_rise`` (a relative rise, 0.2 = 20%). Mann-Kendall is
+       rank-based, so heavy-tailed batch noise and single spikes do not make a flat loss look like a rise, and a
+       stable non-zero loss (no trend) never counts.
+
+    After an event the detector stays quiet until the smoothed loss is back within ``min_rise`` of its best and the
+    raw loss within the blow-up margin (a rollback restores the detector's own state, so it never waits there), so one
+    divergence gives one event, however many NaNs follow. Values <= 0 are skipped in log space.
+
+    Args:
+        factor: Blow-up factor over the best smoothed loss (> 1).
+        instant_factor: Factor over the best smoothed loss for a single value to count at once (>= ``factor``).
+        smoothing_window: Values in the running median.
+        patience: Consecutive smoothed values above the margin needed for a blow-up.
+        trend_window: Values in the sustained-rise test (0 switches the rule off).
+        significance: One-sided p-value below which the Mann-Kendall trend counts.
+        min_rise: Relative rise over the trend window that a sustained rise must reach.
+        noise_sigmas: Floor of the margins in robust noise sigmas.
+        warmup_steps: Values to see before the smoothed and trend rules are armed.
+        space: ``"log"`` (default) or ``"linear"``.
+        name: Name used in events.
+
+    Example:
+        >>> det = DivergenceDetector()
+        >>> stream = [1.0 / (1 + 0.05 * t) for t in range(40)] + [float("nan")] * 3
+        >>> [(e.step, e.score) for t, x in enumerate(stream) if (e := det.update(x, t))]
+        [(40, inf)]
+    """
+
+    kind = EventKind.DIVERGENCE
+    _STATE_FIELDS = (
+        "_n",
+        "_n_nonfinite",
+        "_recent",
+        "_trend",
+        "_start",
+        "_best",
+        "_above",
+        "_noise",
+        "_prev",
+        "_latched",
+        "_score",
+    )
+
+    def __init__(
+        self,
+        factor: float = 2.0,
+        instant_factor: float = 10.0,
+        smoothing_window: int = 5,
+        patience: int = 2,
+        trend_window: int = 100,
+        significance: float = 1e-4,
+        min_rise: float = 0.2,
+        noise_sigmas: float = 3.0,
+        warmup_steps: int = 20,
+        space: str = "log",
+        name: str | None = None,
+    ) -> None:
+        check_number("factor", factor, low=1.0, low_open=True)
+        check_number("instant_factor", instant_factor, low=float(factor) if isinstance(factor, (int, float)) else 1)
+        check_number("smoothing_window", smoothing_window, low=1, integer=True)
+        check_number("patience", patience, low=1, integer=True)
+        check_number("trend_window", trend_window, low=0, integer=True)
+        if 0 < trend_window < 10:
+            raise ValueError(f"trend_window must be 0 (off) or >= 10, got {trend_window!r}")
+        check_number("significance", significance, low=0.0, high=0.5, low_open=True, high_open=True)
+        check_number("min_rise", min_rise, low=0.0, low_open=True)
+        check_number("noise_sigmas", noise_sigmas, low=0.0)
+        check_number("warmup_steps", warmup_steps, low=0, integer=True)
+        check_choice("space", space, ("log", "linear"))
+        self.factor = float(factor)
+        self.instant_factor = float(instant_factor)
+        self.smoothing_window = smoothing_window
+        self.patience = patience
+        self.trend_window = trend_window
+        self.significance = float(significance)
+        self.min_rise = float(min_rise)
+        self.noise_sigmas = float(noise_sigmas)
+        self.warmup_steps = warmup_steps
+        self.space = space
+        super().__init__(name)
+
+    def _reset(self) -> None:
+        self._to_y = LogOrLinear(self.space, self.name)
+        self._z_crit = float(ndtri(1.0 - self.significance))
+        self._log_factor = math.log(self.factor)
+        self._log_instant = math.log(self.instant_factor)
+        self._log_rise = math.log1p(self.min_rise)
+        self._tenth = max(1, self.trend_window // 10)
+        self._n = 0
+        self._n_nonfinite = 0
+        self._recent: deque[float] = deque(maxlen=self.smoothing_window)
+        self._trend: deque[float] = deque(maxlen=max(self.trend_window, 1))
+        self._start = math.nan  # smoothed level once the first smoothing_window values are in
+        self._best = math.inf
+        self._above = 0
+        self._noise = NoiseScale(0.98, 3.0)
+        self._prev = math.nan
+        self._latched = False
+        self._score = math.nan
+
+    @property
+    def score(self) -> float:
+        """Smoothed loss over its best, as a ratio (log space) or a difference (linear space)."""
+        return self._score
+
+    def _event(self, step: int, value: float, score: float, threshold: float, text: str) -> Event:
+        self._latched = True
+        return Event(EventKind.DIVERGENCE, step, value, score, threshold, self.name, f"step {step}: {text}")
+
+    def update(self, value: float, step: int) -> Event | None:
+        value = to_float(value)
+        if not math.isfinite(value):
+            self._n_nonfinite += 1
+            if self._latched:
+                return None
+            return self._event(step, value, math.inf, math.inf, f"loss is {value} (non-finite)")
+        y = self._to_y(value)
+        if y is None:
+            return None
+        self._n += 1
+        if self._n > 1:
+            self._noise.update(abs(y - self._prev))
+        self._prev = y
+        self._recent.append(y)
+        smoothed = median(self._recent)
+        if math.isnan(self._start) and len(self._recent) == self.smoothing_window:
+            self._start = smoothed
+        margin = max(self._log_factor, self.noise_sigmas * self._noise.sigma)
+        over_best = smoothed - self._best
+        self._score = self._to_y.ratio(over_best)
+        show = self._to_y.inverse
+
+        if self._latched:
+            if over_best < min(margin, self._log_rise) and y - self._best < margin:
+                self._latched = False
+            else:
+                return None
+
+        if y - self._best > max(self._log_instant, margin) and y > (
+            self._start if not math.isnan(self._start) else self._recent[0]
+        ):
+            ratio = y - self._best
+            return self._event(
+                step,
+                value,
+                self._to_y.ratio(ratio),
+                self.instant_factor,
+                f"loss {value:.4g} blew up to {self._ratio_text(ratio)} its best smoothed value "
+                f"{show(self._best):.4g}, above its starting level",
+            )
+        armed = self._n >= self.warmup_steps
+        self._above = self._above + 1 if (armed and over_best > margin) else 0
+        if self._above >= self.patience:
+            self._above = 0
+            return self._event(
+                step,
+                value,
+                self._score,
+                self.factor,
+                f"smoothed loss {show(smoothed):.4g} is {self._ratio_text(over_best)} its best "
+                f"{show(self._best):.4g} for {self.patience} steps (threshold {self.factor:g}x)",
+            )
+        if len(self._recent) == self.smoothing_window:
+            self._best = min(self._best, smoothed)
+        if self.trend_window:
+            self._trend.append(y)
+            if armed and len(self._trend) == self.trend_window:
+                return self._sustained_rise(step, value, margin)
+        return None
+
+    def _ratio_text(self, log_ratio: float) -> str:
+        if self._to_y.log:
+            return f"{self._to_y.ratio(log_ratio):.3g}x"
+        return f"{log_ratio:+.3g} above"
+
+    def _sustained_rise(self, step: int, value: float, margin: float) -> Event | None:
+        values = list(self._trend)
+        k = self._tenth
+        rise = median(values[-k:]) - median(values[:k])
+        if rise < max(self._log_rise, margin * self._log_rise / self._log_factor):
+            return None  # cheap gate: most steps end here
+        n = len(values)
+        s = 0
+        for i in range(n - 1):
+            vi = values[i]
+            for vj in values[i + 1 :]:
+                s += (vj > vi) - (vj < vi)
+        z = (s - 1) / math.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)
+        if z < self._z_crit:
+            return None
+        self._trend.clear()
+        return self._event(
+            step,
+            value,
+            z,
+            self._z_crit,
+            f"loss rose {self._ratio_text(rise)} over the last {n} steps "
+            f"(Mann-Kendall z {z:.1f} > {self._z_crit:.1f}, p < {self.significance:g})",
+        )

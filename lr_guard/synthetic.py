@@ -1,0 +1,201 @@
+"""Seeded, realistic loss streams that carry their true events -- for tests and the detection benchmark.
+
+The model, in log space: training progress ``tau`` advances by ``lr(t) / lr_max`` per step (so warm-up is slow,
+and a decayed LR slows progress); the clean loss is ``c + a * (tau + t0) ** -b`` (a power law) plus an LR-dependent
+excess ``k * lr(t) / lr_max`` (so a scheduled drop gives a sudden fall, as in real step schedules); batch noise is
+multiplicative, Student-t with ``noise_df`` degrees of freedom (heavier-tailed than Gaussian, like real
+per-batch losses), with a scale that shrinks as the LR decays. Trouble is then injected, and its true extent
+returned as :class:`TrueEvent` windows: a detection inside ``[start, end]`` is correct.
+
+Example:
+    >>> stream = make_stream(seed=3, n_steps=500, inject="spike")
+    >>> [(e.kind.value, e.start, e.end) for e in stream.events]
+    [('spike', 217, 217), ('spike', 357, 359), ('spike', 412, 413)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lr_guard.events import EventKind
+
+__all__ = ["INJECTIONS", "SCHEDULES", "LossStream", "TrueEvent", "make_stream", "make_suite"]
+
+SCHEDULES = ("constant", "step", "cosine")
+INJECTIONS = (None, "spike", "oscillation", "plateau", "divergence")
+
+
+@dataclass(frozen=True)
+class TrueEvent:
+    """A labelled stretch of a stream: a detection of ``kind`` at any step in ``[start, end]`` is correct."""
+
+    kind: EventKind
+    start: int
+    end: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class LossStream:
+    """Loss values at steps ``0 .. len(values) - 1`` with their true events and the LR schedule used."""
+
+    values: np.ndarray
+    lr: np.ndarray
+    events: tuple[TrueEvent, ...]
+    seed: int
+    description: str
+    noise_sigma: float = field(default=0.0)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _lr_schedule(rng: np.random.Generator, n: int, schedule: str, warmup: int) -> np.ndarray:
+    t = np.arange(n, dtype=float)
+    if schedule == "constant":
+        lr = np.ones(n)
+    elif schedule == "step":
+        lr = np.ones(n)
+        for frac in sorted(rng.uniform(0.45, 0.8, size=int(rng.integers(1, 3)))):
+            lr[int(frac * n) :] *= 0.3
+    elif schedule == "cosine":  # to 10% of the peak: a run that is cut before the LR vanishes
+        lr = 0.1 + 0.9 * 0.5 * (1.0 + np.cos(np.pi * t / n))
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if warmup > 0:
+        lr[:warmup] *= (t[:warmup] + 1.0) / warmup
+    return lr
+
+
+def make_stream(
+    seed: int,
+    n_steps: int = 3000,
+    inject: str | None = None,
+    schedule: str | None = None,
+    warmup_steps: int | None = None,
+    noise_df: float = 6.0,
+) -> LossStream:
+    """Make one labelled loss stream.
+
+    Args:
+        seed: Seed of everything random in the stream.
+        n_steps: Length of the stream.
+        inject: ``None`` (clean), ``"spike"``, ``"oscillation"``, ``"plateau"`` or ``"divergence"``.
+        schedule: ``"constant"``, ``"step"`` or ``"cosine"``; drawn from the seed when ``None``.
+        warmup_steps: LR warm-up length; drawn from 0..150 when ``None``.
+        noise_df: Degrees of freedom of the Student-t batch noise (``inf`` for Gaussian).
+    """
+    if inject not in INJECTIONS:
+        raise ValueError(f"inject must be one of {INJECTIONS}, got {inject!r}")
+    if not isinstance(n_steps, int) or n_steps < 300:
+        raise ValueError(f"n_steps must be an int >= 300, got {n_steps!r}")
+    rng = np.random.default_rng(seed)
+    schedule = schedule if schedule is not None else str(rng.choice(SCHEDULES))
+    warmup = int(rng.integers(0, 151)) if warmup_steps is None else warmup_steps
+    lr = _lr_schedule(rng, n_steps, schedule, warmup)
+
+    c = float(rng.uniform(0.1, 3.0))  # irreducible loss
+    a = c * float(rng.uniform(1.0, 4.0))
+    b = float(rng.uniform(0.3, 0.8))
+    t0 = float(rng.uniform(10.0, 100.0))
+    k = c * float(rng.uniform(0.02, 0.15))
+    sigma0 = float(rng.uniform(0.01, 0.05))
+    progress = lr.copy()
+    events: list[TrueEvent] = []
+    swing = np.zeros(n_steps)
+    extra = np.zeros(n_steps)
+    start_min = warmup + 200
+
+    if inject == "plateau":  # progress stops for 1600..2400 steps at a constant LR, then resumes
+        start = int(rng.integers(start_min, max(start_min + 1, n_steps // 3)))
+        end = min(n_steps - 1, start + int(rng.integers(1600, 2400)))
+        progress[start:end] = 0.0
+        lr[start:end] = lr[start]  # real plateaus sit at a constant LR (between a step schedule's drops)
+        events.append(TrueEvent(EventKind.PLATEAU, start, end, "progress stops"))
+    elif inject == "oscillation":  # LR too high: no progress, swings far beyond the noise
+        start = int(rng.integers(start_min, n_steps - 500))
+        length = int(rng.integers(200, 400))
+        end = min(n_steps - 1, start + length)
+        period = float(rng.choice([2.0, 3.0, 4.0, 6.0, 8.0, 12.0]))
+        amplitude = min(sigma0 * float(rng.uniform(5.0, 12.0)), math.log(1.25))  # 5-12 sigma, at most +-25%
+        tt = np.arange(end - start)
+        swing[start:end] = amplitude * np.cos(2.0 * np.pi * tt / period + float(rng.uniform(0, 2 * np.pi)))
+        progress[start:end] = 0.0
+        events.append(TrueEvent(EventKind.OSCILLATION, start, end, f"period {period:g}, amplitude {amplitude:.3g}"))
+
+    tau = np.cumsum(progress)
+    clean = np.log(c + a * (tau + t0) ** (-b) + k * lr / lr.max())
+    noise_scale = sigma0 * (0.5 + 0.5 * lr / lr.max())
+    noise = rng.standard_t(noise_df, size=n_steps) if math.isfinite(noise_df) else rng.standard_normal(n_steps)
+    if math.isfinite(noise_df):
+        noise /= math.sqrt(noise_df / (noise_df - 2.0))
+    y = clean + noise_scale * noise + swing
+
+    if inject == "spike":  # 1..4 spikes of 10..40 noise sigmas lasting 1..3 steps, >= 100 steps apart
+        steps = np.arange(start_min, n_steps - 60, 100)
+        for s in sorted(rng.choice(steps, size=min(len(steps), int(rng.integers(1, 5))), replace=False)):
+            s = int(s + rng.integers(0, 50))
+            height = float(rng.uniform(10.0, 40.0)) * noise_scale[s]
+            duration = int(rng.integers(1, 4))
+            for i in range(duration):
+                extra[s + i] = height * 0.5**i
+            events.append(TrueEvent(EventKind.SPIKE, s, s + duration - 1, f"+{height:.3g} nats"))
+    elif inject == "divergence":
+        s = int(rng.integers(start_min, n_steps - 400))
+        how = str(rng.choice(["nan", "explode", "rise"]))
+        t_after = np.arange(n_steps - s, dtype=float)
+        if how == "nan":
+            extra[s:] = np.nan
+        elif how == "explode":  # exponential blow-up, then inf, then NaN (as the criteo log)
+            rate = float(rng.uniform(0.05, 0.5))
+            with np.errstate(over="ignore"):
+                extra[s:] = np.expm1(rate * t_after)
+            blow = s + int(np.argmax(extra[s:] > 50.0)) if (extra[s:] > 50.0).any() else n_steps
+            extra[blow:] = np.inf
+            extra[blow + 1 :] = np.nan
+        else:  # slow sustained rise: loss doubles to quadruples over 100-400 steps
+            rate = math.log(float(rng.uniform(2.0, 4.0))) / float(rng.uniform(100.0, 400.0))
+            extra[s:] = rate * t_after
+        events.append(TrueEvent(EventKind.DIVERGENCE, s, n_steps - 1, how))
+
+    events.extend(_natural_plateaus(clean, noise_scale, events))
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = np.exp(y + extra)
+    description = (
+        f"seed {seed}: {schedule} schedule, warm-up {warmup}, noise {sigma0:.3g} (t{noise_df:g}), inject {inject}"
+    )
+    return LossStream(values, lr, tuple(events), seed, description, sigma0)
+
+
+NATURAL_HORIZON = 1000
+
+
+def _natural_plateaus(clean: np.ndarray, noise_scale: np.ndarray, injected: list[TrueEvent]) -> list[TrueEvent]:
+    """Stretches where the noise-free loss itself stops improving (late power-law tails, a loss that rose during
+    warm-up): over the trailing ``NATURAL_HORIZON`` steps it fell by less than ``0.25`` of the per-step noise.
+
+    Nobody injected them, yet "no meaningful improvement" is true there, so they are labelled with
+    ``detail="natural"``: the benchmark counts a plateau detection there neither as a hit nor as a false alarm.
+    """
+    h = NATURAL_HORIZON
+    if len(clean) <= h:
+        return []
+    flat = np.zeros(len(clean), dtype=bool)
+    flat[h:] = clean[:-h] - clean[h:] < 0.25 * noise_scale[h:]
+    for e in injected:  # an injected plateau is labelled already
+        if e.kind == EventKind.PLATEAU:
+            flat[e.start : e.end + 1] = False
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat.astype(np.int8), [0]])))
+    return [
+        TrueEvent(EventKind.PLATEAU, int(a), int(b) - 1, "natural")
+        for a, b in zip(edges[::2], edges[1::2], strict=True)
+    ]
+
+
+def make_suite(inject: str | None, n_streams: int, seed: int = 0, n_steps: int = 3000) -> list[LossStream]:
+    """``n_streams`` streams of one injection kind; every (seed, kind) pair draws its own streams."""
+    base = seed * 1_000_000 + INJECTIONS.index(inject) * 100_000
+    return [make_stream(base + i, n_steps=n_steps, inject=inject) for i in range(n_streams)]

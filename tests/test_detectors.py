@@ -1,0 +1,305 @@
+"""The four detectors: the shared contract, exact events on seeded streams, real curves, validation, properties."""
+
+import math
+import pickle
+import subprocess
+import sys
+import warnings
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lr_guard.detectors import (
+    Detector,
+    DivergenceDetector,
+    NullDetector,
+    OscillationDetector,
+    PlateauDetector,
+    SpikeDetector,
+)
+from lr_guard.events import Event, EventKind
+from lr_guard.synthetic import make_stream
+from lr_guard.testing import check_detector, feed
+
+ALL = [SpikeDetector, OscillationDetector, PlateauDetector, DivergenceDetector]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_contract(cls):
+    check_detector(cls)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_contract_with_non_default_settings(cls):
+    settings_by_class = {
+        SpikeDetector: {"threshold": 6.0, "warmup_steps": 50, "space": "linear"},
+        OscillationDetector: {"window": 40, "stride": 1, "threshold": 3.5},
+        PlateauDetector: {"patience": 600, "window": 50, "cooldown": 100},
+        DivergenceDetector: {"factor": 3.0, "trend_window": 50, "smoothing_window": 9},
+    }
+    check_detector(lambda: cls(**settings_by_class[cls]))
+
+
+@pytest.mark.parametrize(
+    ("cls", "inject", "seed", "expected"),
+    [
+        (SpikeDetector, "spike", 5, [(1732, 40.28), (2757, 41.846)]),
+        (OscillationDetector, "oscillation", 5, [(629, 3.329), (679, 7.885), (729, 7.767), (779, 7.36), (829, 6.831)]),
+        (PlateauDetector, "plateau", 5, [(1642, 1001.0)]),
+        (DivergenceDetector, "divergence", 5, [(1403, 7.049)]),
+        (DivergenceDetector, "divergence", 6, [(1083, 3.082)]),
+        (DivergenceDetector, "divergence", 8, [(649, 10.063)]),
+    ],
+)
+def test_exact_events_on_seeded_streams(cls, inject, seed, expected):
+    stream = make_stream(seed, inject=inject)
+    events = feed(cls(), stream.values.tolist())
+    assert [(e.step, round(e.score, 3)) for e in events] == expected
+    true = [e for e in stream.events if e.kind.value == inject and e.detail != "natural"]
+    assert true[0].start <= events[0].step <= true[0].end
+
+
+def test_synthetic_streams_are_seeded():
+    a, b = make_stream(11, inject="spike"), make_stream(11, inject="spike")
+    assert (a.values == b.values).all() and a.events == b.events
+    assert not (make_stream(12, inject="spike").values == a.values).all()
+
+
+# --- the real curves bundled in lr_guard/data (copies of shared/curves) -----------------------------------------------
+
+
+def test_muon_data_spikes_are_flagged_and_not_divergence(curve):
+    data = curve("lm_gpt2_124m_modded_muon_dataspike")
+    det = SpikeDetector()
+    spikes = [e.step for s, x in data if (e := det.update(x, s)) is not None]
+    for labelled in (919, 947, 1760, 3194, 5335, 6127):
+        assert labelled in spikes
+    assert len(spikes) <= len((919, 947, 1760, 3194, 5335, 6127)) + 2
+    div = DivergenceDetector()
+    assert not [s for s, x in data if div.update(x, s)]
+    osc = OscillationDetector()
+    assert not [s for s, x in data if osc.update(x, s)]
+    plateau = PlateauDetector()
+    assert not [s for s, x in data if plateau.update(x, s)], "no false plateau during the warm-down"
+
+
+def test_llmc_healthy_run_raises_no_divergence_oscillation_or_early_plateau(curve):
+    data = curve("lm_gpt2_124m_llmc_healthy")
+    for det in (DivergenceDetector(), OscillationDetector()):
+        assert not [s for s, x in data if det.update(x, s)], det
+    plateau = PlateauDetector()
+    plateau_steps = [s for s, x in data if plateau.update(x, s)]
+    # Only in the final, annealed stretch, where the 500-step mean moves by < 0.004 nats.
+    assert all(step > 18000 for step in plateau_steps)
+    spike = SpikeDetector()
+    assert len([s for s, x in data if spike.update(x, s)]) <= 5  # benign outliers only: < 3 per 10k steps
+
+
+def test_criteo_divergence_found_at_71_not_at_the_early_bump(curve):
+    data = curve("criteo_dlrm_warmup_divergence_inf_nan_algoperf")
+    det = DivergenceDetector()
+    events = [e for s, x in data if (e := det.update(x, s)) is not None]
+    assert [e.step for e in events] == [71]
+    assert "blew up" in events[0].message and "133x" in events[0].message
+
+
+def test_resnet_epoch_plateau_before_the_hand_set_decay(curve):
+    data = curve("resnet110_cifar10_steplr_per_epoch")
+    det = PlateauDetector(patience=5, threshold=1e-2, window=1, noise_sigmas=0.0, warmup_steps=0)
+    steps = [s for s, x in data if det.update(x, s)]
+    assert steps and 40 <= steps[0] < 81
+    torch_defaults = PlateauDetector(patience=10, threshold=1e-4, window=1, noise_sigmas=0.0, warmup_steps=0)
+    assert not [s for s, x in data[:81] if torch_defaults.update(x, s)], "torch's defaults never fire here"
+
+
+# --- behaviour details --------------------------------------------------------------------------------------------
+
+
+def test_spike_not_raised_by_a_scheduled_lr_drop_or_the_normal_fall():
+    stream = make_stream(3, inject=None, schedule="step")
+    assert not feed(SpikeDetector(), stream.values.tolist())
+
+
+def test_spike_one_event_per_excursion_and_rebase():
+    values = [1.0 + 0.01 * ((-1) ** t) for t in range(60)] + [3.0] * 30 + [1.0 + 0.01 * ((-1) ** t) for t in range(30)]
+    events = feed(SpikeDetector(), values)
+    assert [e.step for e in events] == [60]
+
+
+def test_divergence_reports_nan_once_and_in_warmup():
+    det = DivergenceDetector()
+    events = feed(det, [1.0, 0.9, math.nan, math.nan, math.inf])
+    assert [(e.step, e.score) for e in events] == [(2, math.inf)]
+    assert det.n_nonfinite == 3
+
+
+def test_divergence_stable_nonzero_loss_is_not_divergence():
+    values = [0.7 * math.exp(0.05 * math.sin(t * 1.3)) for t in range(2000)]
+    assert not feed(DivergenceDetector(), values)
+
+
+def test_plateau_mode_max_for_accuracy():
+    accs = [0.5, 0.6, 0.7, 0.75, 0.8] + [0.8] * 10
+    det = PlateauDetector(mode="max", patience=3, window=1, noise_sigmas=0.0, warmup_steps=0)
+    assert [e.step for e in feed(det, accs)] == [8, 12]
+    assert det.best == pytest.approx(0.8)
+
+
+def test_plateau_cooldown_ignores_bad_steps():
+    det = PlateauDetector(patience=2, window=1, noise_sigmas=0.0, warmup_steps=0, cooldown=3)
+    assert [e.step for e in feed(det, [1.0] * 12)] == [3, 9]
+
+
+def test_log_space_skips_non_positive_values_with_one_warning():
+    det = SpikeDetector()
+    with pytest.warns(UserWarning, match="space='linear'"):
+        feed(det, [1.0, 0.0, -1.0, 0.5])
+    assert det.n_updates == 2
+    lin = SpikeDetector(space="linear", warmup_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feed(lin, [-1.0, -1.1, -0.9, -1.0, -1.05, -0.95, 20.0])
+    assert lin.n_updates == 7
+
+
+def test_event_is_frozen_and_readable():
+    event = feed(SpikeDetector(warmup_steps=5), [1.0, 1.01, 0.99, 1.0, 1.01, 1.0, 0.99, 5.0])[0]
+    assert isinstance(event, Event) and event.kind is EventKind.SPIKE and str(event) == event.message
+    with pytest.raises(AttributeError):
+        event.step = 3  # type: ignore[misc]
+    assert "robust sigma above its trend" in event.message and "step 7" in event.message
+
+
+def test_null_detector_never_reports():
+    det = NullDetector()
+    assert feed(det, [1.0, math.nan, 1e30, -5.0]) == []
+    assert repr(det) == "NullDetector(name='NullDetector')"
+    assert pickle.loads(pickle.dumps(det)).state_dict()["state"] == {}
+
+
+def test_update_rejects_non_numbers():
+    with pytest.raises(TypeError, match="update\\(\\) takes a number for value"):
+        SpikeDetector().update("1.0x", 0)  # type: ignore[arg-type]
+
+
+def test_load_state_dict_warns_on_other_settings_and_rejects_other_detectors():
+    det = SpikeDetector(threshold=8.0)
+    feed(det, [1.0, 0.9, 0.8])
+    other = SpikeDetector(threshold=5.0)
+    with pytest.warns(UserWarning, match="threshold: saved 8.0, now 5.0"):
+        other.load_state_dict(det.state_dict())
+    assert other.threshold == 5.0 and other.n_updates == 3
+    with pytest.raises(ValueError, match="written by a SpikeDetector, cannot load it into a PlateauDetector"):
+        PlateauDetector().load_state_dict(det.state_dict())
+    with pytest.raises(ValueError, match="not a detector state_dict"):
+        det.load_state_dict({"x": 1})
+    newer = det.state_dict()
+    newer["version"] = 99
+    with pytest.raises(ValueError, match="newer than this lr_guard supports"):
+        det.load_state_dict(newer)
+
+
+def test_state_dict_holds_plain_python_types_only():
+    det = DivergenceDetector()
+    feed(det, make_stream(2).values.tolist()[:300])
+
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(plain(v) for v in x)
+        return isinstance(x, (int, float, str, bool, type(None)))
+
+    for cls in ALL:
+        d = cls()
+        feed(d, make_stream(2).values.tolist()[:300])
+        assert plain(d.state_dict()), cls
+
+
+def test_detectors_do_not_import_torch():
+    code = "import sys, lr_guard.detectors, lr_guard.synthetic; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factory", "error", "match"),
+    [
+        (lambda: SpikeDetector(threshold=0), ValueError, "threshold must be > 0.0, got 0"),
+        (lambda: SpikeDetector(threshold="6"), TypeError, "threshold must be a number, got '6' of type str"),
+        (lambda: SpikeDetector(trend_alpha=1.0), ValueError, "trend_alpha must be < 1.0, got 1.0"),
+        (lambda: SpikeDetector(noise_alpha=0), ValueError, "noise_alpha must be > 0.0, got 0"),
+        (lambda: SpikeDetector(warmup_steps=1), ValueError, "warmup_steps must be >= 2, got 1"),
+        (lambda: SpikeDetector(warmup_steps=2.5), TypeError, "warmup_steps must be an int, got 2.5"),
+        (lambda: SpikeDetector(clip=1.0), ValueError, "clip must be > 1.0, got 1.0"),
+        (lambda: SpikeDetector(rebase_steps=0), ValueError, "rebase_steps must be >= 1, got 0"),
+        (lambda: SpikeDetector(space="log10"), ValueError, "space must be one of 'log', 'linear'; got 'log10'"),
+        (lambda: SpikeDetector(threshold=math.nan), ValueError, "threshold must be finite, got nan"),
+        (lambda: SpikeDetector(name=""), ValueError, "name must be a non-empty string or None"),
+        (lambda: OscillationDetector(window=5), ValueError, "window must be >= 10, got 5"),
+        (lambda: OscillationDetector(threshold=1.0), ValueError, "threshold must be > 1.0, got 1.0"),
+        (lambda: OscillationDetector(min_crossings=1), ValueError, "min_crossings must be >= 2, got 1"),
+        (lambda: OscillationDetector(stride=0), ValueError, "stride must be >= 1, got 0"),
+        (lambda: OscillationDetector(warmup_steps=-1), ValueError, "warmup_steps must be >= 0, got -1"),
+        (lambda: PlateauDetector(mode="minimum"), ValueError, "mode must be one of 'min', 'max'; got 'minimum'"),
+        (lambda: PlateauDetector(patience=-1), ValueError, "patience must be >= 0, got -1"),
+        (lambda: PlateauDetector(threshold=-0.1), ValueError, "threshold must be >= 0.0, got -0.1"),
+        (lambda: PlateauDetector(threshold_mode="relative"), ValueError, "threshold_mode must be one of 'rel', 'abs'"),
+        (lambda: PlateauDetector(cooldown=True), TypeError, "cooldown must be an int, got True"),
+        (lambda: PlateauDetector(window=0), ValueError, "window must be >= 1, got 0"),
+        (lambda: PlateauDetector(noise_sigmas=-1), ValueError, "noise_sigmas must be >= 0.0, got -1"),
+        (lambda: DivergenceDetector(factor=1.0), ValueError, "factor must be > 1.0, got 1.0"),
+        (lambda: DivergenceDetector(factor=3.0, instant_factor=2.0), ValueError, "instant_factor must be >= 3.0"),
+        (lambda: DivergenceDetector(smoothing_window=0), ValueError, "smoothing_window must be >= 1, got 0"),
+        (lambda: DivergenceDetector(patience=0), ValueError, "patience must be >= 1, got 0"),
+        (lambda: DivergenceDetector(trend_window=5), ValueError, "trend_window must be 0 \\(off\\) or >= 10, got 5"),
+        (lambda: DivergenceDetector(significance=0.5), ValueError, "significance must be < 0.5, got 0.5"),
+        (lambda: DivergenceDetector(min_rise=0), ValueError, "min_rise must be > 0.0, got 0"),
+        (lambda: DivergenceDetector(noise_sigmas=-2), ValueError, "noise_sigmas must be >= 0.0, got -2"),
+        (lambda: DivergenceDetector(space=None), ValueError, "space must be one of 'log', 'linear'; got None"),
+    ],
+)
+def test_validation_messages(factory, error, match):
+    with pytest.raises(error, match=match):
+        factory()
+
+
+def test_divergence_trend_rule_can_be_switched_off():
+    det = DivergenceDetector(trend_window=0)
+    stream = make_stream(5, inject="divergence")  # the slow-rise stream: found later, by the 2x rule
+    assert [e.step for e in feed(det, stream.values.tolist())] == [1467]
+
+
+# --- properties -----------------------------------------------------------------------------------------------------
+
+_any_float = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 1e30, -1e30, 1e-300, 5e-324])
+
+
+@pytest.mark.parametrize("cls", ALL)
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(_any_float, max_size=300))
+def test_arbitrary_floats_never_crash(cls, values):
+    det: Detector = cls(warmup_steps=10) if cls is not OscillationDetector else cls(window=10, warmup_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step, value in enumerate(values):
+            event = det.update(value, step)
+            assert event is None or isinstance(event, Event)
+        det.load_state_dict(det.state_dict())
+
+
+@pytest.mark.parametrize("cls", ALL)
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=2, max_size=400), cut=st.integers(0, 400))
+def test_state_round_trip_at_any_point(cls, values, cut):
+    cut = min(cut, len(values))
+    straight = feed(cls(), values)
+    head = cls()
+    before = feed(head, values[:cut])
+    resumed = cls()
+    resumed.load_state_dict(pickle.loads(pickle.dumps(head.state_dict())))
+    after = feed(resumed, values[cut:], cut)
+    assert [(e.step, e.message) for e in before + after] == [(e.step, e.message) for e in straight]

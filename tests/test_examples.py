@@ -1,0 +1,51 @@
+"""Examples are tests: each example's main() runs here in its fast mode."""
+
+import importlib.util
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_finds_the_labelled_trouble(capsys):
+    found = load("demo").main(["--fast"])
+    steps = {name: {(e.kind.value, e.step) for e in events} for name, events in found.items()}
+    assert ("divergence", 71) in steps["criteo_dlrm_warmup_divergence_inf_nan_algoperf"]
+    assert {("spike", 919), ("spike", 947)} <= steps["lm_gpt2_124m_modded_muon_dataspike"]
+    assert ("plateau", 79) in steps["resnet110_cifar10_steplr_per_epoch"]
+    assert "blew up" in capsys.readouterr().out
+
+
+def test_detection_benchmark_prints_one_json_line(capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    try:
+        results = load_benchmark().main(["--streams", "2", "--steps", "3000"])
+    finally:
+        sys.path.pop(0)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(results))
+    for name in ("spike", "oscillation", "plateau", "divergence"):
+        assert set(results[name]) >= {
+            "precision",
+            "recall",
+            "f1",
+            "median_delay_steps",
+            "fp_per_10k_clean_steps",
+            "us_per_update",
+        }
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("detection", EXAMPLES.parent / "benchmarks" / "detection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
