@@ -22,5 +22,5 @@ def load_curve(name: str) -> list[tuple[int, float]]:
     """The ``(step, loss)`` pairs of one bundled curve; non-finite losses are kept as ``nan``/``inf``."""
     if name not in CURVES:
         raise ValueError(f"no bundled curve named {name!r}; the curves are: {', '.join(CURVES)}")
-    with resources.files(__package__).joinpath("curves", f"{name}.csv").open() as f:
+    with (resources.files(__package__) / "curves" / f"{name}.csv").open() as f:
         return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(f)]
