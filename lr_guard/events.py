@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Event", "EventKind"]
+__all__ = ["Action", "Decision", "Event", "EventKind"]
 
 
 class EventKind(str, enum.Enum):
@@ -42,6 +42,49 @@ class Event:
     threshold: float
     detector: str
     message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Action(str, enum.Enum):
+    """What the guard did about an event."""
+
+    NONE = "none"  # logged only
+    LR_CUT = "lr_cut"
+    ROLLBACK = "rollback"
+    STOP = "stop"
+    HELD = "held"  # an action was due but held back (warm-up, cooldown, switched off)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An event and what the guard did about it, as one readable record.
+
+    Attributes:
+        event: What was seen.
+        action: What was done.
+        step: The step at which it was done.
+        lr_before: The first param group's LR before (of the first optimizer).
+        lr_after: Its LR after.
+        rollback_to: The step restored by a rollback (else ``None``).
+        skip_batches: Updates that will be skipped after a rollback.
+        checkpoint: Path of the checkpoint written when stopping (else ``None``).
+        message: The full sentence for the log.
+    """
+
+    event: Event
+    action: Action
+    step: int
+    lr_before: float
+    lr_after: float
+    rollback_to: int | None = None
+    skip_batches: int = 0
+    checkpoint: str | None = None
+    message: str = ""
 
     def __str__(self) -> str:
         return self.message

@@ -13,12 +13,26 @@ import math
 import pickle
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from lr_guard.detectors.base import Detector
 from lr_guard.events import Event, EventKind
 from lr_guard.synthetic import make_stream
 
-__all__ = ["check_detector", "contract_stream", "feed"]
+if TYPE_CHECKING:
+    from lr_guard._modules import ScriptedLossModule, TinyRegressionModule
+
+__all__ = ["ScriptedLossModule", "TinyRegressionModule", "check_detector", "contract_stream", "feed"]
+
+_MODULES = ("ScriptedLossModule", "TinyRegressionModule", "regression_data")
+
+
+def __getattr__(name: str) -> object:
+    if name in _MODULES:  # torch and Lightning are imported only when these are asked for
+        from lr_guard import _modules
+
+        return getattr(_modules, name)
+    raise AttributeError(f"module 'lr_guard.testing' has no attribute {name!r}")
 
 
 def feed(detector: Detector, values: Sequence[float], start_step: int = 0) -> list[Event]:

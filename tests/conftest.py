@@ -6,3 +6,47 @@ from lr_guard.data import load_curve
 @pytest.fixture
 def curve():
     return load_curve
+
+
+import warnings  # noqa: E402
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # one reduction order for every comparison in the suite
+
+
+def make_trainer(callbacks=(), max_steps=60, **kwargs):
+    """A quiet CPU Trainer for tests."""
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+    )
+    defaults.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pl.Trainer(callbacks=list(callbacks), max_steps=max_steps, **defaults)
+
+
+class LRRecorder(pl.Callback):
+    """Records every param group's LR as the optimizer is about to use it, per global step."""
+
+    def __init__(self):
+        self.lrs = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs[trainer.global_step] = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning(caplog):
+    import logging
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    yield

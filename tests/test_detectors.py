@@ -179,7 +179,7 @@ def test_null_detector_never_reports():
 
 
 def test_update_rejects_non_numbers():
-    with pytest.raises(TypeError, match="update\\(\\) takes a number for value"):
+    with pytest.raises(TypeError, match=r"update\(\) takes a number for value"):
         SpikeDetector().update("1.0x", 0)  # type: ignore[arg-type]
 
 
@@ -255,7 +255,7 @@ def test_detectors_do_not_import_torch():
         (lambda: DivergenceDetector(factor=3.0, instant_factor=2.0), ValueError, "instant_factor must be >= 3.0"),
         (lambda: DivergenceDetector(smoothing_window=0), ValueError, "smoothing_window must be >= 1, got 0"),
         (lambda: DivergenceDetector(patience=0), ValueError, "patience must be >= 1, got 0"),
-        (lambda: DivergenceDetector(trend_window=5), ValueError, "trend_window must be 0 \\(off\\) or >= 10, got 5"),
+        (lambda: DivergenceDetector(trend_window=5), ValueError, r"trend_window must be 0 \(off\) or >= 10, got 5"),
         (lambda: DivergenceDetector(significance=0.5), ValueError, "significance must be < 0.5, got 0.5"),
         (lambda: DivergenceDetector(min_rise=0), ValueError, "min_rise must be > 0.0, got 0"),
         (lambda: DivergenceDetector(noise_sigmas=-2), ValueError, "noise_sigmas must be >= 0.0, got -2"),

@@ -1,0 +1,167 @@
+"""Learning-rate cuts that persist whatever LR scheduler the user runs. The one writer of ``param_group["lr"]``.
+
+The problem: ``group["lr"] *= 0.5`` is undone by the next ``scheduler.step()`` of every closed-form scheduler
+(``LambdaLR``, ``OneCycleLR``, ``CosineAnnealingWarmRestarts``...), and chainable schedulers would carry it
+through ``eta_min`` arithmetic. The solution here: each param group carries a cumulative factor
+(``group["lr_guard_factor"]``); every scheduler is made to *see and produce the unscaled schedule* -- its
+``step`` is wrapped so that the groups hold the unscaled LR while it runs -- and the optimizer always steps with
+
+    effective_lr = max(unscaled_lr * factor, min(unscaled_lr, min_lr))
+
+so a cut by ``f`` at step ``k`` makes the LR at every later step ``f`` times what the schedule alone gives, never
+pushes it below ``min_lr`` (the schedule itself may go lower) and never above the schedule. The factor lives in the
+param group, hence in ``optimizer.state_dict()``, and survives a checkpoint resume; the scheduler's own
+``state_dict`` is untouched (the wrapping swaps the instance's class for a subclass, adding no attribute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch.optim import Optimizer
+
+__all__ = [
+    "LRChange",
+    "compose_with_scheduler",
+    "cut_lr",
+    "lr_factors",
+    "release_scheduler",
+    "set_lr_factors",
+    "set_min_lr",
+]
+
+FACTOR = "lr_guard_factor"
+UNSCALED = "lr_guard_unscaled"
+EFFECTIVE = "lr_guard_effective"
+MIN_LR = "lr_guard_min_lr"
+
+
+@dataclass(frozen=True)
+class LRChange:
+    """One param group's LR before and after a cut."""
+
+    optimizer: int
+    group: int
+    old: float
+    new: float
+
+
+def _unscaled(group: dict[str, Any]) -> float:
+    """The LR the user's schedule alone gives for this group now."""
+    lr = float(group["lr"])
+    if FACTOR not in group:
+        return lr
+    if group.get(EFFECTIVE) == lr:
+        return float(group[UNSCALED])
+    return lr  # someone else (the user, a tuner) wrote the LR: take it as the schedule's new value
+
+
+def _apply(group: dict[str, Any], unscaled: float) -> None:
+    factor = float(group.get(FACTOR, 1.0))
+    min_lr = float(group.get(MIN_LR, 0.0))
+    effective = max(unscaled * factor, min(unscaled, min_lr))
+    group[UNSCALED] = unscaled
+    group[EFFECTIVE] = effective
+    group["lr"] = effective
+
+
+def set_min_lr(optimizer: Optimizer, min_lr: float | Sequence[float]) -> None:
+    """Record the floor below which cuts may not take each group's LR (one value, or one per group)."""
+    groups = optimizer.param_groups
+    floors = [float(min_lr)] * len(groups) if isinstance(min_lr, (int, float)) else [float(m) for m in min_lr]
+    if len(floors) != len(groups):
+        raise ValueError(
+            f"min_lr has {len(floors)} values but the optimizer has {len(groups)} param groups; "
+            "give one value, or one per param group"
+        )
+    for group, floor in zip(groups, floors, strict=True):
+        group[MIN_LR] = floor
+
+
+def cut_lr(optimizers: Iterable[Optimizer], factor: float, eps: float = 1e-8) -> list[LRChange]:
+    """Multiply every group's cumulative LR factor by ``factor`` (0 < factor < 1), honouring ``min_lr``.
+
+    As torch's ``ReduceLROnPlateau``: a group whose LR would change by ``eps`` or less is left alone. Returns the
+    changes actually made.
+    """
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+    changes = []
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            old = float(group["lr"])
+            unscaled = _unscaled(group)
+            previous = float(group.get(FACTOR, 1.0))
+            group[FACTOR] = previous * factor
+            _apply(group, unscaled)
+            if old - group["lr"] <= eps:
+                group[FACTOR] = previous
+                _apply(group, unscaled)
+                continue
+            changes.append(LRChange(i, j, old, float(group["lr"])))
+    return changes
+
+
+def set_lr_factors(optimizers: Iterable[Optimizer], factors: Sequence[Sequence[float]]) -> None:
+    """Set every group's cumulative factor (as returned by :func:`lr_factors`) and its effective LR."""
+    for optimizer, group_factors in zip(optimizers, factors, strict=True):
+        for group, factor in zip(optimizer.param_groups, group_factors, strict=True):
+            unscaled = _unscaled(group)
+            group[FACTOR] = float(factor)
+            _apply(group, unscaled)
+
+
+def lr_factors(optimizers: Iterable[Optimizer]) -> list[list[float]]:
+    """The cumulative factor of every param group of every optimizer (1.0 where no cut was made)."""
+    return [[float(g.get(FACTOR, 1.0)) for g in opt.param_groups] for opt in optimizers]
+
+
+def _scaled_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+    groups = self.optimizer.param_groups
+    for group in groups:
+        group["lr"] = _unscaled(group)
+    try:
+        return _original_class(self).step(self, *args, **kwargs)
+    finally:
+        for group in groups:
+            if FACTOR in group:
+                _apply(group, float(group["lr"]))
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _original_class(scheduler: Any) -> type:
+    cls = type(scheduler)
+    return cls.__bases__[0] if getattr(cls, "_lr_guard_composed", False) else cls
+
+
+def compose_with_scheduler(scheduler: Any) -> None:
+    """Make ``scheduler`` run on the unscaled schedule, so the guard's cuts compose with it. Idempotent."""
+    cls = type(scheduler)
+    if getattr(cls, "_lr_guard_composed", False):
+        return
+    if not hasattr(scheduler, "optimizer") or not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"{cls.__name__} is not an LR scheduler (it needs .optimizer and .step())")
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(
+            cls.__name__,
+            (cls,),
+            {
+                "step": _scaled_step,
+                "_lr_guard_composed": True,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+            },
+        )
+        _SUBCLASSES[cls] = sub
+    scheduler.__class__ = sub
+
+
+def release_scheduler(scheduler: Any) -> None:
+    """Undo :func:`compose_with_scheduler` (the factors stay in the param groups)."""
+    if getattr(type(scheduler), "_lr_guard_composed", False):
+        scheduler.__class__ = _original_class(scheduler)

@@ -1,0 +1,68 @@
+"""Move watched scalars to the host without synchronising the device.
+
+On CPU a value is read at once. On an accelerator the tensor is copied into a reused pinned host buffer with
+``non_blocking=True`` and a CUDA event is recorded; the value is handed out only once its event has completed
+(``event.query()`` never blocks), typically one step later. Decisions may therefore lag a step, which a rollback
+to a confirmed-good snapshot makes harmless.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+
+__all__ = ["HostScalars"]
+
+
+class HostScalars:
+    """A FIFO of ``(step, scalar tensor)`` whose values become ``(step, float)`` once they are on the host."""
+
+    def __init__(self, pool_size: int = 8) -> None:
+        self._ready: deque[tuple[int, float]] = deque()
+        self._in_flight: deque[tuple[int, torch.Tensor, Any]] = deque()
+        self._free: list[torch.Tensor] = []
+        self._pool_size = pool_size
+
+    def push(self, step: int, value: torch.Tensor | float) -> None:
+        if not isinstance(value, torch.Tensor):
+            self._ready.append((step, float(value)))
+            return
+        value = value.detach()
+        if value.device.type != "cuda":
+            self._ready.append((step, float(value.float().sum()) if value.numel() != 1 else float(value)))
+            return
+        buffer = self._free.pop() if self._free else torch.empty((), dtype=torch.float32, pin_memory=True)
+        buffer.copy_(value.float().sum() if value.numel() != 1 else value.reshape(()), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._in_flight.append((step, buffer, event))
+
+    def ready(self) -> list[tuple[int, float]]:
+        """Values that have arrived, oldest first; never waits for the device."""
+        while self._in_flight and self._in_flight[0][2].query():
+            step, buffer, _ = self._in_flight.popleft()
+            self._ready.append((step, float(buffer.item())))  # a pinned host tensor: no device sync
+            if len(self._free) < self._pool_size:
+                self._free.append(buffer)
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def drain(self) -> list[tuple[int, float]]:
+        """Everything pushed so far, waiting for it if needed (for the end of training)."""
+        for _, _, event in self._in_flight:
+            event.synchronize()
+        return self.ready()
+
+    def clear(self) -> None:
+        """Forget values not yet handed out (after a rollback they describe discarded weights)."""
+        self._ready.clear()
+        while self._in_flight:
+            _, buffer, _ = self._in_flight.popleft()
+            if len(self._free) < self._pool_size:
+                self._free.append(buffer)
+
+    def __len__(self) -> int:
+        return len(self._ready) + len(self._in_flight)
