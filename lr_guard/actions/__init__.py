@@ -9,7 +9,7 @@ from lr_guard.actions.lr import (
     set_lr_factors,
     set_min_lr,
 )
-from lr_guard.actions.skip import drop_gradients
+from lr_guard.actions.skip import drop_gradients, restore_buffers, save_buffers
 from lr_guard.actions.snapshot import Snapshot, capture_rng, restore_rng, take_snapshot
 from lr_guard.actions.transfer import HostScalars
 
@@ -23,7 +23,9 @@ __all__ = [
     "drop_gradients",
     "lr_factors",
     "release_scheduler",
+    "restore_buffers",
     "restore_rng",
+    "save_buffers",
     "set_lr_factors",
     "set_min_lr",
     "take_snapshot",

@@ -123,7 +123,8 @@ def _scaled_step(self: Any, *args: Any, **kwargs: Any) -> Any:
     for group in groups:
         group["lr"] = _unscaled(group)
     try:
-        return _original_class(self).step(self, *args, **kwargs)
+        step: Any = _original_class(self).step  # type: ignore[attr-defined]
+        return step(self, *args, **kwargs)
     finally:
         for group in groups:
             if FACTOR in group:

@@ -24,6 +24,8 @@ from lr_guard.actions import (
     drop_gradients,
     lr_factors,
     release_scheduler,
+    restore_buffers,
+    save_buffers,
     set_lr_factors,
     set_min_lr,
     take_snapshot,
@@ -76,8 +78,10 @@ class GuardCore:
     * **Divergence** (NaN/inf, blow-up, sustained rise): roll back in place to the last snapshot confirmed
       healthy -- weights and buffers, every optimizer's and scheduler's state, the precision plugin's state (AMP
       scaler) and the RNG states -- then cut the LR by ``rollback_factor`` and skip the next ``skip_batches``
-      updates. After ``max_rollbacks`` rollbacks without a new healthy snapshot in between, restore the last good
-      state, write it as a Lightning checkpoint and stop training cleanly.
+      updates (a skipped update changes neither weights, nor buffers such as BatchNorm statistics, nor the
+      optimizer's state; the LR schedule still advances). After ``max_rollbacks`` rollbacks without a new
+      healthy snapshot in between, restore the last good state, write it as a Lightning checkpoint and stop
+      training cleanly.
     * **Plateau**: cut the LR by ``plateau_factor`` (held while the schedule's own LR is still rising).
     * **Oscillation**: cut the LR by ``oscillation_factor``.
     * **Spike**: logged (a spike that lasts becomes a divergence).
@@ -169,7 +173,9 @@ class GuardCore:
         self.max_rollbacks = max_rollbacks
         self.snapshot_every = snapshot_every
         self.confirm_steps = confirm_steps
-        self.min_lr = list(min_lr) if isinstance(min_lr, (list, tuple)) else float(min_lr)
+        self.min_lr: float | list[float] = (
+            [float(m) for m in min_lr] if isinstance(min_lr, (list, tuple)) else float(min_lr)  # type: ignore[arg-type]
+        )
         self.eps = float(eps)
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.snapshot_device = snapshot_device
@@ -187,6 +193,7 @@ class GuardCore:
         self._healthy_after_pending = 0
         self._incident_rollbacks = 0
         self._skip_left = 0
+        self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._last_unscaled: list[float] | None = None
         self._lr_rising = False
         self._stopped = False
@@ -297,9 +304,16 @@ class GuardCore:
             release_scheduler(scheduler)
         self._good = self._pending = None
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._skip_left > 0 and self._skip_buffers is None:
+            self._skip_buffers = save_buffers(pl_module)
+
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self._skip_left > 0:
             drop_gradients(optimizer)
+            if self._skip_buffers is not None:
+                restore_buffers(pl_module, self._skip_buffers)
+                self._skip_buffers = None
             self._skip_left -= 1
             self.counts["skipped_batches"] += 1
 
