@@ -54,6 +54,7 @@ class Action(str, enum.Enum):
     LR_CUT = "lr_cut"
     ROLLBACK = "rollback"
     STOP = "stop"
+    SKIP = "skip"  # the offending update was not applied
     HELD = "held"  # an action was due but held back (warm-up, cooldown, switched off)
 
     def __str__(self) -> str:

@@ -8,6 +8,7 @@ def curve():
     return load_curve
 
 
+import tempfile  # noqa: E402
 import warnings  # noqa: E402
 
 import pytorch_lightning as pl  # noqa: E402
@@ -26,6 +27,7 @@ def make_trainer(callbacks=(), max_steps=60, **kwargs):
         accelerator="cpu",
         devices=1,
         max_epochs=-1,
+        default_root_dir=tempfile.mkdtemp(prefix="lr_guard_test_"),
     )
     defaults.update(kwargs)
     with warnings.catch_warnings():

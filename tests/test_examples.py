@@ -1,6 +1,7 @@
 """Examples are tests: each example's main() runs here in its fast mode."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -13,8 +14,18 @@ def load(name):
     return module
 
 
-def test_demo_finds_the_labelled_trouble(capsys):
-    found = load("demo").main(["--fast"])
+def test_demo_rescues_the_poisoned_run(capsys, tmp_path):
+    result = load("demo").main(["--fast", "--logdir", str(tmp_path)])
+    without, rescued = result["without_guard"], result["with_lr_guard"]
+    assert not without["finite"] and math.isnan(without["val_loss"])
+    assert rescued["finite"] and rescued["val_loss"] < 0.5 and rescued["val_acc"] > 0.85
+    out = capsys.readouterr().out
+    assert "rolled back to step" in out and f"tensorboard --logdir {tmp_path}" in out
+    assert (tmp_path / "with_lr_guard").is_dir() and (tmp_path / "without_guard").is_dir()
+
+
+def test_real_curves_example_finds_the_labelled_trouble(capsys):
+    found = load("real_curves").main(["--fast"])
     steps = {name: {(e.kind.value, e.step) for e in events} for name, events in found.items()}
     assert ("divergence", 71) in steps["criteo_dlrm_warmup_divergence_inf_nan_algoperf"]
     assert {("spike", 919), ("spike", 947)} <= steps["lm_gpt2_124m_modded_muon_dataspike"]

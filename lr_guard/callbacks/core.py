@@ -84,7 +84,9 @@ class GuardCore:
       training cleanly.
     * **Plateau**: cut the LR by ``plateau_factor`` (held while the schedule's own LR is still rising).
     * **Oscillation**: cut the LR by ``oscillation_factor``.
-    * **Spike**: logged (a spike that lasts becomes a divergence).
+    * **Spike**: logged (a spike that lasts becomes a divergence). With ``skip_spikes=True`` the update of a step
+      whose loss scores as a spike (or is non-finite) is not applied; this reads the loss before the optimizer
+      step, one host synchronisation per step, so it is off by default.
 
     LR cuts compose with any LR scheduler: after a cut by ``f`` the LR is ``f`` times what the schedule alone gives,
     at every later step, and never below ``min_lr``. Lightning's ``global_step`` keeps counting through a rollback,
@@ -104,11 +106,13 @@ class GuardCore:
         rollback_factor: LR factor applied with each rollback.
         skip_batches: Updates skipped after a rollback, so the data that caused the blow-up is not learned from.
         max_rollbacks: Rollbacks allowed without a new healthy snapshot in between; one more stops training.
+        skip_spikes: Skip the update of a spiking (or non-finite) step; costs one host sync per step.
         snapshot_every: Take a snapshot every this many optimizer steps.
         confirm_steps: Healthy values needed after a snapshot before it counts as good.
         min_lr: Floor for the guard's cuts: one value or one per param group (of every optimizer).
         eps: A cut that changes a group's LR by ``eps`` or less is not made (as torch).
-        checkpoint_dir: Where the last good state is written on stop; default ``<default_root_dir>/lr_guard``.
+        checkpoint_dir: Where the last good state is written on stop; default
+            ``<default_root_dir>/lr_guard_checkpoints``.
         snapshot_device: ``"cpu"`` (default, no accelerator memory) or ``"same"`` (beside the weights).
         verbose: Log every decision through Python ``logging`` (logger ``"lr_guard"``) on rank zero.
     """
@@ -127,6 +131,7 @@ class GuardCore:
         rollback_factor: float = 0.5,
         skip_batches: int = 0,
         max_rollbacks: int = 3,
+        skip_spikes: bool = False,
         snapshot_every: int = 50,
         confirm_steps: int = 10,
         min_lr: float | Sequence[float] = 0.0,
@@ -144,6 +149,8 @@ class GuardCore:
         _check_factor("rollback_factor", rollback_factor, allow_none=False)
         if not isinstance(rollback, bool):
             raise TypeError(f"rollback must be True or False, got {rollback!r}")
+        if not isinstance(skip_spikes, bool):
+            raise TypeError(f"skip_spikes must be True or False, got {skip_spikes!r}")
         check_number("skip_batches", skip_batches, low=0, integer=True)
         check_number("max_rollbacks", max_rollbacks, low=0, integer=True)
         check_number("snapshot_every", snapshot_every, low=1, integer=True)
@@ -171,6 +178,9 @@ class GuardCore:
         self.rollback_factor = rollback_factor
         self.skip_batches = skip_batches
         self.max_rollbacks = max_rollbacks
+        self.skip_spikes = skip_spikes
+        if skip_spikes and not isinstance(self.detectors["spike"], SpikeDetector):
+            raise ValueError("skip_spikes=True needs the spike detector: leave spike=True or pass a SpikeDetector")
         self.snapshot_every = snapshot_every
         self.confirm_steps = confirm_steps
         self.min_lr: float | list[float] = (
@@ -194,6 +204,8 @@ class GuardCore:
         self._incident_rollbacks = 0
         self._skip_left = 0
         self._skip_buffers: dict[str, torch.Tensor] | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._spike_skipped: set[int] = set()
         self._last_unscaled: list[float] | None = None
         self._lr_rising = False
         self._stopped = False
@@ -305,17 +317,33 @@ class GuardCore:
         self._good = self._pending = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._skip_left > 0 and self._skip_buffers is None:
+        if (self._skip_left > 0 or self.skip_spikes) and self._skip_buffers is None:
             self._skip_buffers = save_buffers(pl_module)
 
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if self.skip_spikes:
+            loss = loss.detach()
+            self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        step_loss, self._step_loss = self._step_loss, None
+        skip = False
         if self._skip_left > 0:
+            self._skip_left -= 1
+            self.counts["skipped_batches"] += 1
+            skip = True
+        elif self.skip_spikes and step_loss is not None:
+            value = float(step_loss)  # the one host sync per step that skip_spikes costs
+            spike = self.detectors["spike"]
+            assert isinstance(spike, SpikeDetector)
+            if not math.isfinite(value) or spike.peek(value) >= spike.threshold:
+                self._spike_skipped.add(trainer.global_step)
+                skip = True
+        if skip:
             drop_gradients(optimizer)
             if self._skip_buffers is not None:
                 restore_buffers(pl_module, self._skip_buffers)
-                self._skip_buffers = None
-            self._skip_left -= 1
-            self.counts["skipped_batches"] += 1
+        self._skip_buffers = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._stopped:
@@ -343,6 +371,7 @@ class GuardCore:
             and not self._stopped
             and self._pending is None
             and trainer.global_step % self.snapshot_every == 0
+            and self._quiet()
         ):
             self._pending = self._snapshot(trainer, pl_module)
             self._healthy_after_pending = 0
@@ -383,14 +412,22 @@ class GuardCore:
             if self._stopped:
                 return
             events = [e for d in self.detectors.values() if (e := d.update(value, step)) is not None]
-            healthy = math.isfinite(value) and not any(
-                e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events
+            healthy = (
+                math.isfinite(value)
+                and not any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events)
+                and self._quiet()
             )
             self._confirm_snapshot(step, healthy)
             for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
                 self.counts[event.kind.value] += 1
                 if self._act(trainer, pl_module, event):
                     break  # a rollback or stop supersedes the other events of this step
+            if self._spike_skipped:
+                self._spike_skipped = {s for s in self._spike_skipped if s > step}
+
+    def _quiet(self) -> bool:
+        """Nothing is building up: the moment to take, or confirm, a snapshot of a good state."""
+        return all(self.detectors[k].quiet for k in ("spike", "divergence", "oscillation"))
 
     def _confirm_snapshot(self, step: int, healthy: bool) -> None:
         if self._pending is None or step < self._pending.step:
@@ -404,6 +441,14 @@ class GuardCore:
             self._incident_rollbacks = 0
 
     def _act(self, trainer: Any, pl_module: Any, event: Event) -> bool:
+        if event.step in self._spike_skipped and (
+            event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
+        ):
+            self._spike_skipped.discard(event.step)  # the update was never applied: nothing to roll back
+            self.counts["skipped_batches"] += 1
+            lr = self._lr(trainer)
+            self._record(event, Action.SKIP, trainer, lr, lr, f"{event.message} -- its update was not applied")
+            return event.kind == EventKind.DIVERGENCE
         if event.kind == EventKind.DIVERGENCE and self.rollback:
             if self._incident_rollbacks >= self.max_rollbacks:
                 self._stop(trainer, pl_module, event)
@@ -492,7 +537,7 @@ class GuardCore:
     def _stop(self, trainer: Any, pl_module: Any, event: Event) -> None:
         lr = self._lr(trainer)
         good = self._restore_good(trainer, pl_module)
-        directory = self.checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard")
+        directory = self.checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard_checkpoints")
         path = os.path.join(directory, f"last_good_step{good.step}.ckpt")
         self._stopped = True
         trainer.save_checkpoint(path)

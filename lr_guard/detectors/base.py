@@ -90,6 +90,12 @@ class Detector(abc.ABC):
         self._reset()
 
     @property
+    def quiet(self) -> bool:
+        """``True`` unless something is building up or under way (an excursion, a count towards an alarm, a
+        latched alarm). A training state taken while every detector is quiet is a candidate "good" state."""
+        return True
+
+    @property
     def n_updates(self) -> int:
         """Number of finite values taken into the statistics so far."""
         return int(getattr(self, "_n", 0))

@@ -19,8 +19,11 @@ class DivergenceDetector(Detector):
 
     1. **Non-finite**: a NaN or +-inf value, at once (also during warm-up).
     2. **Blow-up**: one value above both the first values' level (the untrained loss) and ``instant_factor``
-       times the best smoothed loss -- at once, also during warm-up; or the smoothed loss (median of the last
-       ``smoothing_window`` values) above ``factor`` times its best for ``patience`` consecutive values. In log
+       times the best loss -- at once, also during warm-up; or the smoothed loss (median of the last
+       ``smoothing_window`` values) above ``factor`` times the best for ``patience`` consecutive values. "The best"
+       is the minimum over time of a steady level (an EMA of ``y`` with a 10-value memory), not of the reactive
+       median: the minimum of a noisy series is set by its luckiest stretch, and a noisy classifier's loss would
+       otherwise look "2x its best" without having risen at all. In log
        space "``factor`` times" is a margin of ``log(factor)``, widened to ``noise_sigmas`` robust sigmas where
        the per-step noise is that large (losses near zero), so lucky low batches cannot make noise look like 2x.
     3. **Sustained rise**: over the last ``trend_window`` values a one-sided Mann-Kendall test finds an upward
@@ -34,8 +37,8 @@ class DivergenceDetector(Detector):
     divergence gives one event, however many NaNs follow. Values <= 0 are skipped in log space.
 
     Args:
-        factor: Blow-up factor over the best smoothed loss (> 1).
-        instant_factor: Factor over the best smoothed loss for a single value to count at once (>= ``factor``).
+        factor: Blow-up factor over the best level (> 1).
+        instant_factor: Factor over the best level for a single value to count at once (>= ``factor``).
         smoothing_window: Values in the running median.
         patience: Consecutive smoothed values above the margin needed for a blow-up.
         trend_window: Values in the sustained-rise test (0 switches the rule off).
@@ -61,6 +64,7 @@ class DivergenceDetector(Detector):
         "_trend",
         "_start",
         "_best",
+        "_level",
         "_above",
         "_noise",
         "_prev",
@@ -119,11 +123,21 @@ class DivergenceDetector(Detector):
         self._trend: deque[float] = deque(maxlen=max(self.trend_window, 1))
         self._start = math.nan  # smoothed level once the first smoothing_window values are in
         self._best = math.inf
+        self._level = math.nan  # EMA(0.9) of y: the steady level whose minimum is "the best"
         self._above = 0
         self._noise = NoiseScale(0.98, 3.0)
         self._prev = math.nan
         self._latched = False
         self._score = math.nan
+
+    @property
+    def quiet(self) -> bool:
+        """No alarm latched and the smoothed loss within the blow-up margin of the best."""
+        return (
+            not self._latched
+            and self._above == 0
+            and not (self._score > self.factor if self._to_y.log else self._score > math.log(self.factor))
+        )
 
     @property
     def score(self) -> float:
@@ -149,6 +163,7 @@ class DivergenceDetector(Detector):
             self._noise.update(abs(y - self._prev))
         self._prev = y
         self._recent.append(y)
+        self._level = y if math.isnan(self._level) else 0.9 * self._level + 0.1 * y
         smoothed = median(self._recent)
         if math.isnan(self._start) and len(self._recent) == self.smoothing_window:
             self._start = smoothed
@@ -172,7 +187,7 @@ class DivergenceDetector(Detector):
                 value,
                 self._to_y.ratio(ratio),
                 self.instant_factor,
-                f"loss {value:.4g} blew up to {self._ratio_text(ratio)} its best smoothed value "
+                f"loss {value:.4g} blew up to {self._ratio_text(ratio)} its best level "
                 f"{show(self._best):.4g}, above its starting level",
             )
         armed = self._n >= self.warmup_steps
@@ -188,7 +203,7 @@ class DivergenceDetector(Detector):
                 f"{show(self._best):.4g} for {self.patience} steps (threshold {self.factor:g}x)",
             )
         if len(self._recent) == self.smoothing_window:
-            self._best = min(self._best, smoothed)
+            self._best = min(self._best, self._level)
         if self.trend_window:
             self._trend.append(y)
             if armed and len(self._trend) == self.trend_window:

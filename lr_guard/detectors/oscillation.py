@@ -20,17 +20,21 @@ class OscillationDetector(Detector):
 
     * the residuals ``r`` of ``y`` from its least-squares line (the local trend) have a robust spread
       ``swing = 1.4826 * MAD(r)``;
-    * the reference noise ``s`` is the stream's long-run robust noise scale, ``0.886 * EMA(|dy|)`` (slow, clipped,
-      and frozen while the swing ratio is above half the threshold so an oscillation cannot raise its own yardstick);
-    * the loss **oscillates** when ``swing / s >= threshold`` (swings far beyond the noise), the residuals cross
-      their median at least ``min_crossings`` times (up *and* down, repeatedly -- a single spike or a level shift
-      does not qualify), and the net change of the line over the window is smaller than ``2 * swing``
-      (no net progress: a scheduled LR drop or a fast fall is progress, not oscillation).
+    * the reference noise ``s`` is the stream's long-run robust noise scale, ``0.886 * EMA(|dy|)`` (slow; each
+      ``|dy|`` clipped at twice its mean, so it can grow by at most ~1% per value; frozen while an oscillation is
+      under way so that it cannot raise its own yardstick);
+    * the residuals' structure is their largest autocorrelation in absolute value over lags ``1 .. window // 8``
+      (a period-2 swing gives -1 at lag 1, period 4 gives -1 at lag 2, slow swings give values near +1; white noise
+      gives about 0, with a standard error of ``1 / sqrt(window)``);
+    * the loss **oscillates** when ``swing / s >= threshold`` (swings far beyond the noise), the structure is at
+      least ``min_autocorrelation`` (it swings back and forth, rather than being noisier: a classifier's log-loss
+      noise grows as its loss falls towards zero, and that is no oscillation), and the net change of the line over
+      the window is smaller than ``2 * swing`` (no net progress: a scheduled drop or a fast fall is progress).
 
     Why this is calibrated: for stationary noise, ``MAD`` of the residuals and ``0.886 * E|dy|`` estimate the same
-    sigma, so the ratio sits near 1 (below 1 for heavy-tailed noise) and a threshold of 3 is many standard errors
-    away; a smoothly decaying loss is removed by the line. Sign-flip counts of ``dy`` are not used: white noise
-    already flips 2/3 of the time (lag-1 autocorrelation -0.5).
+    sigma, so the ratio sits near 1 (below 1 for heavy-tailed noise) and the autocorrelations near 0; a smoothly
+    decaying loss is removed by the line. Sign-flip counts of ``dy`` are not used: white noise already flips 2/3 of
+    the time (lag-1 autocorrelation of ``dy`` is -0.5), which is why the test runs on residuals, not differences.
 
     The window statistics are evaluated every ``stride`` values (O(window) each time, O(1) otherwise). After an
     event, ``window`` values pass before the next. Non-finite values are ignored.
@@ -38,7 +42,7 @@ class OscillationDetector(Detector):
     Args:
         window: Values in the analysed window (>= 10).
         threshold: Swing-to-noise ratio at which oscillation is reported.
-        min_crossings: Median crossings of the residuals required in the window.
+        min_autocorrelation: Structure (largest absolute autocorrelation of the residuals) required, in (0, 1).
         stride: Evaluate the window every ``stride`` values.
         warmup_steps: Values to see before any event (at least ``window``).
         space: ``"log"`` (default) or ``"linear"``.
@@ -55,13 +59,13 @@ class OscillationDetector(Detector):
     """
 
     kind = EventKind.OSCILLATION
-    _STATE_FIELDS = ("_n", "_n_nonfinite", "_recent", "_noise", "_prev", "_quiet_left", "_score")
+    _STATE_FIELDS = ("_n", "_n_nonfinite", "_recent", "_noise", "_prev", "_quiet_left", "_score", "_oscillating")
 
     def __init__(
         self,
         window: int = 50,
         threshold: float = 3.0,
-        min_crossings: int = 4,
+        min_autocorrelation: float = 0.5,
         stride: int = 5,
         warmup_steps: int = 100,
         space: str = "log",
@@ -69,13 +73,13 @@ class OscillationDetector(Detector):
     ) -> None:
         check_number("window", window, low=10, integer=True)
         check_number("threshold", threshold, low=1.0, low_open=True)
-        check_number("min_crossings", min_crossings, low=2, integer=True)
+        check_number("min_autocorrelation", min_autocorrelation, low=0.0, high=1.0, low_open=True, high_open=True)
         check_number("stride", stride, low=1, integer=True)
         check_number("warmup_steps", warmup_steps, low=0, integer=True)
         check_choice("space", space, ("log", "linear"))
         self.window = window
         self.threshold = float(threshold)
-        self.min_crossings = min_crossings
+        self.min_autocorrelation = float(min_autocorrelation)
         self.stride = stride
         self.warmup_steps = warmup_steps
         self.space = space
@@ -91,13 +95,31 @@ class OscillationDetector(Detector):
         self._recent: deque[float] = deque(maxlen=self.window)
         self._noise = NoiseScale(0.99, 2.0)
         self._prev = math.nan
+        self._max_lag = max(1, self.window // 8)
         self._quiet_left = 0
         self._score = math.nan
+        self._oscillating = False
+
+    @property
+    def quiet(self) -> bool:
+        return not self._oscillating
 
     @property
     def score(self) -> float:
         """The last evaluated swing-to-noise ratio (NaN before the first full window)."""
         return self._score
+
+    def _structure(self, centred: np.ndarray) -> tuple[float, int]:
+        """Largest absolute autocorrelation of the residuals over lags 1..max_lag, and its lag (signed value)."""
+        denom = float(centred @ centred)
+        if denom <= 0.0:
+            return 0.0, 0
+        best, best_lag = 0.0, 0
+        for lag in range(1, self._max_lag + 1):
+            r = float(centred[lag:] @ centred[:-lag]) / denom
+            if abs(r) > abs(best):
+                best, best_lag = r, lag
+        return abs(best), best_lag if best >= 0 else -best_lag
 
     def update(self, value: float, step: int) -> Event | None:
         value = to_float(value)
@@ -108,8 +130,7 @@ class OscillationDetector(Detector):
         if y is None:
             return None
         self._n += 1
-        frozen = not math.isnan(self._score) and self._score >= 0.5 * self.threshold
-        if self._n > 1 and not frozen:
+        if self._n > 1 and not self._oscillating:
             self._noise.update(abs(y - self._prev))
         self._prev = y
         self._recent.append(y)
@@ -125,14 +146,11 @@ class OscillationDetector(Detector):
         sigma = self._noise.sigma
         ratio = swing / sigma if sigma > 0.0 else (math.inf if swing > 0.0 else 0.0)
         self._score = ratio
+        structure, lag = self._structure(centred) if ratio >= 0.5 * self.threshold else (0.0, 0)
+        self._oscillating = structure >= self.min_autocorrelation
         if ratio < self.threshold or self._quiet_left > 0 or self._n < max(self.warmup_steps, self.window):
             return None
-        net = abs(slope) * (self.window - 1)
-        if net >= 2.0 * swing:
-            return None
-        signs = centred > 0.0
-        crossings = int(np.count_nonzero(signs[1:] != signs[:-1]))
-        if crossings < self.min_crossings:
+        if not self._oscillating or abs(slope) * (self.window - 1) >= 2.0 * swing:
             return None
         self._quiet_left = self.window
         unit = "x" if self._to_y.log else ""
@@ -145,5 +163,6 @@ class OscillationDetector(Detector):
             self.threshold,
             self.name,
             f"step {step}: loss swings {ratio:.1f}x its noise level (threshold {self.threshold:g}; "
-            f"swing {amplitude}, {crossings} reversals in {self.window} steps, no net progress)",
+            f"swing {amplitude}, autocorrelation {structure:+.2f} at lag {lag}, "
+            f"no net progress over {self.window} steps)",
         )

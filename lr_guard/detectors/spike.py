@@ -92,9 +92,25 @@ class SpikeDetector(Detector):
         return self._score
 
     @property
+    def quiet(self) -> bool:
+        return not self._excursion
+
+    @property
     def trend(self) -> float:
         """The current trend, in the loss's own units."""
         return self._to_y.inverse(self._trend) if self._n else math.nan
+
+    def peek(self, value: float) -> float:
+        """The score ``value`` would get now, without taking it in (NaN while warming up or for non-finite
+        values; ``inf`` for a value the log space cannot place). Lets a caller act *before* an update."""
+        value = to_float(value)
+        if not math.isfinite(value) or self._n < self.warmup_steps or self._excursion:
+            return math.nan
+        if self._to_y.log and value <= 0.0:
+            return math.nan
+        y = math.log(value) if self._to_y.log else value
+        sigma = self._noise.sigma
+        return (y - self._trend) / sigma if sigma > 0.0 else (math.inf if y > self._trend else 0.0)
 
     def update(self, value: float, step: int) -> Event | None:
         value = to_float(value)
