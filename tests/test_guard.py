@@ -508,3 +508,60 @@ def test_several_optimizers_in_manual_optimization_are_cut_together():
         else:  # x0.5 for every group, floored at the third group's min_lr
             expected = [0.5 * ref[step][0], 0.5 * ref[step][1], max(0.5 * ref[step][2], min(ref[step][2], 0.004))]
             assert cut[step] == pytest.approx(expected), step
+
+
+class WithValidation(ScriptedLossModule):
+    """Logs a scripted val_loss after every validation run (one value per run)."""
+
+    def __init__(self, val_script):
+        super().__init__(decaying(), optimizer="adam", lr=0.01)
+        self.val_script, self.val_runs = val_script, 0
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(self.val_script[min(self.val_runs, len(self.val_script) - 1)]))
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.val_runs += 1
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_validation_level_monitor_rolls_back_on_a_nan_validation_loss():
+    val = [1.0 / (1 + i) for i in range(20)]
+    val[4] = math.nan  # the fifth validation run
+    guard = LRGuard(monitor="val_loss", snapshot_every=5, confirm_steps=1)
+    assert guard.check_on == "validation"
+    module = WithValidation(val)
+    make_trainer(
+        [guard],
+        max_steps=80,
+        val_check_interval=10,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+    ).fit(module)
+    [decision] = guard.decisions
+    assert decision.action == Action.ROLLBACK and decision.event.step == 50  # validation after 50 steps
+    # snapshot taken at 35 (every 5 steps, one pending at a time), confirmed by the validation at 40; the one
+    # pending from 45 is dropped by the NaN at 50
+    assert decision.rollback_to == 35 and finite(module)
+
+
+def test_rollback_restores_the_random_number_generators():
+    class Draws(pl.Callback):
+        def __init__(self):
+            self.draws = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.draws.setdefault(trainer.global_step, []).append(torch.rand(1).item())
+
+    guard = LRGuard(snapshot_every=10, confirm_steps=2)
+    draws = Draws()
+    make_trainer([guard, draws], max_steps=16).fit(ScriptedLossModule(decaying(nan_at=[12]), optimizer="adam"))
+    assert guard.decisions[0].rollback_to == 10
+    # torch's generator was put back to its state at step 10: the draws after the rollback repeat those at 10
+    # (within one epoch: a new DataLoader iterator draws a seed from torch's generator)
+    assert draws.draws[13][0] == draws.draws[10][0] and draws.draws[14][0] == draws.draws[11][0]
+    assert draws.draws[10][0] != draws.draws[11][0]
