@@ -40,7 +40,8 @@ from lr_guard.detectors import (
     SpikeDetector,
 )
 from lr_guard.detectors.base import check_choice, check_number
-from lr_guard.events import Action, Decision, Event, EventKind
+from lr_guard.events import Action, Decision
+from lr_guard.policy import GuardPolicy, Intent, describe
 
 __all__ = ["GuardCore"]
 
@@ -191,74 +192,48 @@ class GuardCore:
         self.snapshot_device = snapshot_device
         self.verbose = verbose
         self.decisions: list[Decision] = []
+        self.policy = GuardPolicy(
+            self.detectors,
+            plateau_factor=plateau_factor,
+            oscillation_factor=oscillation_factor,
+            rollback=rollback,
+            rollback_factor=rollback_factor,
+            skip_batches=skip_batches,
+            max_rollbacks=max_rollbacks,
+            snapshot_every=snapshot_every,
+            confirm_steps=confirm_steps,
+        )
+        self._skip_left = 0
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
     def _reset_run_state(self) -> None:
+        self.policy.reset_run()
         self._host = HostScalars()
-        self._accumulated: torch.Tensor | float | None = None
+        self._accumulated: torch.Tensor | None = None
         self._last_global_step = -1
-        self._good: Snapshot | None = None
-        self._pending: Snapshot | None = None
-        self._healthy_after_pending = 0
-        self._incident_rollbacks = 0
-        self._skip_left = 0
+        self._snapshots: dict[int, Snapshot] = {}  # the training states behind the policy's good/pending marks
         self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
-        self._spike_skipped: set[int] = set()
         self._last_unscaled: list[float] | None = None
-        self._lr_rising = False
-        self._stopped = False
         self.checkpoint_path: str | None = None
-        self.counts = {
-            "spike": 0,
-            "oscillation": 0,
-            "plateau": 0,
-            "divergence": 0,
-            "lr_cuts": 0,
-            "rollbacks": 0,
-            "skipped_batches": 0,
-            "snapshots": 0,
-        }
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Events seen and actions taken so far: spike, oscillation, plateau, divergence, lr_cuts, rollbacks,
+        skipped_batches, snapshots."""
+        return self.policy.counts
 
     @property
     def state_key(self) -> str:
         return f"{type(self).__qualname__}{{'monitor': {self.monitor!r}, 'check_on': {self.check_on!r}}}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "detectors": {name: d.state_dict() for name, d in self.detectors.items()},
-            "counts": dict(self.counts),
-            "incident_rollbacks": self._incident_rollbacks,
-            "skip_left": self._skip_left,
-        }
+        return {"version": STATE_VERSION, **self.policy.state_dict(), "skip_left": self._skip_left}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name, state in state_dict.get("detectors", {}).items():
-            detector = self.detectors.get(name)
-            if detector is None or isinstance(detector, NullDetector):
-                continue
-            if state.get("detector") != type(detector).__name__:
-                log.warning(
-                    "lr_guard: checkpoint holds %s state for %r; keeping a fresh %s",
-                    state.get("detector"),
-                    name,
-                    type(detector).__name__,
-                )
-                continue
-            detector.load_state_dict(state)
-        self.counts.update({k: int(v) for k, v in state_dict.get("counts", {}).items() if k in self.counts})
-        self._incident_rollbacks = int(state_dict.get("incident_rollbacks", 0))
+        self.policy.load_state_dict(state_dict, warn=lambda text: log.warning("lr_guard: %s", text))
         self._skip_left = int(state_dict.get("skip_left", 0))
-
-    def _detector_state(self) -> dict[str, Any]:
-        return {name: d.state_dict() for name, d in self.detectors.items()}
-
-    def _restore_detectors(self, state: dict[str, Any]) -> None:
-        for name, d in self.detectors.items():
-            if name in state:
-                d.load_state_dict(state[name])
 
     # ------------------------------------------------------------------ trainer access
     @staticmethod
@@ -287,7 +262,7 @@ class GuardCore:
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._reset_run_state_keep_counts()
+        self._reset_run_state()
         groups_per_optimizer = [len(opt.param_groups) for opt in trainer.optimizers]
         if isinstance(self.min_lr, list):
             if len(self.min_lr) != sum(groups_per_optimizer):
@@ -295,26 +270,23 @@ class GuardCore:
                     f"min_lr has {len(self.min_lr)} values but the optimizers have "
                     f"{sum(groups_per_optimizer)} param groups in all; give one value, or one per group"
                 )
-            it = iter(self.min_lr)
+            floors = iter(self.min_lr)
             for opt, n in zip(trainer.optimizers, groups_per_optimizer, strict=True):
-                set_min_lr(opt, [next(it) for _ in range(n)])
+                set_min_lr(opt, [next(floors) for _ in range(n)])
         else:
             for opt in trainer.optimizers:
                 set_min_lr(opt, self.min_lr)
         for scheduler in self._schedulers(trainer):
             compose_with_scheduler(scheduler)
-        self._good = self._snapshot(trainer, pl_module) if self.rollback else None
         self._last_global_step = trainer.global_step
-
-    def _reset_run_state_keep_counts(self) -> None:
-        counts, incident, skip = dict(self.counts), self._incident_rollbacks, self._skip_left
-        self._reset_run_state()
-        self.counts, self._incident_rollbacks, self._skip_left = counts, incident, skip
+        self.policy.start(trainer.global_step)
+        if self.rollback:
+            self._snapshots[trainer.global_step] = self._snapshot(trainer, pl_module)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for scheduler in self._schedulers(trainer):
             release_scheduler(scheduler)
-        self._good = self._pending = None
+        self._snapshots = {}
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if (self._skip_left > 0 or self.skip_spikes) and self._skip_buffers is None:
@@ -337,7 +309,7 @@ class GuardCore:
             spike = self.detectors["spike"]
             assert isinstance(spike, SpikeDetector)
             if not math.isfinite(value) or spike.peek(value) >= spike.threshold:
-                self._spike_skipped.add(trainer.global_step)
+                self.policy.skipped_updates.add(trainer.global_step)
                 skip = True
         if skip:
             drop_gradients(optimizer)
@@ -346,7 +318,7 @@ class GuardCore:
         self._skip_buffers = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._stopped:
+        if self.policy.stopped:
             return
         stepped = trainer.global_step != self._last_global_step
         step = self._last_global_step  # the step this batch trained (global_step before its update)
@@ -365,30 +337,20 @@ class GuardCore:
             self._last_global_step = trainer.global_step
             self._note_schedule(trainer)
         self._process(trainer, pl_module, self._host.ready())
-        if (
-            stepped
-            and self.rollback
-            and not self._stopped
-            and self._pending is None
-            and trainer.global_step % self.snapshot_every == 0
-            and self._quiet()
-        ):
-            self._pending = self._snapshot(trainer, pl_module)
-            self._healthy_after_pending = 0
+        if stepped and self.policy.wants_snapshot(trainer.global_step):
+            self._snapshots[trainer.global_step] = self._snapshot(trainer, pl_module)
+            self.policy.snapshot_taken(trainer.global_step)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._stopped:
-            self._process(trainer, pl_module, self._host.drain())
+        self._process(trainer, pl_module, self._host.drain())
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.check_on != "validation" or trainer.sanity_checking or self._stopped:
+        if self.check_on != "validation" or trainer.sanity_checking or self.policy.stopped:
             return
-        value = self._metric(trainer)
-        if value is not None:
-            self._host.push(trainer.global_step, value)
-            self._process(trainer, pl_module, self._host.drain())
+        self._host.push(trainer.global_step, self._metric(trainer))
+        self._process(trainer, pl_module, self._host.drain())
 
-    def _metric(self, trainer: Any) -> torch.Tensor | None:
+    def _metric(self, trainer: Any) -> torch.Tensor:
         assert self.monitor is not None
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
@@ -403,175 +365,74 @@ class GuardCore:
     def _note_schedule(self, trainer: Any) -> None:
         unscaled = [float(g.get(UNSCALED, g["lr"])) for g in self._all_groups(trainer)]
         if self._last_unscaled is not None and len(unscaled) == len(self._last_unscaled):
-            self._lr_rising = any(u > p * (1 + 1e-9) for u, p in zip(unscaled, self._last_unscaled, strict=True))
+            self.policy.lr_rising = any(u > p * (1 + 1e-9) for u, p in zip(unscaled, self._last_unscaled, strict=True))
         self._last_unscaled = unscaled
 
-    # ------------------------------------------------------------------ decisions
+    # ------------------------------------------------------------------ carrying out the policy
     def _process(self, trainer: Any, pl_module: Any, values: list[tuple[int, float]]) -> None:
         for step, value in values:
-            if self._stopped:
+            for intent in self.policy.observe(step, value):
+                self._execute(trainer, pl_module, intent)
+            keep = {mark.step for mark in (self.policy.good, self.policy.pending) if mark is not None}
+            self._snapshots = {s: snap for s, snap in self._snapshots.items() if s in keep}
+            if self.policy.stopped:
                 return
-            events = [e for d in self.detectors.values() if (e := d.update(value, step)) is not None]
-            healthy = (
-                math.isfinite(value)
-                and not any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events)
-                and self._quiet()
-            )
-            self._confirm_snapshot(step, healthy)
-            for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
-                self.counts[event.kind.value] += 1
-                if self._act(trainer, pl_module, event):
-                    break  # a rollback or stop supersedes the other events of this step
-            if self._spike_skipped:
-                self._spike_skipped = {s for s in self._spike_skipped if s > step}
 
-    def _quiet(self) -> bool:
-        """Nothing is building up: the moment to take, or confirm, a snapshot of a good state."""
-        return all(self.detectors[k].quiet for k in ("spike", "divergence", "oscillation"))
-
-    def _confirm_snapshot(self, step: int, healthy: bool) -> None:
-        if self._pending is None or step < self._pending.step:
-            return
-        if not healthy:
-            self._pending = None
-            return
-        self._healthy_after_pending += 1
-        if self._healthy_after_pending >= self.confirm_steps:
-            self._good, self._pending = self._pending, None
-            self._incident_rollbacks = 0
-
-    def _act(self, trainer: Any, pl_module: Any, event: Event) -> bool:
-        if event.step in self._spike_skipped and (
-            event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
-        ):
-            self._spike_skipped.discard(event.step)  # the update was never applied: nothing to roll back
-            self.counts["skipped_batches"] += 1
-            lr = self._lr(trainer)
-            self._record(event, Action.SKIP, trainer, lr, lr, f"{event.message} -- its update was not applied")
-            return event.kind == EventKind.DIVERGENCE
-        if event.kind == EventKind.DIVERGENCE and self.rollback:
-            if self._incident_rollbacks >= self.max_rollbacks:
-                self._stop(trainer, pl_module, event)
-            else:
-                self._rollback(trainer, pl_module, event)
-            return True
-        factor = {EventKind.PLATEAU: self.plateau_factor, EventKind.OSCILLATION: self.oscillation_factor}.get(
-            event.kind
-        )
+    def _execute(self, trainer: Any, pl_module: Any, intent: Intent) -> None:
         lr = self._lr(trainer)
-        if factor is None:
-            self._record(event, Action.NONE, trainer, lr, lr, f"{event.message} -- logged")
-            return False
-        if event.kind == EventKind.PLATEAU and self._lr_rising:
-            self._record(
-                event,
-                Action.HELD,
-                trainer,
-                lr,
-                lr,
-                f"{event.message} -- no LR cut while the schedule's LR is still rising (warm-up)",
-            )
-            return False
-        changes = cut_lr(trainer.optimizers, factor, eps=self.eps)
-        if not changes:
-            self._record(
-                event,
-                Action.HELD,
-                trainer,
-                lr,
-                lr,
-                f"{event.message} -- no LR cut: every group is at min_lr or the change is below eps",
-            )
-            return False
-        self.counts["lr_cuts"] += 1
-        new_lr = self._lr(trainer)
-        self._record(
-            event, Action.LR_CUT, trainer, lr, new_lr, f"{event.message} -- lr {lr:.3g} -> {new_lr:.3g} (x{factor:g})"
+        checkpoint = None
+        if intent.action == Action.ROLLBACK:
+            factors = lr_factors(trainer.optimizers)
+            self._restore(trainer, pl_module, intent)
+            set_lr_factors(trainer.optimizers, [[f * intent.lr_factor for f in fs] for fs in factors])
+            self._skip_left = intent.skip_batches
+        elif intent.action == Action.STOP:
+            self._restore(trainer, pl_module, intent)
+            directory = self.checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard_checkpoints")
+            checkpoint = os.path.join(directory, f"last_good_step{intent.rollback_to}.ckpt")
+            trainer.save_checkpoint(checkpoint)
+            trainer.should_stop = True
+            self.checkpoint_path = checkpoint
+        elif intent.action == Action.LR_CUT:
+            if cut_lr(trainer.optimizers, intent.lr_factor, eps=self.eps):
+                self.counts["lr_cuts"] += 1
+            else:
+                intent = Intent(
+                    intent.event, Action.HELD, reason="no LR cut: every group is at min_lr or the change is below eps"
+                )
+        message = describe(
+            intent, lr, self._lr(trainer), self.max_rollbacks, self.policy.incident_rollbacks, checkpoint
         )
-        return False
+        decision = Decision(
+            intent.event,
+            intent.action,
+            trainer.global_step,
+            lr,
+            self._lr(trainer),
+            intent.rollback_to,
+            intent.skip_batches,
+            checkpoint,
+            message,
+        )
+        self.decisions.append(decision)
+        if self.verbose and trainer.is_global_zero:
+            level = logging.WARNING if intent.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
+            log.log(level, "lr_guard: %s", message)
+
+    def _restore(self, trainer: Any, pl_module: Any, intent: Intent) -> None:
+        assert intent.rollback_to is not None
+        snapshot = self._snapshots[intent.rollback_to]
+        snapshot.restore(pl_module, trainer.optimizers, self._schedulers(trainer), precision=trainer.precision_plugin)
+        self._snapshots = {intent.rollback_to: snapshot}
+        self._host.clear()
+        self._accumulated = None
 
     def _snapshot(self, trainer: Any, pl_module: Any) -> Snapshot:
-        self.counts["snapshots"] += 1
         return take_snapshot(
             trainer.global_step,
             pl_module,
             trainer.optimizers,
             self._schedulers(trainer),
             precision=trainer.precision_plugin,
-            extra={"detectors": self._detector_state()},
             device=self.snapshot_device,
         )
-
-    def _restore_good(self, trainer: Any, pl_module: Any) -> Snapshot:
-        good = self._good
-        assert good is not None, "the guard takes a snapshot when training starts"
-        good.restore(pl_module, trainer.optimizers, self._schedulers(trainer), precision=trainer.precision_plugin)
-        self._restore_detectors(good.extra["detectors"])
-        self._pending = None
-        self._host.clear()
-        self._accumulated = None
-        return good
-
-    def _rollback(self, trainer: Any, pl_module: Any, event: Event) -> None:
-        lr = self._lr(trainer)
-        factors = lr_factors(trainer.optimizers)
-        good = self._restore_good(trainer, pl_module)
-        set_lr_factors(trainer.optimizers, [[f * self.rollback_factor for f in fs] for fs in factors])
-        self._skip_left = self.skip_batches
-        self._incident_rollbacks += 1
-        self.counts["rollbacks"] += 1
-        new_lr = self._lr(trainer)
-        skip = f", skipping the next {self.skip_batches} batches" if self.skip_batches else ""
-        self._record(
-            event,
-            Action.ROLLBACK,
-            trainer,
-            lr,
-            new_lr,
-            f"{event.message} -- rolled back to step {good.step}, lr {lr:.3g} -> {new_lr:.3g}{skip} "
-            f"(rollback {self._incident_rollbacks} of {self.max_rollbacks})",
-            rollback_to=good.step,
-            skip_batches=self.skip_batches,
-        )
-
-    def _stop(self, trainer: Any, pl_module: Any, event: Event) -> None:
-        lr = self._lr(trainer)
-        good = self._restore_good(trainer, pl_module)
-        directory = self.checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard_checkpoints")
-        path = os.path.join(directory, f"last_good_step{good.step}.ckpt")
-        self._stopped = True
-        trainer.save_checkpoint(path)
-        trainer.should_stop = True
-        self.checkpoint_path = path
-        self._record(
-            event,
-            Action.STOP,
-            trainer,
-            lr,
-            self._lr(trainer),
-            f"{event.message} -- still diverging after {self._incident_rollbacks} rollback(s); training "
-            f"stopped. The last good state (step {good.step}) is saved at {path}; resume with "
-            f"Trainer.fit(model, ckpt_path={path!r}) after changing what made it diverge",
-            rollback_to=good.step,
-            checkpoint=path,
-        )
-
-    def _record(
-        self,
-        event: Event,
-        action: Action,
-        trainer: Any,
-        lr_before: float,
-        lr_after: float,
-        message: str,
-        rollback_to: int | None = None,
-        skip_batches: int = 0,
-        checkpoint: str | None = None,
-    ) -> None:
-        decision = Decision(
-            event, action, trainer.global_step, lr_before, lr_after, rollback_to, skip_batches, checkpoint, message
-        )
-        self.decisions.append(decision)
-        if self.verbose and trainer.is_global_zero:
-            level = logging.WARNING if action in (Action.ROLLBACK, Action.STOP) else logging.INFO
-            log.log(level, "lr_guard: %s", message)

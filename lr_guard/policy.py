@@ -1,0 +1,239 @@
+"""What the guard does about what it sees: the decisions, without the training state (pure Python).
+
+``GuardPolicy`` feeds the detectors, keeps track of which snapshot is the last good one, and turns every event
+into an :class:`Intent`: roll back to step N with the LR times f, cut the LR, skip, stop, hold or just log. The
+Lightning callbacks carry the intents out on a live training run; ``lr-guard replay`` carries them out on paper
+over a finished run's log. One set of rules serves both, so a replay says what the guard would really have done.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lr_guard.detectors import Detector
+from lr_guard.events import Action, Event, EventKind
+
+__all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
+
+COUNTS = ("spike", "oscillation", "plateau", "divergence", "lr_cuts", "rollbacks", "skipped_batches", "snapshots")
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What the policy wants done about one event."""
+
+    event: Event
+    action: Action
+    lr_factor: float = 1.0  # multiply the LR by this (cuts and rollbacks)
+    rollback_to: int | None = None  # the snapshot step to restore (rollback and stop)
+    skip_batches: int = 0
+    reason: str = ""  # why an action was held or only logged
+
+
+@dataclass
+class SnapshotMark:
+    """A snapshot's step and the detectors' state at that moment (the training state itself is the caller's)."""
+
+    step: int
+    detectors: dict[str, Any]
+
+
+class GuardPolicy:
+    """The guard's rules.
+
+    * A snapshot is wanted every ``snapshot_every`` steps while every detector is quiet and none is pending; it
+      becomes the good one after ``confirm_steps`` healthy values (finite, no spike or divergence, detectors
+      quiet); an unhealthy value discards it.
+    * Divergence: roll back to the good snapshot with the LR times ``rollback_factor`` and ``skip_batches``
+      skipped; after ``max_rollbacks`` rollbacks with no newly confirmed snapshot, stop (restoring it first).
+      The detectors are put back to their state at the snapshot.
+    * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
+      ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
+    * Spike: logged. A step whose update was skipped before it was applied (``skipped_updates``) is reported as
+      skipped, and a non-finite value there needs no rollback.
+    """
+
+    def __init__(
+        self,
+        detectors: dict[str, Detector],
+        *,
+        plateau_factor: float | None,
+        oscillation_factor: float | None,
+        rollback: bool,
+        rollback_factor: float,
+        skip_batches: int,
+        max_rollbacks: int,
+        snapshot_every: int,
+        confirm_steps: int,
+    ) -> None:
+        self.detectors = detectors
+        self.plateau_factor = plateau_factor
+        self.oscillation_factor = oscillation_factor
+        self.rollback = rollback
+        self.rollback_factor = rollback_factor
+        self.skip_batches = skip_batches
+        self.max_rollbacks = max_rollbacks
+        self.snapshot_every = snapshot_every
+        self.confirm_steps = confirm_steps
+        self.counts = dict.fromkeys(COUNTS, 0)
+        self.incident_rollbacks = 0
+        self.reset_run()
+
+    def reset_run(self) -> None:
+        """Forget the snapshots and per-run flags (the counters and detectors stay)."""
+        self.good: SnapshotMark | None = None
+        self.pending: SnapshotMark | None = None
+        self.healthy_after_pending = 0
+        self.skipped_updates: set[int] = set()
+        self.lr_rising = False
+        self.stopped = False
+
+    # -- snapshots -------------------------------------------------------------------------------------------------
+    def quiet(self) -> bool:
+        """Nothing is building up: the moment to take, or confirm, a snapshot of a good state."""
+        return all(self.detectors[k].quiet for k in ("spike", "divergence", "oscillation"))
+
+    def detector_state(self) -> dict[str, Any]:
+        return {name: d.state_dict() for name, d in self.detectors.items()}
+
+    def start(self, step: int) -> None:
+        """Training starts (or resumes) at ``step``: its state is good by definition."""
+        self.good = SnapshotMark(step, self.detector_state()) if self.rollback else None
+
+    def wants_snapshot(self, step: int) -> bool:
+        return (
+            self.rollback
+            and not self.stopped
+            and self.pending is None
+            and step % self.snapshot_every == 0
+            and self.quiet()
+        )
+
+    def snapshot_taken(self, step: int) -> None:
+        self.pending = SnapshotMark(step, self.detector_state())
+        self.healthy_after_pending = 0
+        self.counts["snapshots"] += 1
+
+    def _confirm(self, step: int, healthy: bool) -> None:
+        if self.pending is None or step < self.pending.step:
+            return
+        if not healthy:
+            self.pending = None
+            return
+        self.healthy_after_pending += 1
+        if self.healthy_after_pending >= self.confirm_steps:
+            self.good, self.pending = self.pending, None
+            self.incident_rollbacks = 0
+
+    # -- decisions -------------------------------------------------------------------------------------------------
+    def observe(self, step: int, value: float) -> list[Intent]:
+        """Feed one value; return what should be done, in order (a rollback or stop ends the list)."""
+        if self.stopped:
+            return []
+        events = [e for d in self.detectors.values() if (e := d.update(value, step)) is not None]
+        healthy = (
+            math.isfinite(value)
+            and self.quiet()
+            and not any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events)
+        )
+        self._confirm(step, healthy)
+        intents = []
+        for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
+            self.counts[event.kind.value] += 1
+            intent = self._decide(event)
+            intents.append(intent)
+            if intent.action in (Action.ROLLBACK, Action.STOP) or (
+                intent.action == Action.SKIP and event.kind == EventKind.DIVERGENCE
+            ):
+                break
+        if self.skipped_updates:
+            self.skipped_updates = {s for s in self.skipped_updates if s > step}
+        return intents
+
+    def _decide(self, event: Event) -> Intent:
+        if event.step in self.skipped_updates and (
+            event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
+        ):
+            self.skipped_updates.discard(event.step)
+            self.counts["skipped_batches"] += 1
+            return Intent(event, Action.SKIP, reason="its update was not applied")
+        if event.kind == EventKind.DIVERGENCE and self.rollback and self.good is not None:
+            good = self.good
+            self._restore_detectors(good)
+            if self.incident_rollbacks >= self.max_rollbacks:
+                self.stopped = True
+                return Intent(event, Action.STOP, rollback_to=good.step)
+            self.incident_rollbacks += 1
+            self.counts["rollbacks"] += 1
+            return Intent(
+                event,
+                Action.ROLLBACK,
+                lr_factor=self.rollback_factor,
+                rollback_to=good.step,
+                skip_batches=self.skip_batches,
+            )
+        factor = {EventKind.PLATEAU: self.plateau_factor, EventKind.OSCILLATION: self.oscillation_factor}.get(
+            event.kind
+        )
+        if factor is None:
+            return Intent(event, Action.NONE, reason="logged")
+        if event.kind == EventKind.PLATEAU and self.lr_rising:
+            return Intent(event, Action.HELD, reason="no LR cut while the schedule's LR is still rising (warm-up)")
+        return Intent(event, Action.LR_CUT, lr_factor=factor)
+
+    def _restore_detectors(self, mark: SnapshotMark) -> None:
+        for name, detector in self.detectors.items():
+            if name in mark.detectors:
+                detector.load_state_dict(mark.detectors[name])
+        self.pending = None
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "detectors": self.detector_state(),
+            "counts": dict(self.counts),
+            "incident_rollbacks": self.incident_rollbacks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], warn: Any = None) -> None:
+        for name, saved in state.get("detectors", {}).items():
+            detector = self.detectors.get(name)
+            if detector is None or not detector.STATE_VERSION:
+                continue
+            if saved.get("detector") != type(detector).__name__:
+                if warn is not None:
+                    warn(
+                        f"checkpoint holds {saved.get('detector')} state for {name!r}; keeping a fresh "
+                        f"{type(detector).__name__}"
+                    )
+                continue
+            detector.load_state_dict(copy.deepcopy(saved))
+        self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
+        self.incident_rollbacks = int(state.get("incident_rollbacks", 0))
+
+
+def describe(
+    intent: Intent, lr_before: float, lr_after: float, max_rollbacks: int, incident: int, checkpoint: str | None = None
+) -> str:
+    """The sentence logged for an executed intent."""
+    event = intent.event
+    if intent.action == Action.ROLLBACK:
+        skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
+        return (
+            f"{event.message} -- rolled back to step {intent.rollback_to}, lr {lr_before:.3g} -> {lr_after:.3g}"
+            f"{skip} (rollback {incident} of {max_rollbacks})"
+        )
+    if intent.action == Action.STOP:
+        where = (
+            f" The last good state (step {intent.rollback_to}) is saved at {checkpoint}; resume with "
+            f"Trainer.fit(model, ckpt_path={checkpoint!r}) after changing what made it diverge"
+            if checkpoint
+            else f" The last good state is that of step {intent.rollback_to}."
+        )
+        return f"{event.message} -- still diverging after {incident} rollback(s); training stopped.{where}"
+    if intent.action == Action.LR_CUT:
+        return f"{event.message} -- lr {lr_before:.3g} -> {lr_after:.3g} (x{intent.lr_factor:g})"
+    return f"{event.message} -- {intent.reason}"
