@@ -8,6 +8,7 @@ this class plus the namespace's ``Callback`` base, and nothing else.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ from lr_guard.detectors import (
     SpikeDetector,
 )
 from lr_guard.detectors.base import check_choice, check_number
+from lr_guard.diagnostics import Diagnostics, scalars
 from lr_guard.events import Action, Decision
 from lr_guard.policy import GuardPolicy, Intent, describe
 
@@ -115,6 +117,9 @@ class GuardCore:
         checkpoint_dir: Where the last good state is written on stop; default
             ``<default_root_dir>/lr_guard_checkpoints``.
         snapshot_device: ``"cpu"`` (default, no accelerator memory) or ``"same"`` (beside the weights).
+        diagnostics: Send scalars, the decision log, the configuration and a dashboard layout to the Trainer's
+            loggers (see :mod:`lr_guard.diagnostics` for the keys).
+        log_every_n_steps: Cadence of the scalars; default: the Trainer's ``log_every_n_steps``.
         verbose: Log every decision through Python ``logging`` (logger ``"lr_guard"``) on rank zero.
     """
 
@@ -139,6 +144,8 @@ class GuardCore:
         eps: float = 1e-8,
         checkpoint_dir: str | None = None,
         snapshot_device: Literal["cpu", "same"] = "cpu",
+        diagnostics: bool = True,
+        log_every_n_steps: int | None = None,
         verbose: bool = True,
     ) -> None:
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
@@ -165,6 +172,10 @@ class GuardCore:
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"checkpoint_dir must be a path or None, got {checkpoint_dir!r}")
         check_choice("snapshot_device", snapshot_device, ("cpu", "same"))
+        if not isinstance(diagnostics, bool):
+            raise TypeError(f"diagnostics must be True or False, got {diagnostics!r}")
+        if log_every_n_steps is not None:
+            check_number("log_every_n_steps", log_every_n_steps, low=1, integer=True)
         self.monitor = monitor
         self.check_on = check_on if check_on is not None else ("train_step" if monitor is None else "validation")
         self.detectors: dict[str, Detector] = {
@@ -190,7 +201,11 @@ class GuardCore:
         self.eps = float(eps)
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.snapshot_device = snapshot_device
+        self.diagnostics = diagnostics
+        self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
+        self._diagnostics = Diagnostics()
+        self._log_every = 50
         self.decisions: list[Decision] = []
         self.policy = GuardPolicy(
             self.detectors,
@@ -223,6 +238,15 @@ class GuardCore:
         """Events seen and actions taken so far: spike, oscillation, plateau, divergence, lr_cuts, rollbacks,
         skipped_batches, snapshots."""
         return self.policy.counts
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments (detectors as their repr), as recorded in the configuration entry."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        out = {}
+        for name in names:
+            value = self.detectors[name] if name in self.detectors else getattr(self, name, None)
+            out[name] = repr(value) if isinstance(value, Detector) else value
+        return out
 
     @property
     def state_key(self) -> str:
@@ -280,6 +304,9 @@ class GuardCore:
             compose_with_scheduler(scheduler)
         self._last_global_step = trainer.global_step
         self.policy.start(trainer.global_step)
+        if self.diagnostics:
+            self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
+            self._diagnostics.attach(trainer, self.settings())
         if self.rollback:
             self._snapshots[trainer.global_step] = self._snapshot(trainer, pl_module)
 
@@ -373,6 +400,13 @@ class GuardCore:
         for step, value in values:
             for intent in self.policy.observe(step, value):
                 self._execute(trainer, pl_module, intent)
+            if self.diagnostics and step % self._log_every == 0:
+                groups = [
+                    (f"opt{i}_group{j}", g)
+                    for i, opt in enumerate(trainer.optimizers)
+                    for j, g in enumerate(opt.param_groups)
+                ]
+                self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
             keep = {mark.step for mark in (self.policy.good, self.policy.pending) if mark is not None}
             self._snapshots = {s: snap for s, snap in self._snapshots.items() if s in keep}
             if self.policy.stopped:
@@ -415,6 +449,8 @@ class GuardCore:
             message,
         )
         self.decisions.append(decision)
+        if self.diagnostics:
+            self._diagnostics.log_decision(decision, self.counts)
         if self.verbose and trainer.is_global_zero:
             level = logging.WARNING if intent.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
             log.log(level, "lr_guard: %s", message)

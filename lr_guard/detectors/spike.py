@@ -96,6 +96,13 @@ class SpikeDetector(Detector):
         return not self._excursion
 
     @property
+    def alarm_level(self) -> float:
+        """The loss value that would score exactly ``threshold`` now (in the loss's own units; NaN until known)."""
+        if self._n < 2 or self._noise.sigma <= 0.0:
+            return math.nan
+        return self._to_y.inverse(self._trend + self.threshold * self._noise.sigma)
+
+    @property
     def trend(self) -> float:
         """The current trend, in the loss's own units."""
         return self._to_y.inverse(self._trend) if self._n else math.nan

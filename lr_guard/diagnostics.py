@@ -1,0 +1,189 @@
+"""What lr_guard tells a person: scalars, a markdown decision log, a TensorBoard dashboard, its configuration.
+
+Scalars go to every Lightning logger through ``log_metrics`` (TensorBoard, CSV, several at once); the decision
+text, the configuration and the custom-scalars dashboard go to loggers whose ``experiment`` is a TensorBoard
+``SummaryWriter``. Nothing here reads a device tensor: every value is already a Python float.
+
+Log keys (stable):
+
+=================================  =====================================================================
+``lr_guard/loss/raw``               the watched value (training loss per optimizer step, or the monitor)
+``lr_guard/loss/trend``             the spike detector's trend of it (the smoothed loss)
+``lr_guard/loss/spike_level``       the value at which a spike would be reported now
+``lr_guard/spike/score``            spike score (robust sigmas above the trend) ...
+``lr_guard/spike/threshold``        ... and its threshold
+``lr_guard/oscillation/score``      swing-to-noise ratio ... ``/threshold`` its threshold
+``lr_guard/plateau/bad_steps``      updates without improvement ... ``/patience`` the patience
+``lr_guard/divergence/score``       smoothed loss over its best level ... ``/threshold`` the factor
+``lr_guard/lr/opt{i}_group{j}``     the learning rate each param group steps with
+``lr_guard/lr_factor/opt{i}_group{j}``  the guard's cumulative factor on it
+``lr_guard/count/{name}``           spike, oscillation, plateau, divergence, lr_cuts, rollbacks,
+                                    skipped_batches, snapshots
+``lr_guard/decisions`` (text)       one markdown entry per decision
+``lr_guard/config`` (text)          the guard's settings, once
+=================================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from lr_guard.detectors import Detector, NullDetector
+from lr_guard.events import Action, Decision
+
+__all__ = ["CONFIG_TAG", "DECISIONS_TAG", "Diagnostics", "config_markdown", "decision_markdown", "layout", "scalars"]
+
+DECISIONS_TAG = "lr_guard/decisions"
+CONFIG_TAG = "lr_guard/config"
+_DONE = {
+    Action.ROLLBACK: "rolled back",
+    Action.STOP: "stopped training",
+    Action.LR_CUT: "cut the LR",
+    Action.SKIP: "skipped the update",
+    Action.HELD: "held back",
+    Action.NONE: "logged it",
+}
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def scalars(
+    value: float, detectors: dict[str, Detector], groups: Iterable[tuple[str, dict[str, Any]]], counts: dict[str, int]
+) -> dict[str, float]:
+    """The scalars for one watched value (non-finite entries are left out; a NaN loss shows in the text log)."""
+    out: dict[str, float] = {"lr_guard/loss/raw": value}
+    spike = detectors.get("spike")
+    if spike is not None and not isinstance(spike, NullDetector):
+        out["lr_guard/loss/trend"] = spike.trend  # type: ignore[attr-defined]
+        out["lr_guard/loss/spike_level"] = spike.alarm_level  # type: ignore[attr-defined]
+        out["lr_guard/spike/score"] = spike.score  # type: ignore[attr-defined]
+        out["lr_guard/spike/threshold"] = spike.threshold  # type: ignore[attr-defined]
+    oscillation = detectors.get("oscillation")
+    if oscillation is not None and not isinstance(oscillation, NullDetector):
+        out["lr_guard/oscillation/score"] = oscillation.score  # type: ignore[attr-defined]
+        out["lr_guard/oscillation/threshold"] = oscillation.threshold  # type: ignore[attr-defined]
+    plateau = detectors.get("plateau")
+    if plateau is not None and not isinstance(plateau, NullDetector):
+        out["lr_guard/plateau/bad_steps"] = float(plateau.num_bad_steps)  # type: ignore[attr-defined]
+        out["lr_guard/plateau/patience"] = float(plateau.patience)  # type: ignore[attr-defined]
+    divergence = detectors.get("divergence")
+    if divergence is not None and not isinstance(divergence, NullDetector):
+        out["lr_guard/divergence/score"] = divergence.score  # type: ignore[attr-defined]
+        out["lr_guard/divergence/threshold"] = divergence.factor  # type: ignore[attr-defined]
+    for name, group in groups:
+        out[f"lr_guard/lr/{name}"] = float(group["lr"])
+        out[f"lr_guard/lr_factor/{name}"] = float(group.get("lr_guard_factor", 1.0))
+    for key, count in counts.items():
+        out[f"lr_guard/count/{key}"] = float(count)
+    return _finite(out)
+
+
+def layout() -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars dashboard: one section, "lr_guard", with the loss, each score beside its threshold,
+    the learning rates and the counters."""
+    return {
+        "lr_guard": {
+            "loss, its trend and the spike alarm level": [
+                "Multiline",
+                ["lr_guard/loss/raw", "lr_guard/loss/trend", "lr_guard/loss/spike_level"],
+            ],
+            "loss trend, with the band up to the spike alarm level": [
+                "Margin",
+                ["lr_guard/loss/trend", "lr_guard/loss/trend", "lr_guard/loss/spike_level"],
+            ],
+            "spike score vs threshold": ["Multiline", ["lr_guard/spike/score", "lr_guard/spike/threshold"]],
+            "oscillation ratio vs threshold": [
+                "Multiline",
+                ["lr_guard/oscillation/score", "lr_guard/oscillation/threshold"],
+            ],
+            "plateau: steps without improvement vs patience": [
+                "Multiline",
+                ["lr_guard/plateau/bad_steps", "lr_guard/plateau/patience"],
+            ],
+            "divergence: loss over its best vs factor": [
+                "Multiline",
+                ["lr_guard/divergence/score", "lr_guard/divergence/threshold"],
+            ],
+            "learning rates": ["Multiline", [r"lr_guard/lr/.*"]],
+            "the guard's LR factors": ["Multiline", [r"lr_guard/lr_factor/.*"]],
+            "counters": ["Multiline", [r"lr_guard/count/.*"]],
+        }
+    }
+
+
+def decision_markdown(decision: Decision, counts: dict[str, int]) -> str:
+    """One decision as a small markdown table: what was seen, what was done, the running totals."""
+    event = decision.event
+    done = _DONE[decision.action]
+    if decision.action == Action.ROLLBACK:
+        done += f" to step {decision.rollback_to}"
+        if decision.skip_batches:
+            done += f", skipping the next {decision.skip_batches} batches"
+    if decision.action == Action.STOP and decision.checkpoint:
+        done += f"; last good state (step {decision.rollback_to}) saved at `{decision.checkpoint}`"
+    if decision.lr_before != decision.lr_after:
+        done += f"; lr {decision.lr_before:.3g} → {decision.lr_after:.3g}"
+    totals = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
+    return "\n".join(
+        [
+            f"**step {event.step}: {event.kind.value} → {decision.action.value}**",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| seen | {event.kind.value}: value {event.value:.4g}, score {event.score:.3g} "
+            f"(threshold {event.threshold:.3g}) |",
+            f"| why | {event.message} |",
+            f"| done | {done} |",
+            f"| totals | {totals or 'none'} |",
+        ]
+    )
+
+
+def config_markdown(settings: dict[str, Any]) -> str:
+    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in settings.items())
+    return f"**lr_guard configuration**\n\n| setting | value |\n|---|---|\n{rows}"
+
+
+class Diagnostics:
+    """Sends the guard's diagnostics to a Trainer's loggers (rank zero only)."""
+
+    def __init__(self) -> None:
+        self._loggers: list[Any] = []
+        self._writers: list[Any] = []
+        self._warned = False
+
+    def attach(self, trainer: Any, settings: dict[str, Any]) -> None:
+        self._loggers = list(trainer.loggers) if trainer.is_global_zero else []
+        self._writers = []
+        if not trainer.is_global_zero:
+            return
+        if not self._loggers and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "lr_guard: the Trainer has no logger, so the guard's diagnostics go to Python logging "
+                "only; add a TensorBoardLogger to see its dashboard",
+                UserWarning,
+                stacklevel=2,
+            )
+        for logger in self._loggers:
+            writer = getattr(logger, "experiment", None)
+            if callable(getattr(writer, "add_text", None)) and callable(getattr(writer, "add_custom_scalars", None)):
+                self._writers.append(writer)
+        for writer in self._writers:
+            writer.add_custom_scalars(layout())
+            writer.add_text(CONFIG_TAG, config_markdown(settings), trainer.global_step)
+
+    def log_scalars(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self._loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def log_decision(self, decision: Decision, counts: dict[str, int]) -> None:
+        text = decision_markdown(decision, counts)
+        for writer in self._writers:
+            writer.add_text(DECISIONS_TAG, text, decision.event.step)
+        self.log_scalars({f"lr_guard/count/{k}": float(v) for k, v in counts.items()}, decision.event.step)
