@@ -147,10 +147,11 @@ class OscillationDetector(Detector):
         ratio = swing / sigma if sigma > 0.0 else (math.inf if swing > 0.0 else 0.0)
         self._score = ratio
         structure, lag = self._structure(centred) if ratio >= 0.5 * self.threshold else (0.0, 0)
-        self._oscillating = structure >= self.min_autocorrelation
+        no_progress = abs(slope) * (self.window - 1) < 2.0 * swing
+        self._oscillating = structure >= self.min_autocorrelation and no_progress
         if ratio < self.threshold or self._quiet_left > 0 or self._n < max(self.warmup_steps, self.window):
             return None
-        if not self._oscillating or abs(slope) * (self.window - 1) >= 2.0 * swing:
+        if not self._oscillating:
             return None
         self._quiet_left = self.window
         unit = "x" if self._to_y.log else ""

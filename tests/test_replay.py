@@ -1,0 +1,134 @@
+"""lr-guard replay on event files made by real Trainer runs, on CSVs, and its errors."""
+
+import json
+import math
+
+import pytest
+from conftest import make_trainer
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lr_guard import LRGuard
+from lr_guard.data import load_curve
+from lr_guard.diagnostics import DECISIONS_TAG
+from lr_guard.replay import ReplayError, guard_settings, load_series, main, replay
+from lr_guard.testing import ScriptedLossModule
+
+
+def script(n=120, nan_at=()):
+    s = [2.0 / (1.0 + 0.05 * t) for t in range(n)]
+    for t in nan_at:
+        s[t] = math.nan
+    return s
+
+
+@pytest.fixture(scope="module")
+def unguarded_run(tmp_path_factory):
+    """A real run with a NaN at step 60 and no guard, logged to TensorBoard every step."""
+    root = tmp_path_factory.mktemp("runs")
+    logger = TensorBoardLogger(root, name="plain", version=0)
+    make_trainer([], max_steps=100, logger=logger, log_every_n_steps=1).fit(
+        ScriptedLossModule(script(nan_at=[60]), optimizer="adam", lr=0.01)
+    )
+    return root, logger.log_dir
+
+
+def test_replay_of_a_real_run_says_what_the_guard_would_have_done(unguarded_run, capsys):
+    _root, log_dir = unguarded_run
+    assert main(["replay", log_dir, "--set", "snapshot_every=10", "--set", "confirm_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "100 values of 'train_loss'" in out
+    assert "      60  divergence" in out and "back to step 50, LR x0.5" in out
+    # the real run stayed NaN after step 60, so the guard would have retried, then stopped
+    assert "stop" in out
+
+
+def test_replay_matches_the_live_guard_on_the_same_stream(unguarded_run, tmp_path):
+    _, log_dir = unguarded_run
+    series, _tag, _ = load_series(log_dir)
+    result = replay(series, {"snapshot_every": 10, "confirm_steps": 3})
+    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    make_trainer([guard], max_steps=100).fit(ScriptedLossModule(script(nan_at=[60]), optimizer="adam", lr=0.01))
+    live = guard.decisions[0]
+    first = result.rows[0]
+    assert (first.step, first.kind, first.action) == (live.event.step, live.event.kind.value, live.action.value)
+    assert f"back to step {live.rollback_to}" in first.detail
+
+
+def test_replay_writes_a_tensorboard_run_beside_the_original(unguarded_run, capsys):
+    _root, log_dir = unguarded_run
+    assert main(["replay", log_dir, "--tensorboard", "--set", "snapshot_every=10"]) == 0
+    assert "diagnostics written to" in capsys.readouterr().out
+    acc = EventAccumulator(f"{log_dir}/lr_guard_replay", size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert "lr_guard/loss/raw" in acc.Tags()["scalars"] and "lr_guard/lr_factor/opt0_group0" in acc.Tags()["scalars"]
+    texts = [e.step for e in acc.Tensors(f"{DECISIONS_TAG}/text_summary")]
+    assert texts[0] == 60
+
+
+def test_replay_of_a_bundled_csv_and_json_output(capsys):
+    path = "lr_guard/data/curves/lm_gpt2_124m_modded_muon_dataspike.csv"
+    assert main(["replay", path, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["step"], r["kind"], r["action"]) for r in rows} >= {(919, "spike", "none"), (947, "spike", "none")}
+    assert not [r for r in rows if r["kind"] == "divergence"]
+
+
+def test_config_in_lightning_cli_format(tmp_path):
+    cfg = tmp_path / "cli.yaml"
+    cfg.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lr_guard.LRGuard\n      init_args:\n"
+        "        skip_batches: 7\n        spike:\n          class_path: lr_guard.SpikeDetector\n"
+        "          init_args: {threshold: 5.0}\n"
+    )
+    settings = guard_settings(cfg, ["max_rollbacks=1", "divergence.factor=3"])
+    assert settings["skip_batches"] == 7 and settings["max_rollbacks"] == 1
+    assert settings["spike"].threshold == 5.0 and settings["divergence"].factor == 3.0
+    series = load_curve("criteo_dlrm_warmup_divergence_inf_nan_algoperf")
+    rows = replay(series, settings).rows
+    assert [r.action for r in rows if r.kind == "divergence"] == ["rollback", "stop"]
+    assert "skip 7 batches" in rows[[r.kind for r in rows].index("divergence")].detail
+
+
+def test_errors_say_what_is_wrong(unguarded_run, tmp_path, capsys):
+    _, log_dir = unguarded_run
+    with pytest.raises(ReplayError, match="no such file or directory"):
+        load_series(tmp_path / "missing")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ReplayError, match="not a TensorBoard event file"):
+        load_series(text)
+    fake = tmp_path / "events.out.tfevents.123.host"
+    fake.write_bytes(b"this is not a record file at all")
+    with pytest.raises(ReplayError, match="holds no scalar summaries -- not a TensorBoard event file"):
+        load_series(fake)
+    with pytest.raises(ReplayError, match=r"no scalar tag 'val_acc'; the tags are: .*train_loss"):
+        load_series(log_dir, "val_acc")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("step,loss\n")
+    with pytest.raises(ReplayError, match="is empty"):
+        load_series(empty)
+    bad_header = tmp_path / "bad.csv"
+    bad_header.write_text("epoch,value\n1,2\n")
+    with pytest.raises(ReplayError, match="needs 'step' and 'loss' columns"):
+        load_series(bad_header)
+    with pytest.raises(ReplayError, match="--set takes key=value"):
+        guard_settings(None, ["skip_batches"])
+    with pytest.raises(ReplayError, match="'speed' is not a detector"):
+        guard_settings(None, ["speed.threshold=3"])
+    assert main(["replay", str(empty)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert (
+        main(["replay", "lr_guard/data/curves/resnet110_cifar10_steplr_per_epoch.csv", "--set", "skip_batches=-1"]) == 2
+    )
+    assert "skip_batches must be >= 0" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    import shutil
+    import subprocess
+
+    exe = shutil.which("lr-guard")
+    assert exe, "pip install -e . installs the lr-guard command"
+    out = subprocess.run([exe, "replay", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "what would lr_guard have done" in out.stdout
