@@ -17,13 +17,19 @@ __all__ = ["HostScalars"]
 
 
 class HostScalars:
-    """A FIFO of ``(step, scalar tensor)`` whose values become ``(step, float)`` once they are on the host."""
+    """A FIFO of ``(step, scalar tensor)`` whose values become ``(step, float)`` once they are on the host.
 
-    def __init__(self, pool_size: int = 8) -> None:
+    ``fixed_lag=None`` hands a device value out as soon as its copy has completed (no waiting ever). With
+    ``fixed_lag=k`` a device value is handed out exactly ``k`` pushes later -- waiting on its copy's event then, by
+    which time it has long completed -- so that several processes act on the same step (DDP agreement).
+    """
+
+    def __init__(self, pool_size: int = 8, fixed_lag: int | None = None) -> None:
         self._ready: deque[tuple[int, float]] = deque()
         self._in_flight: deque[tuple[int, torch.Tensor, Any]] = deque()
         self._free: list[torch.Tensor] = []
         self._pool_size = pool_size
+        self.fixed_lag = fixed_lag
 
     def push(self, step: int, value: torch.Tensor | float) -> None:
         if not isinstance(value, torch.Tensor):
@@ -40,12 +46,24 @@ class HostScalars:
         self._in_flight.append((step, buffer, event))
 
     def ready(self) -> list[tuple[int, float]]:
-        """Values that have arrived, oldest first; never waits for the device."""
+        """Values that have arrived, oldest first; never waits for the device (except with ``fixed_lag``, on a
+        copy ``fixed_lag`` steps old)."""
+        if self.fixed_lag is not None:
+            while len(self._in_flight) > self.fixed_lag:
+                self._in_flight[0][2].synchronize()
+                self._release_first()
+            return self._take_ready()
         while self._in_flight and self._in_flight[0][2].query():
-            step, buffer, _ = self._in_flight.popleft()
-            self._ready.append((step, float(buffer.item())))  # a pinned host tensor: no device sync
-            if len(self._free) < self._pool_size:
-                self._free.append(buffer)
+            self._release_first()
+        return self._take_ready()
+
+    def _release_first(self) -> None:
+        step, buffer, _ = self._in_flight.popleft()
+        self._ready.append((step, float(buffer.item())))  # a pinned host tensor: no device sync
+        if len(self._free) < self._pool_size:
+            self._free.append(buffer)
+
+    def _take_ready(self) -> list[tuple[int, float]]:
         out = list(self._ready)
         self._ready.clear()
         return out

@@ -50,6 +50,7 @@ __all__ = ["GuardCore"]
 log = logging.getLogger("lr_guard")
 
 STATE_VERSION = 1
+_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
 _KINDS = ("spike", "oscillation", "plateau", "divergence")
 _DEFAULTS: dict[str, type[Detector]] = {
     "spike": SpikeDetector,
@@ -219,6 +220,7 @@ class GuardCore:
             confirm_steps=confirm_steps,
         )
         self._skip_left = 0
+        self._world_size = 1
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
@@ -273,6 +275,13 @@ class GuardCore:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if stage == "fit" and any(name in strategy for name in _SHARDED):
+            raise ValueError(
+                f"{type(self).__name__} does not support the {strategy} strategy yet: its snapshots "
+                "would gather the full sharded model on every rank. Supported: single-device and "
+                "DDP strategies (ddp, ddp_spawn, ddp_find_unused_parameters_true, ...)"
+            )
         if (
             stage == "fit"
             and self.check_on == "train_step"
@@ -287,6 +296,9 @@ class GuardCore:
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
+        self._world_size = int(getattr(trainer, "world_size", 1) or 1)
+        if self._world_size > 1:
+            self._host = HostScalars(fixed_lag=1)  # every rank acts on the same step
         groups_per_optimizer = [len(opt.param_groups) for opt in trainer.optimizers]
         if isinstance(self.min_lr, list):
             if len(self.min_lr) != sum(groups_per_optimizer):
@@ -315,6 +327,10 @@ class GuardCore:
             release_scheduler(scheduler)
         self._snapshots = {}
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning does not call callbacks' teardown when training raises: leave the schedulers as they were.
+        self.teardown(trainer, pl_module, "fit")
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if (self._skip_left > 0 or self.skip_spikes) and self._skip_buffers is None:
             self._skip_buffers = save_buffers(pl_module)
@@ -332,7 +348,7 @@ class GuardCore:
             self.counts["skipped_batches"] += 1
             skip = True
         elif self.skip_spikes and step_loss is not None:
-            value = float(step_loss)  # the one host sync per step that skip_spikes costs
+            value = float(self._agreed(trainer, step_loss))  # the one host sync per step that skip_spikes costs
             spike = self.detectors["spike"]
             assert isinstance(spike, SpikeDetector)
             if not math.isfinite(value) or spike.peek(value) >= spike.threshold:
@@ -359,7 +375,7 @@ class GuardCore:
                 value = self._accumulated if self.monitor is None else self._metric(trainer)
                 self._accumulated = None
                 if value is not None:
-                    self._host.push(step, value)
+                    self._host.push(step, self._agreed(trainer, value))
         if stepped:
             self._last_global_step = trainer.global_step
             self._note_schedule(trainer)
@@ -374,8 +390,15 @@ class GuardCore:
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.check_on != "validation" or trainer.sanity_checking or self.policy.stopped:
             return
-        self._host.push(trainer.global_step, self._metric(trainer))
+        self._host.push(trainer.global_step, self._agreed(trainer, self._metric(trainer)))
         self._process(trainer, pl_module, self._host.drain())
+
+    def _agreed(self, trainer: Any, value: torch.Tensor) -> torch.Tensor:
+        """The value every rank sees: the mean over ranks (one scalar all-reduce; a NaN anywhere is a NaN
+        everywhere), so all ranks' detectors hold the same state and take the same decisions on the same step."""
+        if self._world_size <= 1:
+            return value
+        return trainer.strategy.reduce(value.detach().float().reshape(()), reduce_op="mean")
 
     def _metric(self, trainer: Any) -> torch.Tensor:
         assert self.monitor is not None

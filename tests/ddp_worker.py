@@ -1,0 +1,82 @@
+"""A real multi-process DDP run (gloo on CPU) for tests/test_ddp.py; Lightning's ddp launcher re-runs this script
+once per rank. Each rank writes what it saw and did to OUT/rank{r}.json.
+
+    python tests/ddp_worker.py SCENARIO OUT_DIR
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+
+import pytorch_lightning as pl
+import torch
+
+from lr_guard import LRGuard
+from lr_guard.testing import ScriptedLossModule
+
+
+class RankScripted(ScriptedLossModule):
+    """The scripted loss, with faults seen by one rank only."""
+
+    def __init__(self, faults):
+        super().__init__([2.0 / (1.0 + 0.05 * t) for t in range(400)], optimizer="adam", lr=0.01)
+        self.faults = faults  # {rank: {step: value}}
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        fault = self.faults.get(self.global_rank, {})
+        value = fault.get(
+            self.global_step, fault.get("from") if self.global_step >= fault.get("start", 10**9) else None
+        )
+        if value is not None:
+            loss = loss * (value / loss.detach())
+        return loss
+
+
+SCENARIOS = {
+    "nan_on_rank1": {1: {25: math.nan}},
+    "spike_on_rank0": {0: {30: 5000.0}},
+    "always_nan_on_rank0": {0: {"start": 25, "from": math.nan}},
+}
+
+
+def main():
+    scenario, out = sys.argv[1], sys.argv[2]
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    guard = LRGuard(snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=os.path.join(out, "ckpt"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=60,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    module = RankScripted(SCENARIOS[scenario])
+    trainer.fit(module)
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in module.parameters())).hexdigest()
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "decisions": [(d.event.step, d.action.value, d.rollback_to) for d in guard.decisions],
+        "global_step": trainer.global_step,
+        "params_sha256": digest,
+        "finite": all(bool(torch.isfinite(p).all()) for p in module.parameters()),
+        "checkpoint": guard.checkpoint_path,
+        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+    }
+    with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

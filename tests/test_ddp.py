@@ -1,0 +1,65 @@
+"""Real multi-process DDP (2 processes, gloo on CPU): every rank takes the same action on the same step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def run_ddp(scenario, tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), scenario, str(tmp_path)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=120)  # a normal run takes ~11 s; a deadlock fails instead of hanging
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: the launcher's child is in the same session
+        proc.communicate()
+        pytest.fail(f"DDP run {scenario!r} did not finish in 120 s (a rank waiting on a collective?)")
+    assert proc.returncode == 0, stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    return ranks
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_rolls_back_both_and_parameters_stay_identical(tmp_path):
+    r0, r1 = run_ddp("nan_on_rank1", tmp_path)
+    assert r0["decisions"] == r1["decisions"] == [[25, "rollback", 20]]
+    assert r0["params_sha256"] == r1["params_sha256"] and r0["finite"] and r1["finite"]
+    assert r0["lr"] == r1["lr"] == pytest.approx(0.005)
+
+
+@pytest.mark.slow
+def test_spike_on_one_rank_gives_the_same_decision_on_both(tmp_path):
+    r0, r1 = run_ddp("spike_on_rank0", tmp_path)
+    assert r0["decisions"] == r1["decisions"]
+    assert [d[:2] for d in r0["decisions"]] == [[30, "rollback"]]  # 5000 on one rank: the mean blows up
+    assert r0["params_sha256"] == r1["params_sha256"]
+
+
+@pytest.mark.slow
+def test_exhausted_rollbacks_stop_both_ranks_with_one_checkpoint(tmp_path):
+    r0, r1 = run_ddp("always_nan_on_rank0", tmp_path)
+    assert r0["decisions"] == r1["decisions"]
+    assert [d[1] for d in r0["decisions"]] == ["rollback", "rollback", "stop"]
+    assert r0["global_step"] == r1["global_step"] < 60
+    checkpoints = list((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(checkpoints) == 1 and r0["checkpoint"] == r1["checkpoint"] == str(checkpoints[0])
+    assert r0["params_sha256"] == r1["params_sha256"] and r0["finite"]
