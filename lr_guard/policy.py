@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lr_guard.detectors import Detector
+from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Action, Event, EventKind
 
 __all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
@@ -79,6 +79,7 @@ class GuardPolicy:
         self.snapshot_every = snapshot_every
         self.confirm_steps = confirm_steps
         self.counts = dict.fromkeys(COUNTS, 0)
+        self._active = [d for d in detectors.values() if not isinstance(d, NullDetector)]
         self.incident_rollbacks = 0
         self.reset_run()
 
@@ -94,7 +95,7 @@ class GuardPolicy:
     # -- snapshots -------------------------------------------------------------------------------------------------
     def quiet(self) -> bool:
         """Nothing is building up: the moment to take, or confirm, a snapshot of a good state."""
-        return all(self.detectors[k].quiet for k in ("spike", "divergence", "oscillation"))
+        return all(d.quiet for d in self._active)
 
     def detector_state(self) -> dict[str, Any]:
         return {name: d.state_dict() for name, d in self.detectors.items()}
@@ -133,13 +134,22 @@ class GuardPolicy:
         """Feed one value; return what should be done, in order (a rollback or stop ends the list)."""
         if self.stopped:
             return []
-        events = [e for d in self.detectors.values() if (e := d.update(value, step)) is not None]
+        events = None
+        for detector in self._active:
+            event = detector.update(value, step)
+            if event is not None:
+                events = [event] if events is None else [*events, event]
         healthy = (
             math.isfinite(value)
             and self.quiet()
-            and not any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events)
+            and not (events and any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events))
         )
-        self._confirm(step, healthy)
+        if self.pending is not None:
+            self._confirm(step, healthy)
+        if self.skipped_updates:
+            self.skipped_updates = {s for s in self.skipped_updates if s >= step}
+        if not events:
+            return []
         intents = []
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
             self.counts[event.kind.value] += 1
@@ -149,8 +159,7 @@ class GuardPolicy:
                 intent.action == Action.SKIP and event.kind == EventKind.DIVERGENCE
             ):
                 break
-        if self.skipped_updates:
-            self.skipped_updates = {s for s in self.skipped_updates if s > step}
+        self.skipped_updates.discard(step)
         return intents
 
     def _decide(self, event: Event) -> Intent:

@@ -47,7 +47,7 @@ def test_contract_with_non_default_settings(cls):
         (SpikeDetector, "spike", 5, [(1732, 40.28), (2757, 41.846)]),
         (OscillationDetector, "oscillation", 5, [(629, 3.33), (679, 7.888), (729, 7.77), (779, 7.363), (829, 6.834)]),
         (PlateauDetector, "plateau", 5, [(1642, 1001.0)]),
-        (DivergenceDetector, "divergence", 5, [(1403, 7.049)]),
+        (DivergenceDetector, "divergence", 5, [(1409, 8.199)]),
         (DivergenceDetector, "divergence", 6, [(1083, 3.045)]),
         (DivergenceDetector, "divergence", 8, [(650, 29.08)]),
     ],

@@ -35,10 +35,10 @@ class HostScalars:
         if not isinstance(value, torch.Tensor):
             self._ready.append((step, float(value)))
             return
-        value = value.detach()
-        if value.device.type != "cuda":
-            self._ready.append((step, float(value.float().sum()) if value.numel() != 1 else float(value)))
+        if not value.is_cuda:
+            self._ready.append((step, float(value) if value.numel() == 1 else float(value.float().sum())))
             return
+        value = value.detach()
         buffer = self._free.pop() if self._free else torch.empty((), dtype=torch.float32, pin_memory=True)
         buffer.copy_(value.float().sum() if value.numel() != 1 else value.reshape(()), non_blocking=True)
         event = torch.cuda.Event()

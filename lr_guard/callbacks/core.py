@@ -232,7 +232,7 @@ class GuardCore:
         self._snapshots: dict[int, Snapshot] = {}  # the training states behind the policy's good/pending marks
         self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
-        self._last_unscaled: list[float] | None = None
+        self._last_unscaled: float | None = None
         self.checkpoint_path: str | None = None
 
     @property
@@ -363,26 +363,39 @@ class GuardCore:
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.policy.stopped:
             return
-        stepped = trainer.global_step != self._last_global_step
+        global_step = trainer.global_step  # a computed property in Lightning: read it once
+        stepped = global_step != self._last_global_step
         step = self._last_global_step  # the step this batch trained (global_step before its update)
         if self.check_on == "train_step":
             if self.monitor is None:
                 loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-                if isinstance(loss, torch.Tensor):
-                    loss = loss.detach()
+                if isinstance(loss, torch.Tensor):  # Lightning hands a detached copy: no graph is kept
                     self._accumulated = loss if self._accumulated is None else self._accumulated + loss
             if stepped:
                 value = self._accumulated if self.monitor is None else self._metric(trainer)
                 self._accumulated = None
                 if value is not None:
-                    self._host.push(step, self._agreed(trainer, value))
+                    if self._world_size > 1:
+                        value = self._agreed(trainer, value)
+                    if not value.is_cuda and not len(self._host):  # on the host already: no queue needed
+                        self._last_global_step = global_step
+                        self._note_schedule(trainer)
+                        self._process(trainer, pl_module, [(step, float(value))])
+                        stepped = False  # done below already
+                        if self.policy.wants_snapshot(global_step):
+                            self._snapshots[global_step] = self._snapshot(trainer, pl_module)
+                            self.policy.snapshot_taken(global_step)
+                        return
+                    self._host.push(step, value)
         if stepped:
-            self._last_global_step = trainer.global_step
+            self._last_global_step = global_step
             self._note_schedule(trainer)
-        self._process(trainer, pl_module, self._host.ready())
-        if stepped and self.policy.wants_snapshot(trainer.global_step):
-            self._snapshots[trainer.global_step] = self._snapshot(trainer, pl_module)
-            self.policy.snapshot_taken(trainer.global_step)
+        ready = self._host.ready()
+        if ready:
+            self._process(trainer, pl_module, ready)
+        if stepped and self.policy.wants_snapshot(global_step):
+            self._snapshots[global_step] = self._snapshot(trainer, pl_module)
+            self.policy.snapshot_taken(global_step)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._process(trainer, pl_module, self._host.drain())
@@ -413,15 +426,21 @@ class GuardCore:
         return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
 
     def _note_schedule(self, trainer: Any) -> None:
-        unscaled = [float(g.get(UNSCALED, g["lr"])) for g in self._all_groups(trainer)]
-        if self._last_unscaled is not None and len(unscaled) == len(self._last_unscaled):
-            self.policy.lr_rising = any(u > p * (1 + 1e-9) for u, p in zip(unscaled, self._last_unscaled, strict=True))
+        """Is the user's schedule raising the LR (a warm-up)? Read on the first param group's unscaled LR."""
+        optimizers = trainer.optimizers
+        if not optimizers:
+            return
+        group = optimizers[0].param_groups[0]
+        unscaled = group.get(UNSCALED, group["lr"])
+        last = self._last_unscaled
+        self.policy.lr_rising = last is not None and unscaled > last * (1 + 1e-9)
         self._last_unscaled = unscaled
 
     # ------------------------------------------------------------------ carrying out the policy
     def _process(self, trainer: Any, pl_module: Any, values: list[tuple[int, float]]) -> None:
         for step, value in values:
-            for intent in self.policy.observe(step, value):
+            intents = self.policy.observe(step, value)
+            for intent in intents:
                 self._execute(trainer, pl_module, intent)
             if self.diagnostics and step % self._log_every == 0:
                 groups = [
@@ -430,8 +449,9 @@ class GuardCore:
                     for j, g in enumerate(opt.param_groups)
                 ]
                 self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
-            keep = {mark.step for mark in (self.policy.good, self.policy.pending) if mark is not None}
-            self._snapshots = {s: snap for s, snap in self._snapshots.items() if s in keep}
+            if len(self._snapshots) > 2 or intents:
+                keep = {mark.step for mark in (self.policy.good, self.policy.pending) if mark is not None}
+                self._snapshots = {s: snap for s, snap in self._snapshots.items() if s in keep}
             if self.policy.stopped:
                 return
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from statistics import median
 
 from scipy.special import ndtri
 
@@ -12,6 +11,14 @@ from lr_guard.detectors.base import Detector, LogOrLinear, NoiseScale, check_cho
 from lr_guard.events import Event, EventKind
 
 __all__ = ["DivergenceDetector"]
+
+
+def median(values: deque[float] | list[float]) -> float:
+    """Median of a short sequence (faster than ``statistics.median`` for the few values used here)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    mid = n // 2
+    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 class DivergenceDetector(Detector):
@@ -26,7 +33,8 @@ class DivergenceDetector(Detector):
        otherwise look "2x its best" without having risen at all. In log
        space "``factor`` times" is a margin of ``log(factor)``, widened to ``noise_sigmas`` robust sigmas where
        the per-step noise is that large (losses near zero), so lucky low batches cannot make noise look like 2x.
-    3. **Sustained rise**: over the last ``trend_window`` values a one-sided Mann-Kendall test finds an upward
+    3. **Sustained rise** (checked every ``trend_window // 10`` values): over the last ``trend_window`` values a
+       one-sided Mann-Kendall test finds an upward
        trend at level ``significance``, and the median of the window's last tenth exceeds that of its first tenth
        by at least the blow-up margin scaled by ``min_rise`` (a relative rise, 0.2 = 20%). Mann-Kendall is
        rank-based, so heavy-tailed batch noise and single spikes do not make a flat loss look like a rise, and a
@@ -69,7 +77,7 @@ class DivergenceDetector(Detector):
         "_noise",
         "_prev",
         "_latched",
-        "_score",
+        "_over_best",
     )
 
     def __init__(
@@ -128,21 +136,17 @@ class DivergenceDetector(Detector):
         self._noise = NoiseScale(0.98, 3.0)
         self._prev = math.nan
         self._latched = False
-        self._score = math.nan
+        self._over_best = math.nan  # smoothed y minus the best level; the score is its ratio (log space)
 
     @property
     def quiet(self) -> bool:
         """No alarm latched and the smoothed loss within the blow-up margin of the best."""
-        return (
-            not self._latched
-            and self._above == 0
-            and not (self._score > self.factor if self._to_y.log else self._score > math.log(self.factor))
-        )
+        return not self._latched and self._above == 0 and not self._over_best > self._log_factor
 
     @property
     def score(self) -> float:
         """Smoothed loss over its best, as a ratio (log space) or a difference (linear space)."""
-        return self._score
+        return self._to_y.ratio(self._over_best)
 
     def _event(self, step: int, value: float, score: float, threshold: float, text: str) -> Event:
         self._latched = True
@@ -169,7 +173,7 @@ class DivergenceDetector(Detector):
             self._start = smoothed
         margin = max(self._log_factor, self.noise_sigmas * self._noise.sigma)
         over_best = smoothed - self._best
-        self._score = self._to_y.ratio(over_best)
+        self._over_best = over_best
         show = self._to_y.inverse
 
         if self._latched:
@@ -197,7 +201,7 @@ class DivergenceDetector(Detector):
             return self._event(
                 step,
                 value,
-                self._score,
+                self.score,
                 self.factor,
                 f"smoothed loss {show(smoothed):.4g} is {self._ratio_text(over_best)} its best "
                 f"{show(self._best):.4g} for {self.patience} steps (threshold {self.factor:g}x)",
@@ -206,7 +210,7 @@ class DivergenceDetector(Detector):
             self._best = min(self._best, self._level)
         if self.trend_window:
             self._trend.append(y)
-            if armed and len(self._trend) == self.trend_window:
+            if armed and len(self._trend) == self.trend_window and self._n % self._tenth == 0:
                 return self._sustained_rise(step, value, margin)
         return None
 

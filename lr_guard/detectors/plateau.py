@@ -51,7 +51,7 @@ class PlateauDetector(Detector):
     """
 
     kind = EventKind.PLATEAU
-    _STATE_FIELDS = ("_n", "_n_nonfinite", "_recent", "_noise", "_prev", "_best", "_bad", "_cooldown_left")
+    _STATE_FIELDS = ("_n", "_n_nonfinite", "_recent", "_sum", "_noise", "_prev", "_best", "_bad", "_cooldown_left")
 
     def __init__(
         self,
@@ -88,6 +88,7 @@ class PlateauDetector(Detector):
         self._n = 0
         self._n_nonfinite = 0
         self._recent: deque[float] = deque(maxlen=self.window)
+        self._sum = 0.0  # running sum of _recent, made exact again (fsum) once per window
         self._noise = NoiseScale(0.98, 3.0)
         self._prev = math.nan
         self._best = math.inf
@@ -117,10 +118,15 @@ class PlateauDetector(Detector):
         if self._n > 1:
             self._noise.update(abs(value - self._prev))
         self._prev = value
+        if len(self._recent) == self.window:
+            self._sum -= self._recent[0]
         self._recent.append(value)
+        self._sum += value
+        if self._n % self.window == 0:
+            self._sum = math.fsum(self._recent)
         if len(self._recent) < self.window:
             return None
-        current = self._sign * math.fsum(self._recent) / self.window
+        current = self._sign * self._sum / self.window
         margin = self._margin()
         if current < self._best - margin or math.isinf(self._best):
             self._best = current
