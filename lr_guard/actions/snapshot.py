@@ -22,17 +22,40 @@ from torch import nn
 __all__ = ["Snapshot", "capture_rng", "restore_rng", "take_snapshot"]
 
 
-def _copy_tree(obj: Any, device: str | None) -> Any:
-    """Deep copy of a state tree; tensors are detached and copied (to ``device`` when given)."""
+def _copy_tree(obj: Any, device: str | None, reuse: Any = None, non_blocking: bool = False) -> Any:
+    """Deep copy of a state tree; tensors are detached and copied (to ``device`` when given).
+
+    ``reuse`` is an earlier copy of a tree of the same structure: its tensors are written in place when shape,
+    dtype and device match, so a snapshot taken every N steps allocates nothing after the first two. Copies of
+    accelerator tensors to the host go into pinned memory, so they can run without blocking.
+    """
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        return t.to(device, copy=True) if device is not None else t.clone()
+        if (
+            isinstance(reuse, torch.Tensor)
+            and reuse.shape == t.shape
+            and reuse.dtype == t.dtype
+            and (
+                (device is None and reuse.device == t.device)
+                or (device is not None and reuse.device.type == torch.device(device).type)
+            )
+        ):
+            reuse.copy_(t, non_blocking=non_blocking)
+            return reuse
+        if device is None:
+            return t.clone()
+        if t.is_cuda and torch.device(device).type == "cpu":
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.copy_(t, non_blocking=non_blocking)
+            return out
+        return t.to(device, copy=True)
     if isinstance(obj, dict):
-        return {k: _copy_tree(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_copy_tree(v, device) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_copy_tree(v, device) for v in obj)
+        old_items = reuse if isinstance(reuse, dict) else {}
+        return {k: _copy_tree(v, device, old_items.get(k), non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        old_seq = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+        items = [_copy_tree(v, device, r, non_blocking) for v, r in zip(obj, old_seq, strict=True)]
+        return items if isinstance(obj, list) else tuple(items)
     return copy.deepcopy(obj)
 
 
@@ -77,6 +100,14 @@ class Snapshot:
     precision: dict[str, Any] | None
     rng: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    ready: Any = None  # a CUDA event when the copy runs on a side stream; None when it is complete
+
+    def fence(self) -> None:
+        """Make the compute stream wait (on the device, without a host sync) until this snapshot's copies are
+        done; call before anything may overwrite the copied tensors. A no-op on CPU."""
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)
+            self.ready = None
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +123,9 @@ class Snapshot:
         restore_rng_state: bool = True,
     ) -> None:
         """Write this state back into the live objects, in place."""
+        if self.ready is not None:
+            self.ready.synchronize()  # a restore needs the copy finished (rare: a rollback right after it)
+            self.ready = None
         if len(optimizers) != len(self.optimizers) or len(schedulers) != len(self.schedulers):
             raise ValueError(
                 f"snapshot of step {self.step} has {len(self.optimizers)} optimizer(s) and "
@@ -117,16 +151,59 @@ def take_snapshot(
     precision: Any | None = None,
     extra: dict[str, Any] | None = None,
     device: str = "cpu",
+    reuse: Snapshot | None = None,
 ) -> Snapshot:
-    """Copy the full training state. ``device="cpu"`` (default) or ``"same"`` (beside the originals)."""
+    """Copy the full training state. ``device="cpu"`` (default) or ``"same"`` (beside the originals).
+
+    ``reuse``: a snapshot no longer needed, whose buffers are overwritten instead of allocating new ones (never
+    the good one: the guard keeps two, the good one and the one being written). On an accelerator with
+    ``device="cpu"``, parameters and optimizer state are copied into pinned buffers on a side stream without
+    blocking the host; the snapshot's :attr:`Snapshot.ready` event completes when they are all on the host, and
+    :meth:`Snapshot.fence` makes the compute stream wait for it (on the GPU, no host sync) before anything may
+    overwrite the sources -- the guard calls it before the next optimizer step. Buffers (BatchNorm statistics)
+    change in the forward pass, so they are copied in order on the compute stream.
+    """
     target = None if device == "same" else device
     precision_state = precision.state_dict() if precision is not None else None
-    return Snapshot(
+    model_state = model.state_dict()
+    side = None
+    if target == "cpu" and torch.cuda.is_available() and any(t.is_cuda for t in model_state.values()):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+    buffers = {name for name, _ in model.named_buffers()}
+    old = reuse if reuse is not None else None
+    params = {k: v for k, v in model_state.items() if k not in buffers}
+    bufs = {k: v for k, v in model_state.items() if k in buffers}
+    model_copy = _copy_tree(bufs, target, old.model if old else None)
+    ready = None
+    if side is not None:
+        with torch.cuda.stream(side):
+            model_copy.update(_copy_tree(params, target, old.model if old else None, non_blocking=True))
+            optimizers_copy = [
+                _copy_tree(
+                    o.state_dict(),
+                    target,
+                    old.optimizers[i] if old and i < len(old.optimizers) else None,
+                    non_blocking=True,
+                )
+                for i, o in enumerate(optimizers)
+            ]
+            ready = torch.cuda.Event()
+            ready.record(side)
+    else:
+        model_copy.update(_copy_tree(params, target, old.model if old else None))
+        optimizers_copy = [
+            _copy_tree(o.state_dict(), target, old.optimizers[i] if old and i < len(old.optimizers) else None)
+            for i, o in enumerate(optimizers)
+        ]
+    snapshot = Snapshot(
         step=step,
-        model=_copy_tree(model.state_dict(), target),
-        optimizers=[_copy_tree(o.state_dict(), target) for o in optimizers],
+        model={k: model_copy[k] for k in model_state},
+        optimizers=optimizers_copy,
         schedulers=[copy.deepcopy(s.state_dict()) for s in schedulers],
         precision=_copy_tree(precision_state, target) if precision_state else None,
         rng=capture_rng(),
         extra=copy.deepcopy(extra) if extra else {},
     )
+    snapshot.ready = ready
+    return snapshot

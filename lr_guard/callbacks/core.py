@@ -230,6 +230,7 @@ class GuardCore:
         self._accumulated: torch.Tensor | None = None
         self._last_global_step = -1
         self._snapshots: dict[int, Snapshot] = {}  # the training states behind the policy's good/pending marks
+        self._spare: Snapshot | None = None
         self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
         self._last_unscaled: float | None = None
@@ -326,6 +327,7 @@ class GuardCore:
         for scheduler in self._schedulers(trainer):
             release_scheduler(scheduler)
         self._snapshots = {}
+        self._spare = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning does not call callbacks' teardown when training raises: leave the schedulers as they were.
@@ -341,6 +343,8 @@ class GuardCore:
             self._step_loss = loss if self._step_loss is None else self._step_loss + loss
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        for snapshot in self._snapshots.values():
+            snapshot.fence()  # the step overwrites what a snapshot may still be copying (GPU; no-op on CPU)
         step_loss, self._step_loss = self._step_loss, None
         skip = False
         if self._skip_left > 0:
@@ -449,9 +453,11 @@ class GuardCore:
                     for j, g in enumerate(opt.param_groups)
                 ]
                 self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
-            if len(self._snapshots) > 2 or intents:
+            if len(self._snapshots) > 2 or intents or (self.policy.pending is None and len(self._snapshots) > 1):
                 keep = {mark.step for mark in (self.policy.good, self.policy.pending) if mark is not None}
-                self._snapshots = {s: snap for s, snap in self._snapshots.items() if s in keep}
+                for s in list(self._snapshots):
+                    if s not in keep:
+                        self._spare = self._snapshots.pop(s)  # its buffers are reused by the next snapshot
             if self.policy.stopped:
                 return
 
