@@ -60,3 +60,28 @@ def load_benchmark():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_benchmark_runs_and_reports_its_keys(capsys):
+    import json
+
+    summary = _bench("overhead").main(["--steps", "60", "--repeats", "1"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(summary))
+    assert {"cpu_overhead_pct", "guard_us_per_step"} <= set(last) and last["guard_us_per_step"] > 0
+
+
+def test_snapshot_benchmark_runs_and_reports_its_keys(capsys):
+    import json
+
+    summary = _bench("snapshot").main(["--sizes-mb", "4", "--repeats", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"snapshot_gbps", "restore_gbps", "pinned_copy_gbps"} <= set(last) == set(summary)
+    assert last["snapshot_gbps"] > 0 and last["restore_gbps"] > 0

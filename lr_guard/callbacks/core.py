@@ -253,7 +253,12 @@ class GuardCore:
 
     @property
     def state_key(self) -> str:
-        return f"{type(self).__qualname__}{{'monitor': {self.monitor!r}, 'check_on': {self.check_on!r}}}"
+        # Lightning reads this on every hook call (for its profiler): build it once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = f"{type(self).__qualname__}{{'monitor': {self.monitor!r}, 'check_on': {self.check_on!r}}}"
+            self.__dict__["_state_key"] = key
+        return key
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self.policy.state_dict(), "skip_left": self._skip_left}

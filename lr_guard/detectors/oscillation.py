@@ -66,7 +66,7 @@ class OscillationDetector(Detector):
         window: int = 50,
         threshold: float = 3.0,
         min_autocorrelation: float = 0.5,
-        stride: int = 5,
+        stride: int = 10,
         warmup_steps: int = 100,
         space: str = "log",
         name: str | None = None,

@@ -1,0 +1,230 @@
+"""What LRGuard() costs per training step: bare Trainer vs Trainer(callbacks=[LRGuard()]).
+
+    python benchmarks/overhead.py                 # tiny MLP on CPU (and on the GPU when there is one)
+    python benchmarks/overhead.py --gpt           # also a ~85M-parameter GPT-style model
+    python benchmarks/overhead.py --repeats 5 --steps 600
+
+Method: the same model, data and seed, bare and guarded runs interleaved (bare, guarded, guarded, bare, ...) to
+cancel drift on a shared machine; per run the median step time (time between consecutive batch starts, after a
+warm-up); overhead = median over guarded runs / median over bare runs - 1. A do-nothing callback is measured
+the same way: Lightning calls every hook of every callback, so that is the floor any callback pays.
+``guard_us_per_step`` is the median time spent inside the guard's own hooks per step, from separate instrumented
+runs. On a GPU, host synchronisations inside the guard's hooks are counted with
+``torch.cuda.set_sync_debug_mode("warn")``.
+
+The last line is one JSON object: ``cpu_overhead_pct``, ``guard_us_per_step`` and, where a GPU was used,
+``gpu_overhead_pct`` and ``gpu_syncs_per_step``; per-model figures are nested under the model's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import statistics
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lr_guard import LRGuard
+
+HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+
+
+class TinyMLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(4096, 32, generator=g), torch.randn(4096, 1, generator=g))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=32)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class GPT(pl.LightningModule):
+    """A GPT-style causal transformer: 12 layers, width 768, vocabulary 8192 (85.2M parameters)."""
+
+    def __init__(self, batch: int, seq: int, layers: int = 12, width: int = 768, vocab: int = 8192) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(seq, width))
+        layer = nn.TransformerEncoderLayer(
+            width, width // 64, 4 * width, dropout=0.0, batch_first=True, norm_first=True, activation="gelu"
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.batch, self.seq, self.vocab = batch, seq, vocab
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens = batch[0]
+        h = self.embed(tokens[:, :-1]) + self.pos[: self.seq - 1]
+        h = self.blocks(h, mask=self.mask[: self.seq - 1, : self.seq - 1], is_causal=True)
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), tokens[:, 1:].flatten())
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.vocab, (self.batch * 64, self.seq), generator=g)
+        return DataLoader(TensorDataset(tokens), batch_size=self.batch)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+
+class StepClock(pl.Callback):
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()  # the benchmark's clock, not the guard's: it times whole steps
+        self.starts.append(time.perf_counter())
+
+
+class TimedGuard(LRGuard):
+    """LRGuard whose hooks record the time spent in them per step (and host syncs on a GPU)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.per_step: dict[int, float] = {}
+        self.syncs = 0
+        for name in HOOKS:
+            setattr(self, name, self._timed(getattr(self, name)))
+
+    def _timed(self, hook: Any) -> Any:
+        def run(trainer: Any, *args: Any, **kwargs: Any) -> Any:
+            step = trainer.global_step
+            cuda = torch.cuda.is_available() and trainer.lightning_module.device.type == "cuda"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
+                start = time.perf_counter()
+                try:
+                    return hook(trainer, *args, **kwargs)
+                finally:
+                    elapsed = time.perf_counter() - start
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+                    self.per_step[step] = self.per_step.get(step, 0.0) + elapsed
+                    self.syncs += sum("synchroniz" in str(w.message) for w in caught)
+
+        return run
+
+
+def fit(make: Any, callbacks: list[Any], steps: int, device: str) -> StepClock:
+    clock = StepClock()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=[*callbacks, clock],
+        accelerator=device,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=-1,
+    )
+    trainer.fit(make())
+    return clock
+
+
+def median_step(clock: StepClock, warmup: int) -> float:
+    starts = clock.starts[warmup:]
+    return statistics.median(b - a for a, b in itertools.pairwise(starts))
+
+
+class NoOpCallback(pl.Callback):
+    """A callback that does nothing: what Lightning's hook dispatch costs any callback."""
+
+
+def measure(name: str, make: Any, device: str, steps: int, repeats: int) -> dict[str, float]:
+    warmup = min(20, steps // 5)
+    runs: dict[str, list[float]] = {"bare": [], "noop": [], "guarded": []}
+    factories = {"bare": list, "noop": lambda: [NoOpCallback()], "guarded": lambda: [LRGuard()]}
+    fit(make, [LRGuard()], min(steps, 100), device)  # warm-up, discarded: a process's first run is slower
+    for r in range(repeats):
+        order = ("bare", "noop", "guarded") if r % 2 == 0 else ("guarded", "noop", "bare")
+        for kind in order:
+            clock = fit(make, factories[kind](), steps, device)
+            runs[kind].append(median_step(clock, warmup))
+    bare, guarded = runs["bare"], runs["guarded"]
+    timed = TimedGuard()
+    fit(make, [timed], steps, device)
+    hook_times = [t for s, t in timed.per_step.items() if s >= warmup]
+    out = {
+        "step_ms_bare": 1e3 * statistics.median(bare),
+        "step_ms_guarded": 1e3 * statistics.median(guarded),
+        "overhead_pct": 100.0 * (statistics.median(guarded) / statistics.median(bare) - 1.0),
+        "noop_callback_overhead_pct": 100.0 * (statistics.median(runs["noop"]) / statistics.median(bare) - 1.0),
+        "guard_us_per_step": 1e6 * statistics.median(hook_times),
+        "guard_us_p90": 1e6 * sorted(hook_times)[int(0.9 * len(hook_times))],
+    }
+    if device == "cuda":
+        out["syncs_per_step"] = timed.syncs / max(1, len(timed.per_step))
+    print(
+        f"{name:<8} {device:<5} step {out['step_ms_bare']:8.3f} ms bare, {out['step_ms_guarded']:8.3f} ms guarded:"
+        f" overhead {out['overhead_pct']:+6.2f}% (a no-op callback: {out['noop_callback_overhead_pct']:+5.2f}%)"
+        f"  hooks {out['guard_us_per_step']:6.1f} us/step (median), "
+        f"{out['guard_us_p90']:6.1f} us (p90)"
+        + (f", {out['syncs_per_step']:.2f} host syncs/step" if device == "cuda" else "")
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="steps per run (tiny model)")
+    parser.add_argument("--repeats", type=int, default=3, help="bare/guarded pairs")
+    parser.add_argument("--gpt", action="store_true", help="also the ~85M GPT-style model")
+    parser.add_argument("--gpt-steps", type=int, default=None, help="steps per GPT run (default 12 CPU, 60 GPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for comparable runs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for logger in ("pytorch_lightning", "lightning", "lightning.pytorch", "lr_guard"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results: dict[str, Any] = {}
+    for device in devices:
+        results[f"tiny_{device}"] = measure("tiny", TinyMLP, device, args.steps, args.repeats)
+        if args.gpt:
+            batch, seq = (2, 64) if device == "cpu" else (32, 128)
+            steps = args.gpt_steps or (12 if device == "cpu" else 60)
+            params = sum(p.numel() for p in GPT(batch, seq).parameters())
+            print(f"GPT-style model: {params / 1e6:.1f}M parameters, batch {batch}x{seq} on {device}")
+            results[f"gpt85m_{device}"] = measure(
+                "gpt85m", lambda b=batch, s=seq: GPT(b, s), device, steps, max(2, args.repeats - 1)
+            )
+    summary: dict[str, Any] = {
+        "cpu_overhead_pct": round(results["tiny_cpu"]["overhead_pct"], 3),
+        "guard_us_per_step": round(results["tiny_cpu"]["guard_us_per_step"], 2),
+    }
+    if "tiny_cuda" in results:
+        key = "gpt85m_cuda" if "gpt85m_cuda" in results else "tiny_cuda"
+        summary["gpu_overhead_pct"] = round(results[key]["overhead_pct"], 3)
+        summary["gpu_syncs_per_step"] = round(results[key]["syncs_per_step"], 3)
+    for name, figures in results.items():
+        summary[name] = {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in figures.items()}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
