@@ -57,9 +57,9 @@ class TinyMLP(pl.LightningModule):
 
 
 class GPT(pl.LightningModule):
-    """A GPT-style causal transformer: 12 layers, width 768, vocabulary 8192 (85.2M parameters)."""
+    """A GPT-style causal transformer: 12 layers, width 768, vocabulary 2048 (88M parameters)."""
 
-    def __init__(self, batch: int, seq: int, layers: int = 12, width: int = 768, vocab: int = 8192) -> None:
+    def __init__(self, batch: int, seq: int, layers: int = 12, width: int = 768, vocab: int = 2048) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.zeros(seq, width))

@@ -49,16 +49,32 @@ def digits() -> tuple[TensorDataset, TensorDataset]:
 
 
 class DigitsMLP(pl.LightningModule):
-    def __init__(self, poison_step: int | None, lr: float = 3e-3) -> None:
+    """An MLP on the digits. ``fault``: ``"nan"`` (NaN pixels) or ``"huge"`` (pixels x 1e6) at ``poison_step``;
+    ``schedule``: ``"cosine"``, ``"warmup_cosine"`` (linear warm-up over ``warmup_steps``) or ``"constant"``."""
+
+    def __init__(
+        self,
+        poison_step: int | None,
+        lr: float = 3e-3,
+        optimizer: str = "adam",
+        schedule: str = "cosine",
+        fault: str = "nan",
+        batch_size: int = 32,
+        warmup_steps: int = 100,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
+        torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-        self.poison_step, self.lr = poison_step, lr
+        self.poison_step, self.lr, self.optimizer_name, self.schedule = poison_step, lr, optimizer, schedule
+        self.fault, self.batch_size, self.warmup_steps, self.seed = fault, batch_size, warmup_steps, seed
         self.train_set, self.val_set = digits()
+        self.extra_schedulers: list[Any] = []  # (factory, config) pairs a benchmark adds, e.g. ReduceLROnPlateau
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         if self.global_step == self.poison_step:
-            x = torch.full_like(x, math.nan)  # the corrupted batch
+            x = torch.full_like(x, math.nan) if self.fault == "nan" else x * 1e6  # the corrupted batch
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("train_loss", loss)
         return loss
@@ -70,21 +86,36 @@ class DigitsMLP(pl.LightningModule):
         self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=297)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.optimizer_name == "adam":
+            optimizer: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
         steps = self.trainer.max_steps
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps),
-                "interval": "step",
-            },
-        }
+        S = torch.optim.lr_scheduler
+        if self.schedule == "cosine":
+            main = S.CosineAnnealingLR(optimizer, steps)
+        elif self.schedule == "warmup_cosine":
+            main = S.SequentialLR(
+                optimizer,
+                [
+                    S.LinearLR(optimizer, 0.01, 1.0, self.warmup_steps),
+                    S.CosineAnnealingLR(optimizer, steps - self.warmup_steps),
+                ],
+                [self.warmup_steps],
+            )
+        else:
+            main = S.LambdaLR(optimizer, lambda _: 1.0)
+        configs = [{"scheduler": main, "interval": "step"}]
+        configs += [{"scheduler": factory(optimizer), **config} for factory, config in self.extra_schedulers]
+        return [optimizer], configs
 
 
 def train(name: str, guard: LRGuard | None, steps: int, poison_step: int, logdir: str) -> dict[str, Any]:

@@ -83,12 +83,17 @@ class GuardPolicy:
         self.incident_rollbacks = 0
         self.reset_run()
 
+    def refresh(self) -> None:
+        """Pick up detectors replaced in ``self.detectors`` (the dict is shared with the callback)."""
+        self._active = [d for d in self.detectors.values() if not isinstance(d, NullDetector)]
+
     def reset_run(self) -> None:
         """Forget the snapshots and per-run flags (the counters and detectors stay)."""
         self.good: SnapshotMark | None = None
         self.pending: SnapshotMark | None = None
         self.healthy_after_pending = 0
         self.skipped_updates: set[int] = set()
+        self.counted_skips: set[int] = set()  # skips the caller counted already (post-rollback skips)
         self.lr_rising = False
         self.stopped = False
 
@@ -148,6 +153,7 @@ class GuardPolicy:
             self._confirm(step, healthy)
         if self.skipped_updates:
             self.skipped_updates = {s for s in self.skipped_updates if s >= step}
+            self.counted_skips = {s for s in self.counted_skips if s >= step}
         if not events:
             return []
         intents = []
@@ -167,7 +173,8 @@ class GuardPolicy:
             event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
         ):
             self.skipped_updates.discard(event.step)
-            self.counts["skipped_batches"] += 1
+            if event.step not in self.counted_skips:
+                self.counts["skipped_batches"] += 1
             return Intent(event, Action.SKIP, reason="its update was not applied")
         if event.kind == EventKind.DIVERGENCE and self.rollback and self.good is not None:
             good = self.good

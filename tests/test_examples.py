@@ -4,6 +4,9 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+import torch
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -85,3 +88,58 @@ def test_snapshot_benchmark_runs_and_reports_its_keys(capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"snapshot_gbps", "restore_gbps", "pinned_copy_gbps"} <= set(last) == set(summary)
     assert last["snapshot_gbps"] > 0 and last["restore_gbps"] > 0
+
+
+def test_plateau_example_cuts_once_after_the_warmup_and_the_cut_persists():
+    out = load("plateau_warmup_cosine").main(["--fast"])
+    [decision] = [d for d in out["decisions"] if d.action.value == "lr_cut"]
+    cut_at = decision.event.step
+    assert cut_at > 30  # after the warm-up (30 steps in fast mode)
+    for step in range(cut_at + 1, 300):
+        assert out["guarded"][step] == pytest.approx(0.5 * out["plain"][step], rel=1e-9)
+
+
+def test_rollback_example_keeps_the_run_finite():
+    out = load("rollback_skip_batches").main(["--fast"])
+    assert not math.isfinite(out["without"]) and out["with DivergenceRollback"] < 0.5
+
+
+def test_dashboard_example_writes_event_files(tmp_path):
+    out = load("tensorboard_dashboard").main(["--fast", "--logdir", str(tmp_path)])
+    actions = {d.action.value for d in out["decisions"]}
+    assert {"rollback", "lr_cut"} <= actions
+    assert list(Path(out["log_dir"]).glob("events.out.tfevents.*"))
+
+
+def test_replay_example(tmp_path, capsys):
+    out = load("replay_finished_run").main(["--fast", "--logdir", str(tmp_path)])
+    assert out["exit_code"] == 0
+    text = capsys.readouterr().out
+    assert "rollback" in text and "diagnostics written to" in text
+
+
+def test_cli_example_builds_the_guard_from_yaml_and_trains():
+    from lr_guard import LRGuard
+
+    spec = importlib.util.spec_from_file_location("cli_train", EXAMPLES / "cli" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cli = module.main(["fit", "--config", str(EXAMPLES / "cli" / "config.yaml"), "--trainer.max_steps", "250"])
+    [guard] = [c for c in cli.trainer.callbacks if isinstance(c, LRGuard)]
+    assert guard.skip_batches == 5 and guard.detectors["spike"].threshold == 7.0
+    assert [d.action.value for d in guard.decisions][:1] == ["rollback"]  # the poisoned batch at step 200
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+def test_llm_example_rescues_the_too_high_warmup():
+    out = load("llm_warmup_spike").main(["--fast"])
+    assert out["with LRGuard"] < 3.0 and out["without a guard"] > 2 * out["with LRGuard"]
+
+
+def test_rescue_benchmark_smoke(capsys):
+    import json
+
+    means = _bench("rescue").main(["--seeds", "1", "--steps", "200", "--scenarios", "healthy", "nan_inputs"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"healthy", "nan_inputs"} and math.isfinite(means["nan_inputs"]["lr_guard"])
+    assert means["nan_inputs"]["none"] == math.inf

@@ -103,7 +103,8 @@ class GuardCore:
         check_on: ``"train_step"`` (read after every optimizer step) or ``"validation"`` (after every validation
             run). Defaults to ``"train_step"`` without ``monitor`` and ``"validation"`` with it.
         spike, oscillation, plateau, divergence: ``True`` for the default detector, ``False`` to switch it off,
-            or a configured detector.
+            or a configured detector. ``plateau=True`` with a Trainer ``max_steps`` sizes the plateau detector to
+            the run: ``patience = max_steps // 10`` clamped to 100..1000 steps, ``window = patience // 10``.
         plateau_factor: LR factor on a plateau; ``None`` to only log plateaus.
         oscillation_factor: LR factor on oscillation; ``None`` to only log.
         rollback: Roll back on divergence (``False``: only log, and stop on exhaustion is never reached).
@@ -179,6 +180,7 @@ class GuardCore:
             check_number("log_every_n_steps", log_every_n_steps, low=1, integer=True)
         self.monitor = monitor
         self.check_on = check_on if check_on is not None else ("train_step" if monitor is None else "validation")
+        self._auto_plateau = plateau is True
         self.detectors: dict[str, Detector] = {
             "spike": _detector("spike", spike),
             "oscillation": _detector("oscillation", oscillation),
@@ -281,6 +283,12 @@ class GuardCore:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        max_steps = int(getattr(trainer, "max_steps", -1) or -1)
+        if stage == "fit" and self._auto_plateau and max_steps > 0:
+            # plateau=True sizes the detector to the run (before Lightning restores a checkpoint's state into it)
+            patience = min(1000, max(100, max_steps // 10))
+            self.detectors["plateau"] = PlateauDetector(patience=patience, window=min(100, patience))
+            self.policy.refresh()
         strategy = type(trainer.strategy).__name__
         if stage == "fit" and any(name in strategy for name in _SHARDED):
             raise ValueError(
@@ -355,6 +363,9 @@ class GuardCore:
         if self._skip_left > 0:
             self._skip_left -= 1
             self.counts["skipped_batches"] += 1
+            # its loss is still watched, but a NaN or spike in a batch whose update is dropped needs no rollback
+            self.policy.skipped_updates.add(trainer.global_step)
+            self.policy.counted_skips.add(trainer.global_step)
             skip = True
         elif self.skip_spikes and step_loss is not None:
             value = float(self._agreed(trainer, step_loss))  # the one host sync per step that skip_spikes costs

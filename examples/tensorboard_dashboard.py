@@ -1,0 +1,59 @@
+"""The guard's TensorBoard dashboard: a run with a data spike, a plateau cut and a NaN rollback.
+
+    python examples/tensorboard_dashboard.py [--fast] [--logdir DIR]
+    tensorboard --logdir DIR      # then: Custom Scalars -> lr_guard; Text -> lr_guard/decisions
+
+Scalars: the loss with its trend and the spike alarm level, each detector's score beside its threshold, the
+learning rate and the guard's factor, and counters. Text: one markdown entry per decision, and the configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lr_guard import LRGuard, PlateauDetector
+from lr_guard.testing import ScriptedLossModule
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--logdir", default=os.path.join(tempfile.gettempdir(), "lr_guard_dashboard"))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lr_guard").setLevel(logging.ERROR)  # the decisions are printed below
+    steps = 400 if args.fast else 1500
+    script = [2.0 / (1.0 + 0.02 * t) * (1 + 0.02 * math.sin(1.7 * t)) for t in range(steps)]
+    script[steps // 4] *= 3.0  # a data spike
+    for t in range(steps // 2, 3 * steps // 4):  # a plateau
+        script[t] = script[steps // 2 - 1] * (1 + 0.02 * math.sin(1.7 * t))
+    script[3 * steps // 4 + 10] = math.nan  # a NaN
+    guard = LRGuard(plateau=PlateauDetector(patience=steps // 10, window=20, warmup_steps=0))
+    logger = pl.loggers.TensorBoardLogger(args.logdir, name="dashboard")
+    pl.Trainer(
+        max_steps=steps,
+        callbacks=[guard],
+        logger=logger,
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(ScriptedLossModule(script, optimizer="adam", lr=0.01))
+    for d in guard.decisions:
+        print(d.message)
+    print(f"\nEvent files in {logger.log_dir}\nLook at them:  tensorboard --logdir {args.logdir}")
+    return {"decisions": guard.decisions, "log_dir": logger.log_dir}
+
+
+if __name__ == "__main__":
+    main()
