@@ -373,7 +373,7 @@ def test_lightning_cli_builds_the_guard_from_yaml(tmp_path):
         ({"min_lr": -1e-3}, ValueError, "min_lr must be >= 0.0, got -0.001"),
         ({"min_lr": [0.1, -1]}, ValueError, r"min_lr\[1\] must be >= 0.0, got -1"),
         ({"eps": -1}, ValueError, "eps must be >= 0.0, got -1"),
-        ({"snapshot_device": "cuda"}, ValueError, "snapshot_device must be one of 'cpu', 'same'; got 'cuda'"),
+        ({"snapshot_device": "cuda"}, ValueError, "snapshot_device must be one of 'cpu', 'same', 'disk'; got 'cuda'"),
         ({"checkpoint_dir": 3}, TypeError, "checkpoint_dir must be a path or None, got 3"),
         (
             {"spike": PlateauDetector()},

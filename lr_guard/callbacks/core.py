@@ -12,6 +12,7 @@ import inspect
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from lr_guard.actions import (
     set_min_lr,
     take_snapshot,
 )
+from lr_guard.actions.disk_snapshot import DiskSnapshot, take_disk_snapshot
 from lr_guard.actions.lr import UNSCALED
 from lr_guard.detectors import (
     Detector,
@@ -76,6 +78,19 @@ def _check_factor(name: str, value: float | None, allow_none: bool = True) -> No
     check_number(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
+def _state_bytes(model: Any, optimizers: Sequence[Any]) -> int:
+    def size(tree: Any) -> int:
+        if isinstance(tree, torch.Tensor):
+            return tree.numel() * tree.element_size()
+        if isinstance(tree, dict):
+            return sum(size(v) for v in tree.values())
+        if isinstance(tree, (list, tuple)):
+            return sum(size(v) for v in tree)
+        return 0
+
+    return size(model.state_dict()) + sum(size(o.state_dict()) for o in optimizers)
+
+
 class GuardCore:
     """Watches the training loss (or a logged metric) and keeps the run healthy.
 
@@ -118,7 +133,11 @@ class GuardCore:
         eps: A cut that changes a group's LR by ``eps`` or less is not made (as torch).
         checkpoint_dir: Where the last good state is written on stop; default
             ``<default_root_dir>/lr_guard_checkpoints``.
-        snapshot_device: ``"cpu"`` (default, no accelerator memory) or ``"same"`` (beside the weights).
+        snapshot_device: ``"cpu"`` (default, no accelerator memory), ``"same"`` (beside the weights) or
+            ``"disk"`` (streamed to ``snapshot_dir`` by a background thread, for states larger than host memory).
+        snapshot_memory_budget: Bytes of host memory the snapshots may take (two copies are kept); over it,
+            ``"cpu"`` snapshots go to disk instead, with a warning. ``None``: no limit.
+        snapshot_dir: Where disk snapshots go; default ``<default_root_dir>/lr_guard_snapshots``.
         diagnostics: Send scalars, the decision log, the configuration and a dashboard layout to the Trainer's
             loggers (see :mod:`lr_guard.diagnostics` for the keys).
         log_every_n_steps: Cadence of the scalars; default: the Trainer's ``log_every_n_steps``.
@@ -145,7 +164,9 @@ class GuardCore:
         min_lr: float | Sequence[float] = 0.0,
         eps: float = 1e-8,
         checkpoint_dir: str | None = None,
-        snapshot_device: Literal["cpu", "same"] = "cpu",
+        snapshot_device: Literal["cpu", "same", "disk"] = "cpu",
+        snapshot_memory_budget: int | None = None,
+        snapshot_dir: str | None = None,
         diagnostics: bool = True,
         log_every_n_steps: int | None = None,
         verbose: bool = True,
@@ -173,7 +194,11 @@ class GuardCore:
         check_number("eps", eps, low=0.0)
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"checkpoint_dir must be a path or None, got {checkpoint_dir!r}")
-        check_choice("snapshot_device", snapshot_device, ("cpu", "same"))
+        check_choice("snapshot_device", snapshot_device, ("cpu", "same", "disk"))
+        if snapshot_memory_budget is not None:
+            check_number("snapshot_memory_budget", snapshot_memory_budget, low=0, integer=True)
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise TypeError(f"snapshot_dir must be a path or None, got {snapshot_dir!r}")
         if not isinstance(diagnostics, bool):
             raise TypeError(f"diagnostics must be True or False, got {diagnostics!r}")
         if log_every_n_steps is not None:
@@ -204,6 +229,10 @@ class GuardCore:
         self.eps = float(eps)
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.snapshot_device = snapshot_device
+        self.snapshot_memory_budget = snapshot_memory_budget
+        self.snapshot_dir = None if snapshot_dir is None else os.fspath(snapshot_dir)
+        self._storage = snapshot_device  # may become "disk" when two host copies would exceed the budget
+        self._disk_slot = 0
         self.diagnostics = diagnostics
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
@@ -231,8 +260,8 @@ class GuardCore:
         self._host = HostScalars()
         self._accumulated: torch.Tensor | None = None
         self._last_global_step = -1
-        self._snapshots: dict[int, Snapshot] = {}  # the training states behind the policy's good/pending marks
-        self._spare: Snapshot | None = None
+        self._snapshots: dict[int, Any] = {}  # Snapshot or DiskSnapshot behind the policy's good/pending marks
+        self._spare: Any = None
         self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
         self._last_unscaled: float | None = None
@@ -329,12 +358,32 @@ class GuardCore:
         for scheduler in self._schedulers(trainer):
             compose_with_scheduler(scheduler)
         self._last_global_step = trainer.global_step
+        self._storage = self.snapshot_device
+        if self.rollback and self.snapshot_device == "cpu" and self.snapshot_memory_budget is not None:
+            state_bytes = _state_bytes(pl_module, trainer.optimizers)
+            if 2 * state_bytes > self.snapshot_memory_budget:
+                self._storage = "disk"
+                warnings.warn(
+                    f"{type(self).__name__}: two snapshots of this training state need "
+                    f"{2 * state_bytes / 1e9:.2f} GB of host memory, over snapshot_memory_budget="
+                    f"{self.snapshot_memory_budget / 1e9:.2f} GB; writing them to disk instead "
+                    f"({self._snapshot_dir(trainer)})",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.policy.start(trainer.global_step)
         if self.diagnostics:
             self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
             self._diagnostics.attach(trainer, self.settings())
         if self.rollback:
             self._snapshots[trainer.global_step] = self._snapshot(trainer, pl_module)
+
+    def _next_disk_slot(self) -> int:
+        in_use = {os.path.basename(s.path) for s in self._snapshots.values() if isinstance(s, DiskSnapshot)}
+        for slot in range(3):
+            if not any(name.endswith(f"_slot{slot}.bin") for name in in_use):
+                return slot
+        return 3  # pragma: no cover - at most two snapshots are held
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for scheduler in self._schedulers(trainer):
@@ -528,12 +577,31 @@ class GuardCore:
         self._host.clear()
         self._accumulated = None
 
-    def _snapshot(self, trainer: Any, pl_module: Any) -> Snapshot:
+    def _snapshot_dir(self, trainer: Any) -> str:
+        return self.snapshot_dir or os.path.join(trainer.default_root_dir, "lr_guard_snapshots")
+
+    def _snapshot(self, trainer: Any, pl_module: Any) -> Any:
+        spare, self._spare = self._spare, None  # a snapshot no longer needed: its buffers (or file) are reused
+        if self._storage == "disk":
+            if isinstance(spare, DiskSnapshot):
+                slot = os.path.basename(spare.path)[: -len(".bin")]
+            else:
+                slot = f"rank{trainer.global_rank}_slot{self._next_disk_slot()}"
+            return take_disk_snapshot(
+                trainer.global_step,
+                pl_module,
+                trainer.optimizers,
+                self._schedulers(trainer),
+                self._snapshot_dir(trainer),
+                slot,
+                precision=trainer.precision_plugin,
+            )
         return take_snapshot(
             trainer.global_step,
             pl_module,
             trainer.optimizers,
             self._schedulers(trainer),
             precision=trainer.precision_plugin,
-            device=self.snapshot_device,
+            device=self._storage,
+            reuse=spare if isinstance(spare, Snapshot) else None,
         )

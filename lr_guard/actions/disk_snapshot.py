@@ -1,0 +1,224 @@
+"""Disk-backed snapshots, for training states larger than host memory.
+
+Tensors are copied to the host one at a time and handed to a background writer thread through a bounded queue,
+so the host holds at most ``queue_bytes`` of the state at once; the writer appends their raw bytes to one file per
+slot. Everything that is not a tensor (scheduler states, step counters, hyperparameters, RNG) goes to a small
+manifest beside it. Restoring memory-maps the file and copies each tensor straight into the live tensor it came
+from, so it needs no host copy of the whole state either. Any dtype round-trips (bytes are bytes; bf16 included).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lr_guard.actions.snapshot import capture_rng, restore_rng
+
+__all__ = ["DiskSnapshot", "take_disk_snapshot"]
+
+_TENSOR = "__lr_guard_tensor__"
+
+
+@dataclass
+class DiskSnapshot:
+    """A training state on disk (``path`` + ``path.manifest``); same interface as :class:`Snapshot`."""
+
+    step: int
+    path: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    error: list[BaseException] = field(default_factory=list)
+
+    @property
+    def ready(self) -> DiskSnapshot | None:
+        return None if self.done.is_set() else self
+
+    def synchronize(self) -> None:
+        self.done.wait()
+        if self.error:
+            raise RuntimeError(f"writing the snapshot of step {self.step} to {self.path} failed") from self.error[0]
+
+    def fence(self) -> None:
+        """Nothing to wait for: every tensor was copied to the host before :func:`take_disk_snapshot` returned."""
+
+    def _load(self, tree: Any, data: Any) -> Any:
+        if isinstance(tree, dict) and tree.get(_TENSOR):
+            offset, count = tree["offset"], tree["nbytes"]
+            raw = torch.from_numpy(np.asarray(data[offset : offset + count]))
+            return raw.view(tree["dtype"]).reshape(tree["shape"])
+        if isinstance(tree, dict):
+            return {k: self._load(v, data) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [self._load(v, data) for v in tree]
+        if isinstance(tree, tuple):
+            return tuple(self._load(v, data) for v in tree)
+        return tree
+
+    def restore(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        schedulers: Sequence[Any],
+        precision: Any | None = None,
+        restore_rng_state: bool = True,
+    ) -> None:
+        """Write this state back into the live objects, in place, one tensor at a time from the file (the host
+        never holds more than one tensor of the state)."""
+        self.synchronize()
+        data = np.memmap(self.path, dtype=np.uint8, mode="r") if self.nbytes else np.zeros(0, np.uint8)
+        manifest = self.manifest
+        live = model.state_dict()
+        if set(live) != set(manifest["model"]):
+            raise ValueError(f"snapshot of step {self.step} holds other model keys than the model now has")
+        with torch.no_grad():
+            for name, tensor in live.items():
+                tensor.copy_(self._load(manifest["model"][name], data))
+        for optimizer, entry in zip(optimizers, manifest["optimizers"], strict=True):
+            if not self._restore_optimizer(optimizer, entry, data):
+                optimizer.load_state_dict(self._load(entry, data))
+        for scheduler, saved in zip(schedulers, manifest["schedulers"], strict=True):
+            scheduler.load_state_dict(copy.deepcopy(saved))
+        if precision is not None and manifest["precision"]:
+            precision.load_state_dict(self._load(manifest["precision"], data))
+        if restore_rng_state:
+            restore_rng(manifest["rng"])
+        del data
+
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, entry: dict[str, Any], data: Any) -> bool:
+        """Stream a saved optimizer state into the optimizer's own tensors when the structure matches (checked on
+        the manifest, before reading anything); ``False`` otherwise."""
+        groups, saved_groups = optimizer.param_groups, entry.get("param_groups", [])
+        if len(groups) != len(saved_groups) or any(
+            len(g["params"]) != len(sg["params"]) for g, sg in zip(groups, saved_groups, strict=True)
+        ):
+            return False
+        by_id = dict(
+            zip([i for sg in saved_groups for i in sg["params"]], [p for g in groups for p in g["params"]], strict=True)
+        )
+        saved_state = entry.get("state", {})
+        if set(saved_state) != {i for i, p in by_id.items() if optimizer.state.get(p)}:
+            return False
+        for i, values in saved_state.items():
+            state = optimizer.state[by_id[i]]
+            if set(state) != set(values):
+                return False
+            for key, value in values.items():
+                tensor_entry = bool(isinstance(value, dict) and value.get(_TENSOR))
+                if tensor_entry != isinstance(state[key], torch.Tensor):
+                    return False
+                if tensor_entry and (tuple(state[key].shape) != value["shape"] or state[key].dtype != value["dtype"]):
+                    return False
+        with torch.no_grad():
+            for i, values in saved_state.items():
+                state = optimizer.state[by_id[i]]
+                for key, value in values.items():
+                    if isinstance(value, dict) and value.get(_TENSOR):
+                        state[key].copy_(self._load(value, data))
+                    else:
+                        state[key] = copy.deepcopy(value)
+        for group, saved_group in zip(groups, saved_groups, strict=True):
+            for key, value in saved_group.items():
+                if key != "params":
+                    group[key] = copy.deepcopy(value)
+        return True
+
+
+class _Writer:
+    """Appends tensors' bytes to a file from a background thread; the queue bounds the host memory held."""
+
+    def __init__(self, path: str, queue_bytes: int, snapshot: DiskSnapshot) -> None:
+        self.path, self.offset, self.snapshot = path, 0, snapshot
+        self.queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=1)
+        self.budget = queue_bytes
+        self.file = open(path, "wb")  # closed by the writer thread
+        self.thread = threading.Thread(target=self._run, name="lr_guard-snapshot-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, tensor: torch.Tensor) -> dict[str, Any]:
+        host = tensor.detach().to("cpu", copy=True).contiguous()
+        nbytes = host.numel() * host.element_size()
+        entry = {
+            _TENSOR: True,
+            "offset": self.offset,
+            "nbytes": nbytes,
+            "dtype": host.dtype,
+            "shape": tuple(host.shape),
+        }
+        self.offset += nbytes
+        self.queue.put(host)  # blocks while the writer is behind: bounded memory
+        return entry
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                if item.numel():
+                    self.file.write(item.reshape(-1).view(torch.uint8).numpy().tobytes())
+        except BaseException as err:  # surfaced by DiskSnapshot.synchronize
+            self.snapshot.error.append(err)
+            while self.queue.get() is not None:  # keep draining, so the producer never blocks on a dead writer
+                pass
+        finally:
+            self.file.close()
+            self.snapshot.done.set()
+
+
+def _stream(tree: Any, writer: _Writer) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return writer.put(tree)
+    if isinstance(tree, dict):
+        return {k: _stream(v, writer) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_stream(v, writer) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_stream(v, writer) for v in tree)
+    return copy.deepcopy(tree)
+
+
+def take_disk_snapshot(
+    step: int,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    directory: str,
+    slot: str,
+    precision: Any | None = None,
+    queue_bytes: int = 256 * 2**20,
+) -> DiskSnapshot:
+    """Stream the full training state to ``directory/slot.bin`` (its manifest to ``slot.manifest``).
+
+    Returns once every tensor has been copied to the host (the live tensors may change from then on); the file
+    write finishes in the background (``DiskSnapshot.done``).
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{slot}.bin")
+    snapshot = DiskSnapshot(step, path)
+    writer = _Writer(path, queue_bytes, snapshot)
+    try:
+        manifest = {
+            "model": _stream(model.state_dict(), writer),
+            "optimizers": [_stream(o.state_dict(), writer) for o in optimizers],
+            "schedulers": [copy.deepcopy(s.state_dict()) for s in schedulers],
+            "precision": _stream(precision.state_dict(), writer) if precision is not None else None,
+            "rng": capture_rng(),
+        }
+    finally:
+        writer.close()
+    snapshot.manifest = manifest
+    snapshot.nbytes = writer.offset
+    with open(path + ".manifest", "wb") as f:
+        pickle.dump({"step": step, "nbytes": writer.offset}, f)
+    return snapshot

@@ -1,0 +1,70 @@
+"""Disk-backed snapshots and the memory budget."""
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import make_trainer
+from test_snapshot import model_and_optimizer
+
+from lr_guard import Action, LRGuard
+from lr_guard.actions.disk_snapshot import take_disk_snapshot
+from lr_guard.testing import ScriptedLossModule
+
+
+def test_disk_snapshot_round_trip_is_exact_for_every_dtype(tmp_path):
+    model, opt = model_and_optimizer()
+    model.register_buffer("bf16_buffer", torch.arange(6, dtype=torch.bfloat16))
+    snap = take_disk_snapshot(3, model, [opt], [], str(tmp_path), "slot0")
+    snap.synchronize()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.bf16_buffer.zero_()
+    model(torch.randn(16, 4)).pow(2).mean().backward()
+    opt.step()
+
+    def no_full_load(state):
+        raise AssertionError("the optimizer state should stream tensor by tensor, not load whole")
+
+    opt.load_state_dict = no_full_load
+    snap.restore(model, [opt], [])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, k
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], moments)
+    assert os.path.getsize(snap.path) == snap.nbytes > 0 and os.path.isfile(snap.path + ".manifest")
+
+
+def test_guard_with_disk_snapshots_rolls_back_exactly(tmp_path):
+    script = [2.0 / (1.0 + 0.05 * t) for t in range(200)]
+    script[45] = math.nan
+    memory = LRGuard(snapshot_every=10, confirm_steps=3)
+    disk = LRGuard(snapshot_every=10, confirm_steps=3, snapshot_device="disk", snapshot_dir=str(tmp_path))
+    modules = []
+    for guard in (memory, disk):
+        module = ScriptedLossModule(script, optimizer="adam", lr=0.01)
+        make_trainer([guard], max_steps=70).fit(module)
+        modules.append(module)
+    assert [(d.action, d.rollback_to) for d in disk.decisions] == [(Action.ROLLBACK, 40)]
+    assert [(d.action, d.rollback_to) for d in memory.decisions] == [(Action.ROLLBACK, 40)]
+    for a, b in zip(modules[0].state_dict().values(), modules[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert sorted(p.name for p in tmp_path.glob("*.bin")) <= ["rank0_slot0.bin", "rank0_slot1.bin", "rank0_slot2.bin"]
+
+
+def test_memory_budget_moves_snapshots_to_disk_with_a_warning(tmp_path):
+    guard = LRGuard(snapshot_every=10, snapshot_memory_budget=1000, snapshot_dir=str(tmp_path))
+    with pytest.warns(
+        UserWarning,
+        match=r"two snapshots of this training state need .* over "
+        r"snapshot_memory_budget=.*writing them to disk instead",
+    ):
+        make_trainer([guard], max_steps=30).fit(ScriptedLossModule([1.0], optimizer="adam"))
+    assert list(tmp_path.glob("*.bin"))
+    with pytest.raises(ValueError, match="snapshot_memory_budget must be >= 0, got -1"):
+        LRGuard(snapshot_memory_budget=-1)
+    with pytest.raises(ValueError, match="snapshot_device must be one of 'cpu', 'same', 'disk'; got 'nvme'"):
+        LRGuard(snapshot_device="nvme")
