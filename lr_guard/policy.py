@@ -92,8 +92,8 @@ class GuardPolicy:
         self.good: SnapshotMark | None = None
         self.pending: SnapshotMark | None = None
         self.healthy_after_pending = 0
-        self.skipped_updates: set[int] = set()
-        self.counted_skips: set[int] = set()  # skips the caller counted already (post-rollback skips)
+        # steps whose update was not applied -> whether the caller counted the skip already
+        self.skipped_updates: dict[int, bool] = {}
         self.lr_rising = False
         self.stopped = False
 
@@ -152,8 +152,7 @@ class GuardPolicy:
         if self.pending is not None:
             self._confirm(step, healthy)
         if self.skipped_updates:
-            self.skipped_updates = {s for s in self.skipped_updates if s >= step}
-            self.counted_skips = {s for s in self.counted_skips if s >= step}
+            self.skipped_updates = {s: c for s, c in self.skipped_updates.items() if s >= step}
         if not events:
             return []
         intents = []
@@ -165,15 +164,14 @@ class GuardPolicy:
                 intent.action == Action.SKIP and event.kind == EventKind.DIVERGENCE
             ):
                 break
-        self.skipped_updates.discard(step)
+        self.skipped_updates.pop(step, None)
         return intents
 
     def _decide(self, event: Event) -> Intent:
         if event.step in self.skipped_updates and (
             event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
         ):
-            self.skipped_updates.discard(event.step)
-            if event.step not in self.counted_skips:
+            if not self.skipped_updates.pop(event.step):
                 self.counts["skipped_batches"] += 1
             return Intent(event, Action.SKIP, reason="its update was not applied")
         if event.kind == EventKind.DIVERGENCE and self.rollback and self.good is not None:

@@ -565,3 +565,11 @@ def test_rollback_restores_the_random_number_generators():
     # (within one epoch: a new DataLoader iterator draws a seed from torch's generator)
     assert draws.draws[13][0] == draws.draws[10][0] and draws.draws[14][0] == draws.draws[11][0]
     assert draws.draws[10][0] != draws.draws[11][0]
+
+
+def test_settings_changed_after_construction_take_effect():
+    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard.max_rollbacks = 0  # one source of truth: the rules see the change
+    assert guard.policy.max_rollbacks == 0 and guard.settings()["max_rollbacks"] == 0
+    make_trainer([guard], max_steps=40).fit(ScriptedLossModule(decaying(nan_at=[25]), optimizer="adam"))
+    assert [d.action for d in guard.decisions] == [Action.STOP]

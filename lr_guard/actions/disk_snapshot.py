@@ -22,11 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from lr_guard.actions.snapshot import capture_rng, restore_rng
+from lr_guard.actions.snapshot import capture_rng, restore_optimizer_in_place, restore_rng
 
 __all__ = ["DiskSnapshot", "take_disk_snapshot"]
 
 _TENSOR = "__lr_guard_tensor__"
+
+
+def _entry_meta(value: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """Shape and dtype of a tensor written to the file (from the manifest: nothing is read)."""
+    if isinstance(value, dict) and value.get(_TENSOR):
+        return tuple(value["shape"]), value["dtype"]
+    return None
 
 
 @dataclass
@@ -85,7 +92,7 @@ class DiskSnapshot:
             for name, tensor in live.items():
                 tensor.copy_(self._load(manifest["model"][name], data))
         for optimizer, entry in zip(optimizers, manifest["optimizers"], strict=True):
-            if not self._restore_optimizer(optimizer, entry, data):
+            if not restore_optimizer_in_place(optimizer, entry, _entry_meta, lambda e: self._load(e, data)):
                 optimizer.load_state_dict(self._load(entry, data))
         for scheduler, saved in zip(schedulers, manifest["schedulers"], strict=True):
             scheduler.load_state_dict(copy.deepcopy(saved))
@@ -93,45 +100,6 @@ class DiskSnapshot:
             precision.load_state_dict(self._load(manifest["precision"], data))
         if restore_rng_state:
             restore_rng(manifest["rng"])
-        del data
-
-    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, entry: dict[str, Any], data: Any) -> bool:
-        """Stream a saved optimizer state into the optimizer's own tensors when the structure matches (checked on
-        the manifest, before reading anything); ``False`` otherwise."""
-        groups, saved_groups = optimizer.param_groups, entry.get("param_groups", [])
-        if len(groups) != len(saved_groups) or any(
-            len(g["params"]) != len(sg["params"]) for g, sg in zip(groups, saved_groups, strict=True)
-        ):
-            return False
-        by_id = dict(
-            zip([i for sg in saved_groups for i in sg["params"]], [p for g in groups for p in g["params"]], strict=True)
-        )
-        saved_state = entry.get("state", {})
-        if set(saved_state) != {i for i, p in by_id.items() if optimizer.state.get(p)}:
-            return False
-        for i, values in saved_state.items():
-            state = optimizer.state[by_id[i]]
-            if set(state) != set(values):
-                return False
-            for key, value in values.items():
-                tensor_entry = bool(isinstance(value, dict) and value.get(_TENSOR))
-                if tensor_entry != isinstance(state[key], torch.Tensor):
-                    return False
-                if tensor_entry and (tuple(state[key].shape) != value["shape"] or state[key].dtype != value["dtype"]):
-                    return False
-        with torch.no_grad():
-            for i, values in saved_state.items():
-                state = optimizer.state[by_id[i]]
-                for key, value in values.items():
-                    if isinstance(value, dict) and value.get(_TENSOR):
-                        state[key].copy_(self._load(value, data))
-                    else:
-                        state[key] = copy.deepcopy(value)
-        for group, saved_group in zip(groups, saved_groups, strict=True):
-            for key, value in saved_group.items():
-                if key != "params":
-                    group[key] = copy.deepcopy(value)
-        return True
 
 
 class _Writer:

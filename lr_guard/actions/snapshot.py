@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,39 +69,51 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def _restore_optimizer_in_place(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> bool:
-    """Copy a saved optimizer state into the optimizer's own state tensors (one copy, no allocation). Returns
-    ``False`` (nothing changed) unless the structure matches exactly: same groups, same parameters with state,
-    same keys, shapes and dtypes -- then the caller falls back to ``load_state_dict``."""
+def _tensor_meta(value: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
+
+
+def restore_optimizer_in_place(
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    tensor_meta: Callable[[Any], tuple[tuple[int, ...], torch.dtype] | None] = _tensor_meta,
+    load: Callable[[Any], torch.Tensor] = lambda value: value,
+) -> bool:
+    """Copy a saved optimizer state into the optimizer's own state tensors, one tensor at a time (no allocation).
+
+    ``tensor_meta(value)`` says whether a saved value is a tensor (its shape and dtype) and ``load(value)`` gives
+    it, so the saved tensors may be in memory (the defaults) or still on disk. Returns ``False`` (nothing changed)
+    unless the structure matches exactly -- same groups, same parameters with state, same keys, shapes and dtypes,
+    checked before anything is read or written -- and the caller then falls back to ``load_state_dict``.
+    """
     groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
     if len(groups) != len(saved_groups) or any(
         len(g["params"]) != len(sg["params"]) for g, sg in zip(groups, saved_groups, strict=True)
     ):
         return False
-    params = [p for g in groups for p in g["params"]]
     ids = [i for sg in saved_groups for i in sg["params"]]
-    by_id = dict(zip(ids, params, strict=True))
+    by_id = dict(zip(ids, [p for g in groups for p in g["params"]], strict=True))
     saved_state = saved.get("state", {})
     if set(saved_state) != {i for i, p in by_id.items() if optimizer.state.get(p)}:
         return False
-    pairs = []
     for i, entry in saved_state.items():
         live = optimizer.state[by_id[i]]
         if set(live) != set(entry):
             return False
         for key, value in entry.items():
-            current = live[key]
-            if isinstance(value, torch.Tensor) != isinstance(current, torch.Tensor):
+            meta, current = tensor_meta(value), live[key]
+            if (meta is None) == isinstance(current, torch.Tensor):
                 return False
-            if isinstance(value, torch.Tensor) and (value.shape != current.shape or value.dtype != current.dtype):
+            if meta is not None and meta != (tuple(current.shape), current.dtype):
                 return False
-            pairs.append((live, key, value))
     with torch.no_grad():
-        for live, key, value in pairs:
-            if isinstance(value, torch.Tensor):
-                live[key].copy_(value)
-            else:
-                live[key] = copy.deepcopy(value)
+        for i, entry in saved_state.items():
+            live = optimizer.state[by_id[i]]
+            for key, value in entry.items():
+                if tensor_meta(value) is not None:
+                    live[key].copy_(load(value))
+                else:
+                    live[key] = copy.deepcopy(value)
     for group, saved_group in zip(groups, saved_groups, strict=True):
         for key, value in saved_group.items():
             if key != "params":
@@ -174,7 +186,7 @@ class Snapshot:
         with torch.no_grad():
             model.load_state_dict(self.model, strict=True)
         for optimizer, state in zip(optimizers, self.optimizers, strict=True):
-            if not _restore_optimizer_in_place(optimizer, state):
+            if not restore_optimizer_in_place(optimizer, state):
                 optimizer.load_state_dict(_copy_tree(state, None))
         for scheduler, state in zip(schedulers, self.schedulers, strict=True):
             scheduler.load_state_dict(copy.deepcopy(state))

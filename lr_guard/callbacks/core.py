@@ -91,6 +91,19 @@ def _state_bytes(model: Any, optimizers: Sequence[Any]) -> int:
     return size(model.state_dict()) + sum(size(o.state_dict()) for o in optimizers)
 
 
+class _PolicySetting:
+    """A callback setting that is the policy's own attribute (one source of truth: changing it takes effect)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.policy, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.policy, self.name, value)
+
+
 class GuardCore:
     """Watches the training loss (or a logged metric) and keeps the run healthy.
 
@@ -143,6 +156,15 @@ class GuardCore:
         log_every_n_steps: Cadence of the scalars; default: the Trainer's ``log_every_n_steps``.
         verbose: Log every decision through Python ``logging`` (logger ``"lr_guard"``) on rank zero.
     """
+
+    plateau_factor = _PolicySetting()
+    oscillation_factor = _PolicySetting()
+    rollback = _PolicySetting()
+    rollback_factor = _PolicySetting()
+    skip_batches = _PolicySetting()
+    max_rollbacks = _PolicySetting()
+    snapshot_every = _PolicySetting()
+    confirm_steps = _PolicySetting()
 
     def __init__(
         self,
@@ -212,17 +234,20 @@ class GuardCore:
             "plateau": _detector("plateau", plateau),
             "divergence": _detector("divergence", divergence),
         }
-        self.plateau_factor = plateau_factor
-        self.oscillation_factor = oscillation_factor
-        self.rollback = rollback
-        self.rollback_factor = rollback_factor
-        self.skip_batches = skip_batches
-        self.max_rollbacks = max_rollbacks
+        self.policy = GuardPolicy(
+            self.detectors,
+            plateau_factor=plateau_factor,
+            oscillation_factor=oscillation_factor,
+            rollback=rollback,
+            rollback_factor=rollback_factor,
+            skip_batches=skip_batches,
+            max_rollbacks=max_rollbacks,
+            snapshot_every=snapshot_every,
+            confirm_steps=confirm_steps,
+        )
         self.skip_spikes = skip_spikes
         if skip_spikes and not isinstance(self.detectors["spike"], SpikeDetector):
             raise ValueError("skip_spikes=True needs the spike detector: leave spike=True or pass a SpikeDetector")
-        self.snapshot_every = snapshot_every
-        self.confirm_steps = confirm_steps
         self.min_lr: float | list[float] = (
             [float(m) for m in min_lr] if isinstance(min_lr, (list, tuple)) else float(min_lr)  # type: ignore[arg-type]
         )
@@ -239,17 +264,6 @@ class GuardCore:
         self._diagnostics = Diagnostics()
         self._log_every = 50
         self.decisions: list[Decision] = []
-        self.policy = GuardPolicy(
-            self.detectors,
-            plateau_factor=plateau_factor,
-            oscillation_factor=oscillation_factor,
-            rollback=rollback,
-            rollback_factor=rollback_factor,
-            skip_batches=skip_batches,
-            max_rollbacks=max_rollbacks,
-            snapshot_every=snapshot_every,
-            confirm_steps=confirm_steps,
-        )
         self._skip_left = 0
         self._world_size = 1
         self._reset_run_state()
@@ -413,15 +427,14 @@ class GuardCore:
             self._skip_left -= 1
             self.counts["skipped_batches"] += 1
             # its loss is still watched, but a NaN or spike in a batch whose update is dropped needs no rollback
-            self.policy.skipped_updates.add(trainer.global_step)
-            self.policy.counted_skips.add(trainer.global_step)
+            self.policy.skipped_updates[trainer.global_step] = True  # counted just above
             skip = True
         elif self.skip_spikes and step_loss is not None:
             value = float(self._agreed(trainer, step_loss))  # the one host sync per step that skip_spikes costs
             spike = self.detectors["spike"]
             assert isinstance(spike, SpikeDetector)
             if not math.isfinite(value) or spike.peek(value) >= spike.threshold:
-                self.policy.skipped_updates.add(trainer.global_step)
+                self.policy.skipped_updates[trainer.global_step] = False  # counted when its event arrives
                 skip = True
         if skip:
             drop_gradients(optimizer)
