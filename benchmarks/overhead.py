@@ -9,8 +9,10 @@ cancel drift on a shared machine; per run the median step time (time between con
 warm-up); overhead = median over guarded runs / median over bare runs - 1. A do-nothing callback is measured
 the same way: Lightning calls every hook of every callback, so that is the floor any callback pays.
 ``guard_us_per_step`` is the median time spent inside the guard's own hooks per step, from separate instrumented
-runs. On a GPU, host synchronisations inside the guard's hooks are counted with
-``torch.cuda.set_sync_debug_mode("warn")``.
+runs; ``guard_us_mean`` their mean (it includes the batched checks every ``check_every_n_steps`` steps and the
+snapshots), and ``guard_share_pct`` that mean as a share of a bare step -- the overhead without wall time's
+run-to-run noise, which on a shared CPU machine is larger than the overhead itself. On a GPU, host
+synchronisations inside the guard's hooks are counted with ``torch.cuda.set_sync_debug_mode("warn")``.
 
 The last line is one JSON object: ``cpu_overhead_pct``, ``guard_us_per_step`` and, where a GPU was used,
 ``gpu_overhead_pct`` and ``gpu_syncs_per_step``; per-model figures are nested under the model's name.
@@ -109,18 +111,21 @@ class TimedGuard(LRGuard):
     def _timed(self, hook: Any) -> Any:
         def run(trainer: Any, *args: Any, **kwargs: Any) -> Any:
             step = trainer.global_step
-            cuda = torch.cuda.is_available() and trainer.lightning_module.device.type == "cuda"
+            if not (torch.cuda.is_available() and trainer.lightning_module.device.type == "cuda"):
+                start = time.perf_counter()  # on CPU nothing else is timed: catching warnings costs microseconds
+                try:
+                    return hook(trainer, *args, **kwargs)
+                finally:
+                    self.per_step[step] = self.per_step.get(step, 0.0) + time.perf_counter() - start
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                if cuda:
-                    torch.cuda.set_sync_debug_mode("warn")
+                torch.cuda.set_sync_debug_mode("warn")
                 start = time.perf_counter()
                 try:
                     return hook(trainer, *args, **kwargs)
                 finally:
                     elapsed = time.perf_counter() - start
-                    if cuda:
-                        torch.cuda.set_sync_debug_mode("default")
+                    torch.cuda.set_sync_debug_mode("default")
                     self.per_step[step] = self.per_step.get(step, 0.0) + elapsed
                     self.syncs += sum("synchroniz" in str(w.message) for w in caught)
 
@@ -175,6 +180,9 @@ def measure(name: str, make: Any, device: str, steps: int, repeats: int) -> dict
         "noop_callback_overhead_pct": 100.0 * (statistics.median(runs["noop"]) / statistics.median(bare) - 1.0),
         "guard_us_per_step": 1e6 * statistics.median(hook_times),
         "guard_us_p90": 1e6 * sorted(hook_times)[int(0.9 * len(hook_times))],
+        "guard_us_mean": 1e6 * statistics.mean(hook_times),
+        # the hooks' mean time as a share of a bare step: the overhead without the run-to-run noise of wall time
+        "guard_share_pct": 100.0 * statistics.mean(hook_times) / statistics.median(bare),
     }
     if device == "cuda":
         out["syncs_per_step"] = timed.syncs / max(1, len(timed.per_step))
@@ -182,7 +190,8 @@ def measure(name: str, make: Any, device: str, steps: int, repeats: int) -> dict
         f"{name:<8} {device:<5} step {out['step_ms_bare']:8.3f} ms bare, {out['step_ms_guarded']:8.3f} ms guarded:"
         f" overhead {out['overhead_pct']:+6.2f}% (a no-op callback: {out['noop_callback_overhead_pct']:+5.2f}%)"
         f"  hooks {out['guard_us_per_step']:6.1f} us/step (median), "
-        f"{out['guard_us_p90']:6.1f} us (p90)"
+        f"{out['guard_us_p90']:6.1f} us (p90), {out['guard_us_mean']:6.1f} us (mean: "
+        f"{out['guard_share_pct']:.2f}% of a bare step)"
         + (f", {out['syncs_per_step']:.2f} host syncs/step" if device == "cuda" else "")
     )
     return out

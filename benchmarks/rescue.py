@@ -71,6 +71,19 @@ def _has_zclip() -> bool:
 METHODS = ["none", "early_stopping", "reduce_on_plateau", "zclip", "lr_guard"]
 
 
+def _quiet() -> None:
+    names = (
+        "pytorch_lightning",
+        "lightning",
+        "lightning.pytorch",
+        "lightning_fabric",
+        "lightning_utilities",
+        "lr_guard",
+    )
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
     kwargs = dict(SCENARIOS[scenario])
     poison = steps // 2 if kwargs.pop("poison_step", None) is not None else None  # the fault at mid-run
@@ -90,6 +103,7 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
         callbacks.append(ZClipCallback())
     elif method == "lr_guard":
         callbacks.append(LRGuard())
+    _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads
     trainer = pl.Trainer(
         max_steps=steps,
         callbacks=callbacks,
@@ -119,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lr_guard"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet()
     methods = [m for m in METHODS if m != "zclip" or _has_zclip()]
     if "zclip" not in methods:
         print("zclip is not installed (pip install zclip): its column is skipped")

@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     logdir = args.logdir or os.path.join(tempfile.gettempdir(), "lr_guard_demo")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch"):
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "lightning_utilities"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("lr_guard").setLevel(logging.ERROR)  # the decisions are printed below instead
 

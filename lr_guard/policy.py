@@ -18,6 +18,9 @@ from lr_guard.events import Action, Event, EventKind
 
 __all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
 
+# A plateau before the loss has got this much (relative) below where training started is a failed start
+RESTART_PROGRESS = 0.05
+
 COUNTS = ("spike", "oscillation", "plateau", "divergence", "lr_cuts", "rollbacks", "skipped_batches", "snapshots")
 
 
@@ -52,6 +55,12 @@ class GuardPolicy:
       The detectors are put back to their state at the snapshot.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
       ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
+    * A failed start: a plateau while the plateau detector's best mean is less than ``RESTART_PROGRESS`` (5%)
+      better than the first value -- training has learned nothing, typically because a too-high LR broke the
+      model in its first steps (dead ReLUs), which no LR cut can undo. Restart from the state training started
+      from (``origin``, kept until the loss makes that progress) with the LR times ``rollback_factor``; at most
+      ``max_rollbacks`` times, after which plateaus get ordinary LR cuts. Nothing is lost by the restart: the
+      discarded steps had made no progress.
     * Spike: logged. A step whose update was skipped before it was applied (``skipped_updates``) is reported as
       skipped, and a non-finite value there needs no rollback.
     """
@@ -81,6 +90,7 @@ class GuardPolicy:
         self.counts = dict.fromkeys(COUNTS, 0)
         self._active = [d for d in detectors.values() if not isinstance(d, NullDetector)]
         self.incident_rollbacks = 0
+        self.restarts = 0  # failed starts restarted (kept across a resume, like the counters)
         self.reset_run()
 
     def refresh(self) -> None:
@@ -91,6 +101,7 @@ class GuardPolicy:
         """Forget the snapshots and per-run flags (the counters and detectors stay)."""
         self.good: SnapshotMark | None = None
         self.pending: SnapshotMark | None = None
+        self.origin: SnapshotMark | None = None  # where training started, kept for a restart until progress
         self.healthy_after_pending = 0
         # steps whose update was not applied -> whether the caller counted the skip already
         self.skipped_updates: dict[int, bool] = {}
@@ -108,6 +119,13 @@ class GuardPolicy:
     def start(self, step: int) -> None:
         """Training starts (or resumes) at ``step``: its state is good by definition."""
         self.good = SnapshotMark(step, self.detector_state()) if self.rollback else None
+        plateau = self.detectors.get("plateau")
+        watches_progress = plateau is not None and not isinstance(plateau, NullDetector)
+        self.origin = self.good if watches_progress and self.restarts < self.max_rollbacks else None
+
+    def kept_steps(self) -> set[int]:
+        """The steps whose snapshots the rules may still restore."""
+        return {mark.step for mark in (self.good, self.pending, self.origin) if mark is not None}
 
     def wants_snapshot(self, step: int) -> bool:
         return (
@@ -153,6 +171,8 @@ class GuardPolicy:
             self._confirm(step, healthy)
         if self.skipped_updates:
             self.skipped_updates = {s: c for s, c in self.skipped_updates.items() if s >= step}
+        if self.origin is not None and getattr(self.detectors["plateau"], "progress", 0.0) >= RESTART_PROGRESS:
+            self.origin = None  # training got going: no restart from scratch any more
         if not events:
             return []
         intents = []
@@ -181,14 +201,7 @@ class GuardPolicy:
                 self.stopped = True
                 return Intent(event, Action.STOP, rollback_to=good.step)
             self.incident_rollbacks += 1
-            self.counts["rollbacks"] += 1
-            return Intent(
-                event,
-                Action.ROLLBACK,
-                lr_factor=self.rollback_factor,
-                rollback_to=good.step,
-                skip_batches=self.skip_batches,
-            )
+            return self._rollback(event, good.step, self.skip_batches)
         factor = {EventKind.PLATEAU: self.plateau_factor, EventKind.OSCILLATION: self.oscillation_factor}.get(
             event.kind
         )
@@ -196,7 +209,29 @@ class GuardPolicy:
             return Intent(event, Action.NONE, reason="logged")
         if event.kind == EventKind.PLATEAU and self.lr_rising:
             return Intent(event, Action.HELD, reason="no LR cut while the schedule's LR is still rising (warm-up)")
+        if event.kind == EventKind.PLATEAU and self.origin is not None:
+            progress = getattr(self.detectors["plateau"], "progress", math.nan)
+            if progress < RESTART_PROGRESS:  # NaN (unknown): no restart
+                return self._restart(event, progress)
         return Intent(event, Action.LR_CUT, lr_factor=factor)
+
+    def _restart(self, event: Event, progress: float) -> Intent:
+        origin = self.origin
+        assert origin is not None
+        self.restarts += 1
+        self._restore_detectors(origin)
+        self.good = origin  # the snapshots taken since hold the broken model
+        if self.restarts >= self.max_rollbacks:
+            self.origin = None  # the last restart: later plateaus get LR cuts
+        reason = (
+            f"a failed start: the loss has improved only {100 * progress:.1f}% on where training started "
+            f"(restart {self.restarts} of {self.max_rollbacks})"
+        )
+        return self._rollback(event, origin.step, 0, reason)
+
+    def _rollback(self, event: Event, step: int, skip_batches: int, reason: str = "") -> Intent:
+        self.counts["rollbacks"] += 1
+        return Intent(event, Action.ROLLBACK, self.rollback_factor, step, skip_batches, reason)
 
     def _restore_detectors(self, mark: SnapshotMark) -> None:
         for name, detector in self.detectors.items():
@@ -210,6 +245,7 @@ class GuardPolicy:
             "detectors": self.detector_state(),
             "counts": dict(self.counts),
             "incident_rollbacks": self.incident_rollbacks,
+            "restarts": self.restarts,
         }
 
     def load_state_dict(self, state: dict[str, Any], warn: Any = None) -> None:
@@ -227,6 +263,7 @@ class GuardPolicy:
             detector.load_state_dict(copy.deepcopy(saved))
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
         self.incident_rollbacks = int(state.get("incident_rollbacks", 0))
+        self.restarts = int(state.get("restarts", 0))
 
 
 def describe(
@@ -234,6 +271,11 @@ def describe(
 ) -> str:
     """The sentence logged for an executed intent."""
     event = intent.event
+    if intent.action == Action.ROLLBACK and intent.reason:
+        return (
+            f"{event.message} -- {intent.reason}: restarted from step {intent.rollback_to}, "
+            f"lr {lr_before:.3g} -> {lr_after:.3g}"
+        )
     if intent.action == Action.ROLLBACK:
         skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
         return (

@@ -307,3 +307,26 @@ def test_state_round_trip_at_any_point(cls, values, cut):
     resumed.load_state_dict(pickle.loads(pickle.dumps(head.state_dict())))
     after = feed(resumed, values[cut:], cut)
     assert [(e.step, e.message) for e in before + after] == [(e.step, e.message) for e in straight]
+
+
+def test_a_blow_up_in_the_very_first_steps_is_divergence():
+    # Adam at a far too high LR: 2.3 at step 0, then two orders of magnitude up. The untrained loss is the first
+    # value, so a blow-up inside the first values still counts (it would otherwise set the starting level itself).
+    det = DivergenceDetector()
+    events = [e for t, x in enumerate([2.31, 112.0, 108.0, 105.0, 242.0, 151.0]) if (e := det.update(x, t))]
+    assert events and events[0].kind == EventKind.DIVERGENCE and events[0].step <= 3
+
+
+def test_plateau_progress_is_measured_from_the_first_value():
+    det = PlateauDetector(window=5, patience=3, warmup_steps=0, noise_sigmas=0.0)
+    assert math.isnan(det.progress)
+    for t in range(10):
+        det.update(2.0 - 0.1 * t, t)
+    assert det.progress == pytest.approx((2.0 - sum(2.0 - 0.1 * t for t in range(5, 10)) / 5) / 2.0)
+    restored = PlateauDetector(window=5, patience=3, warmup_steps=0, noise_sigmas=0.0)
+    restored.load_state_dict(det.state_dict())
+    assert restored.progress == det.progress
+    accuracy = PlateauDetector(mode="max", window=2, warmup_steps=0, noise_sigmas=0.0)
+    for t, x in enumerate([0.1, 0.5, 0.6]):
+        accuracy.update(x, t)
+    assert accuracy.progress == pytest.approx((0.55 - 0.1) / 0.1)

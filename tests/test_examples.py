@@ -93,8 +93,9 @@ def test_snapshot_benchmark_runs_and_reports_its_keys(capsys):
 def test_plateau_example_cuts_once_after_the_warmup_and_the_cut_persists():
     out = load("plateau_warmup_cosine").main(["--fast"])
     [decision] = [d for d in out["decisions"] if d.action.value == "lr_cut"]
-    cut_at = decision.event.step
-    assert cut_at > 30  # after the warm-up (30 steps in fast mode)
+    assert decision.event.step > 30  # after the warm-up (30 steps in fast mode)
+    cut_at = decision.step  # where it was made: the values are checked in batches of 8 steps
+    assert 0 < cut_at - decision.event.step <= 8
     for step in range(cut_at + 1, 300):
         assert out["guarded"][step] == pytest.approx(0.5 * out["plain"][step], rel=1e-9)
 

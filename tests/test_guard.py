@@ -92,6 +92,66 @@ def test_nan_rollback_restores_weights_moments_and_scheduler_exactly():
     assert finite(module)
 
 
+def test_values_are_checked_in_batches_and_a_rollback_drops_the_rest_of_its_batch():
+    class Recording(DivergenceDetector):
+        def update(self, value, step):
+            self.seen = [*getattr(self, "seen", []), step]
+            return super().update(value, step)
+
+    divergence = Recording()
+    guard = LRGuard(divergence=divergence, snapshot_every=20, confirm_steps=5, check_every_n_steps=8)
+    module = ScriptedLossModule(decaying(nan_at=[50, 51]), optimizer="adam", lr=0.01)
+    make_trainer([guard], max_steps=80).fit(module)
+    # steps 48..55 are checked together at step 56: the NaN of 50 rolls back there; 51..55 (NaN at 51 included)
+    # trained weights that are gone, so they are never looked at
+    [decision] = guard.decisions
+    assert (decision.event.step, decision.step, decision.rollback_to) == (50, 56, 40)
+    assert 51 not in divergence.seen and finite(module)
+    resumed = divergence.seen[divergence.seen.index(50) + 1 :]
+    assert resumed[0] == 56  # the training steps after the rollback go on counting from Lightning's global_step
+
+
+def test_a_failed_start_restarts_from_the_initial_state_with_a_lower_lr():
+    # The loss never gets below where it started (a model broken in its first steps): each plateau restarts from
+    # step 0 with half the LR, at most max_rollbacks times; then plateaus get ordinary cuts.
+    plateau = PlateauDetector(patience=20, window=5, noise_sigmas=0, warmup_steps=0)
+    guard = LRGuard(plateau=plateau, snapshot_every=10, confirm_steps=3, max_rollbacks=2, check_every_n_steps=1)
+    recorder = StateRecorder(guard, steps=[0])
+    module = ScriptedLossModule([2.3], optimizer="adam", lr=0.01)
+    make_trainer([guard, recorder], max_steps=120).fit(module)
+    actions = [(d.action, d.rollback_to) for d in guard.decisions]
+    assert actions[:3] == [(Action.ROLLBACK, 0), (Action.ROLLBACK, 0), (Action.LR_CUT, None)]
+    assert "a failed start" in guard.decisions[0].message and "restart 1 of 2" in guard.decisions[0].message
+    for after in recorder.after_rollback:  # the weights and Adam's state training started from
+        assert_same_tensors(recorder.at[0]["model"], after["model"])
+        assert_same_tensors(recorder.at[0]["optimizer"]["state"], after["optimizer"]["state"])
+    assert [d.lr_after for d in guard.decisions[:3]] == pytest.approx([0.005, 0.0025, 0.00125])
+    assert guard.policy.origin is None and len(guard._snapshots) <= 2
+
+
+def test_progress_ends_the_failed_start_watch_and_frees_its_snapshot():
+    plateau = PlateauDetector(patience=20, window=5, noise_sigmas=0, warmup_steps=0)
+    guard = LRGuard(plateau=plateau, snapshot_every=10, confirm_steps=3, check_every_n_steps=1)
+    script = decaying(n=30) + [decaying(n=30)[-1]] * 100  # a real fall, then flat
+    make_trainer([guard], max_steps=80).fit(ScriptedLossModule(script, optimizer="adam", lr=0.01))
+    assert {d.action for d in guard.decisions} == {Action.LR_CUT}  # plateaus after progress: plain cuts
+    assert guard.policy.origin is None and 0 not in guard._snapshots
+
+
+def test_host_scalars_hand_out_batches_in_order():
+    from lr_guard.actions import HostScalars
+
+    host = HostScalars()
+    host.push([3, 4], torch.tensor([1.5, 2.5]))
+    host.push([5], [7.0])
+    assert len(host) == 3 and host.ready() == [(3, 1.5), (4, 2.5), (5, 7.0)] and len(host) == 0
+    host.push([6], torch.tensor(1.0))
+    host.clear()
+    assert host.drain() == []
+    with pytest.raises(ValueError, match="2 steps but 3 values"):
+        host.push([1, 2], torch.zeros(3))
+
+
 def test_snapshot_survives_being_restored_twice():
     guard = LRGuard(snapshot_every=1000, max_rollbacks=5, skip_batches=0)
     recorder = StateRecorder(guard, steps=[0])
@@ -105,7 +165,7 @@ def test_snapshot_survives_being_restored_twice():
 
 
 def test_skipped_batches_leave_weights_and_optimizer_state_untouched():
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, skip_batches=3)
+    guard = LRGuard(snapshot_every=10, confirm_steps=3, skip_batches=3, check_every_n_steps=1)
     recorder = StateRecorder(guard, steps=[31, 32, 33, 34])
     module = ScriptedLossModule(decaying(nan_at=[30]), optimizer="adam", lr=0.01)
     make_trainer([guard, recorder], max_steps=40).fit(module)
@@ -194,9 +254,10 @@ def test_plateau_cut_at_the_expected_step():
     recorder = LRRecorder()
     script = decaying(n=30) + [decaying(n=30)[-1]] * 100
     make_trainer([reducer, recorder], max_steps=70).fit(ScriptedLossModule(script, lr=0.1))
-    # flat from step 29; the 5-value mean last improves at 33; more than 20 bad updates: step 54
-    assert [(d.event.step, d.action) for d in reducer.decisions] == [(54, Action.LR_CUT)]
-    assert recorder.lrs[54] == [0.1] and recorder.lrs[55] == [pytest.approx(0.05)]
+    # flat from step 29; the 5-value mean last improves at 33; more than 20 bad updates: step 54. The values are
+    # checked in batches of 8 steps, so the cut is made at the check of step 56 and applies from the update 56.
+    assert [(d.event.step, d.step, d.action) for d in reducer.decisions] == [(54, 56, Action.LR_CUT)]
+    assert recorder.lrs[55] == [0.1] and recorder.lrs[56] == [pytest.approx(0.05)]
 
 
 def test_gradient_accumulation_feeds_the_mean_per_optimizer_step():
@@ -370,6 +431,7 @@ def test_lightning_cli_builds_the_guard_from_yaml(tmp_path):
         ({"max_rollbacks": 1.5}, TypeError, "max_rollbacks must be an int, got 1.5"),
         ({"snapshot_every": 0}, ValueError, "snapshot_every must be >= 1, got 0"),
         ({"confirm_steps": 0}, ValueError, "confirm_steps must be >= 1, got 0"),
+        ({"check_every_n_steps": 0}, ValueError, "check_every_n_steps must be >= 1, got 0"),
         ({"min_lr": -1e-3}, ValueError, "min_lr must be >= 0.0, got -0.001"),
         ({"min_lr": [0.1, -1]}, ValueError, r"min_lr\[1\] must be >= 0.0, got -1"),
         ({"eps": -1}, ValueError, "eps must be >= 0.0, got -1"),
@@ -497,6 +559,7 @@ def test_several_optimizers_in_manual_optimization_are_cut_together():
         rollback=False,
         min_lr=[0.0, 0.0, 0.004],
         plateau=PlateauDetector(patience=39, window=1, noise_sigmas=0, warmup_steps=0, cooldown=10_000),
+        check_every_n_steps=1,
     )
     ref, cut = lrs_of(None), lrs_of(guard)
     assert [d.action for d in guard.decisions] == [Action.LR_CUT]
@@ -557,7 +620,7 @@ def test_rollback_restores_the_random_number_generators():
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.draws.setdefault(trainer.global_step, []).append(torch.rand(1).item())
 
-    guard = LRGuard(snapshot_every=10, confirm_steps=2)
+    guard = LRGuard(snapshot_every=10, confirm_steps=2, check_every_n_steps=1)
     draws = Draws()
     make_trainer([guard, draws], max_steps=16).fit(ScriptedLossModule(decaying(nan_at=[12]), optimizer="adam"))
     assert guard.decisions[0].rollback_to == 10

@@ -104,7 +104,8 @@ def test_composition_keeps_the_scheduler_state_dict_and_is_reversible():
 
 
 def _plateau_guard(**kwargs):
-    """A guard whose only job is a plateau cut at step 40 on a constant loss."""
+    """A guard whose only job is a plateau cut at step 40 on a constant loss, made at once (checked every step)."""
+    kwargs.setdefault("check_every_n_steps", 1)
     return LRGuard(
         spike=False,
         oscillation=False,

@@ -142,6 +142,11 @@ class GuardCore:
         skip_spikes: Skip the update of a spiking (or non-finite) step; costs one host sync per step.
         snapshot_every: Take a snapshot every this many optimizer steps.
         confirm_steps: Healthy values needed after a snapshot before it counts as good.
+        check_every_n_steps: The watched values are gathered on the device and checked in batches, every this
+            many optimizer steps, before each snapshot and at the end of each epoch: one transfer (and under DDP
+            one collective) per batch, and the detectors run in one tight loop. Decisions therefore come up to
+            this many steps late; a rollback returns to a snapshot confirmed healthy, so the late steps are
+            discarded with the rest. ``1`` checks every step. With ``skip_spikes=True`` every step is checked.
         min_lr: Floor for the guard's cuts: one value or one per param group (of every optimizer).
         eps: A cut that changes a group's LR by ``eps`` or less is not made (as torch).
         checkpoint_dir: Where the last good state is written on stop; default
@@ -183,6 +188,7 @@ class GuardCore:
         skip_spikes: bool = False,
         snapshot_every: int = 50,
         confirm_steps: int = 10,
+        check_every_n_steps: int = 8,
         min_lr: float | Sequence[float] = 0.0,
         eps: float = 1e-8,
         checkpoint_dir: str | None = None,
@@ -208,6 +214,7 @@ class GuardCore:
         check_number("max_rollbacks", max_rollbacks, low=0, integer=True)
         check_number("snapshot_every", snapshot_every, low=1, integer=True)
         check_number("confirm_steps", confirm_steps, low=1, integer=True)
+        check_number("check_every_n_steps", check_every_n_steps, low=1, integer=True)
         if isinstance(min_lr, (list, tuple)):
             for i, m in enumerate(min_lr):
                 check_number(f"min_lr[{i}]", m, low=0.0)
@@ -246,6 +253,7 @@ class GuardCore:
             confirm_steps=confirm_steps,
         )
         self.skip_spikes = skip_spikes
+        self.check_every_n_steps = check_every_n_steps
         if skip_spikes and not isinstance(self.detectors["spike"], SpikeDetector):
             raise ValueError("skip_spikes=True needs the spike detector: leave spike=True or pass a SpikeDetector")
         self.min_lr: float | list[float] = (
@@ -273,6 +281,7 @@ class GuardCore:
         self.policy.reset_run()
         self._host = HostScalars()
         self._accumulated: torch.Tensor | None = None
+        self._unread: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet sent to the host
         self._last_global_step = -1
         self._snapshots: dict[int, Any] = {}  # Snapshot or DiskSnapshot behind the policy's good/pending marks
         self._spare: Any = None
@@ -446,46 +455,51 @@ class GuardCore:
         if self.policy.stopped:
             return
         global_step = trainer.global_step  # a computed property in Lightning: read it once
-        stepped = global_step != self._last_global_step
-        step = self._last_global_step  # the step this batch trained (global_step before its update)
+        if self.check_on == "train_step" and self.monitor is None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor):  # Lightning hands a detached copy: no graph is kept
+                self._accumulated = loss if self._accumulated is None else self._accumulated + loss
+        if global_step == self._last_global_step:
+            return  # a micro-batch of gradient accumulation: no optimizer step yet
+        step, self._last_global_step = self._last_global_step, global_step  # the step this batch trained
         if self.check_on == "train_step":
-            if self.monitor is None:
-                loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-                if isinstance(loss, torch.Tensor):  # Lightning hands a detached copy: no graph is kept
-                    self._accumulated = loss if self._accumulated is None else self._accumulated + loss
-            if stepped:
-                value = self._accumulated if self.monitor is None else self._metric(trainer)
-                self._accumulated = None
-                if value is not None:
-                    if self._world_size > 1:
-                        value = self._agreed(trainer, value)
-                    if not value.is_cuda and not len(self._host):  # on the host already: no queue needed
-                        self._last_global_step = global_step
-                        self._note_schedule(trainer)
-                        self._process(trainer, pl_module, [(step, float(value))])
-                        stepped = False  # done below already
-                        if self.policy.wants_snapshot(global_step):
-                            self._snapshots[global_step] = self._snapshot(trainer, pl_module)
-                            self.policy.snapshot_taken(global_step)
-                        return
-                    self._host.push(step, value)
-        if stepped:
-            self._last_global_step = global_step
-            self._note_schedule(trainer)
-        ready = self._host.ready()
-        if ready:
-            self._process(trainer, pl_module, ready)
-        if stepped and self.policy.wants_snapshot(global_step):
+            value = self._accumulated if self.monitor is None else self._metric(trainer)
+            self._accumulated = None
+            if value is not None:
+                self._unread.append((step, value))  # a tensor, possibly on the device: not read here
+        snapshot_due = self.policy.rollback and global_step % self.policy.snapshot_every == 0
+        if snapshot_due or global_step % (1 if self.skip_spikes else self.check_every_n_steps) == 0:
+            self._check(trainer, pl_module)
+        if snapshot_due and self.policy.wants_snapshot(global_step):
             self._snapshots[global_step] = self._snapshot(trainer, pl_module)
             self.policy.snapshot_taken(global_step)
 
+    def _check(self, trainer: Any, pl_module: Any, wait: bool = False) -> None:
+        """Send the values gathered since the last check on their way to the host (one batch: one copy, and
+        under DDP one collective), and run the policy on every value that has arrived (all of them with
+        ``wait``)."""
+        self._note_schedule(trainer)
+        if self._unread:
+            steps = [s for s, _ in self._unread]
+            tensors = [v if v.numel() == 1 else v.sum() for _, v in self._unread]
+            self._unread = []
+            if self._world_size > 1 or tensors[0].is_cuda:
+                stacked = torch.stack([v.detach().float().reshape(()) for v in tensors])
+                self._host.push(steps, self._agreed(trainer, stacked))
+            else:  # on the host already: reading a value costs no more than a Python float
+                self._host.push(steps, [float(v) for v in tensors])
+        ready = self._host.drain() if wait else self._host.ready()
+        if ready:
+            self._process(trainer, pl_module, ready)
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._process(trainer, pl_module, self._host.drain())
+        if not self.policy.stopped:
+            self._check(trainer, pl_module, wait=True)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.check_on != "validation" or trainer.sanity_checking or self.policy.stopped:
             return
-        self._host.push(trainer.global_step, self._agreed(trainer, self._metric(trainer)))
+        self._host.push([trainer.global_step], self._agreed(trainer, self._metric(trainer)).reshape(1))
         self._process(trainer, pl_module, self._host.drain())
 
     def _agreed(self, trainer: Any, value: torch.Tensor) -> torch.Tensor:
@@ -493,7 +507,7 @@ class GuardCore:
         everywhere), so all ranks' detectors hold the same state and take the same decisions on the same step."""
         if self._world_size <= 1:
             return value
-        return trainer.strategy.reduce(value.detach().float().reshape(()), reduce_op="mean")
+        return trainer.strategy.reduce(value.detach().float(), reduce_op="mean")
 
     def _metric(self, trainer: Any) -> torch.Tensor:
         assert self.monitor is not None
@@ -531,13 +545,13 @@ class GuardCore:
                     for j, g in enumerate(opt.param_groups)
                 ]
                 self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
-            if len(self._snapshots) > 2 or intents or (self.policy.pending is None and len(self._snapshots) > 1):
-                keep = {mark.step for mark in (self.policy.good, self.policy.pending) if mark is not None}
-                for s in list(self._snapshots):
+            if len(self._snapshots) > 1:
+                keep = self.policy.kept_steps()
+                for s in list(self._snapshots) if len(self._snapshots) > len(keep) else ():
                     if s not in keep:
                         self._spare = self._snapshots.pop(s)  # its buffers are reused by the next snapshot
-            if self.policy.stopped:
-                return
+            if self.policy.stopped or any(i.action == Action.ROLLBACK for i in intents):
+                return  # the values after a rollback describe weights that are gone
 
     def _execute(self, trainer: Any, pl_module: Any, intent: Intent) -> None:
         lr = self._lr(trainer)
@@ -588,6 +602,7 @@ class GuardCore:
         snapshot.restore(pl_module, trainer.optimizers, self._schedulers(trainer), precision=trainer.precision_plugin)
         self._snapshots = {intent.rollback_to: snapshot}
         self._host.clear()
+        self._unread = []
         self._accumulated = None
 
     def _snapshot_dir(self, trainer: Any) -> str:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 import inspect
 import math
 import warnings
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from lr_guard.events import Event, EventKind
@@ -57,6 +59,12 @@ def to_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError) as err:
         raise TypeError(f"update() takes a number for value, got {value!r} of type {type(value).__name__}") from err
+
+
+@functools.cache
+def _init_arguments(cls: type) -> tuple[str, ...]:
+    """The names of a class's ``__init__`` arguments (read once per class: a snapshot records them)."""
+    return tuple(p for p in inspect.signature(cls).parameters)  # the class signature: __init__ without self
 
 
 class Detector(abc.ABC):
@@ -108,8 +116,7 @@ class Detector(abc.ABC):
     # -- settings, repr ------------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments, as public attributes of the same names."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {p: getattr(self, p) for p in params if p != "self"}
+        return {p: getattr(self, p) for p in _init_arguments(type(self))}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
@@ -236,6 +243,14 @@ class LogOrLinear:
     def ratio(self, difference: float) -> float:
         """A difference in the detector's space as the user reads it: a ratio in log space, else the difference."""
         return safe_exp(difference) if self.log else difference
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of a short sequence (faster than ``statistics.median`` or numpy for the few values used here)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    mid = n // 2
+    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 def safe_exp(x: float) -> float:

@@ -7,18 +7,18 @@ from collections import deque
 
 from scipy.special import ndtri
 
-from lr_guard.detectors.base import Detector, LogOrLinear, NoiseScale, check_choice, check_number, to_float
+from lr_guard.detectors.base import (
+    Detector,
+    LogOrLinear,
+    NoiseScale,
+    check_choice,
+    check_number,
+    median,
+    to_float,
+)
 from lr_guard.events import Event, EventKind
 
 __all__ = ["DivergenceDetector"]
-
-
-def median(values: deque[float] | list[float]) -> float:
-    """Median of a short sequence (faster than ``statistics.median`` for the few values used here)."""
-    ordered = sorted(values)
-    n = len(ordered)
-    mid = n // 2
-    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 class DivergenceDetector(Detector):
@@ -129,7 +129,7 @@ class DivergenceDetector(Detector):
         self._n_nonfinite = 0
         self._recent: deque[float] = deque(maxlen=self.smoothing_window)
         self._trend: deque[float] = deque(maxlen=max(self.trend_window, 1))
-        self._start = math.nan  # smoothed level once the first smoothing_window values are in
+        self._start = math.nan  # the first value: the untrained loss
         self._best = math.inf
         self._level = math.nan  # EMA(0.9) of y: the steady level whose minimum is "the best"
         self._above = 0
@@ -169,8 +169,8 @@ class DivergenceDetector(Detector):
         self._recent.append(y)
         self._level = y if math.isnan(self._level) else 0.9 * self._level + 0.1 * y
         smoothed = median(self._recent)
-        if math.isnan(self._start) and len(self._recent) == self.smoothing_window:
-            self._start = smoothed
+        if math.isnan(self._start):
+            self._start = y  # the untrained loss: the first value, before any update could have blown it up
         margin = max(self._log_factor, self.noise_sigmas * self._noise.sigma)
         over_best = smoothed - self._best
         self._over_best = over_best
@@ -182,9 +182,7 @@ class DivergenceDetector(Detector):
             else:
                 return None
 
-        if y - self._best > max(self._log_instant, margin) and y > (
-            self._start if not math.isnan(self._start) else self._recent[0]
-        ):
+        if y - self._best > max(self._log_instant, margin) and y > self._start:
             ratio = y - self._best
             return self._event(
                 step,
@@ -206,8 +204,7 @@ class DivergenceDetector(Detector):
                 f"smoothed loss {show(smoothed):.4g} is {self._ratio_text(over_best)} its best "
                 f"{show(self._best):.4g} for {self.patience} steps (threshold {self.factor:g}x)",
             )
-        if len(self._recent) == self.smoothing_window:
-            self._best = min(self._best, self._level)
+        self._best = min(self._best, self._level)
         if self.trend_window:
             self._trend.append(y)
             if armed and len(self._trend) == self.trend_window and self._n % self._tenth == 0:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 
-import numpy as np
-
-from lr_guard.detectors.base import Detector, LogOrLinear, NoiseScale, check_choice, check_number, to_float
+from lr_guard.detectors.base import Detector, LogOrLinear, NoiseScale, check_choice, check_number, median, to_float
 from lr_guard.events import Event, EventKind
 
 __all__ = ["OscillationDetector"]
@@ -87,9 +86,9 @@ class OscillationDetector(Detector):
 
     def _reset(self) -> None:
         self._to_y = LogOrLinear(self.space, self.name)
-        x = np.arange(self.window, dtype=float)
-        self._x = x - x.mean()
-        self._x_ss = float(self._x @ self._x)
+        centre = (self.window - 1) / 2.0
+        self._x = [i - centre for i in range(self.window)]  # positions, centred: the line fit needs no intercept
+        self._x_ss = sum(x * x for x in self._x)
         self._n = 0
         self._n_nonfinite = 0
         self._recent: deque[float] = deque(maxlen=self.window)
@@ -109,14 +108,14 @@ class OscillationDetector(Detector):
         """The last evaluated swing-to-noise ratio (NaN before the first full window)."""
         return self._score
 
-    def _structure(self, centred: np.ndarray) -> tuple[float, int]:
+    def _structure(self, centred: list[float]) -> tuple[float, int]:
         """Largest absolute autocorrelation of the residuals over lags 1..max_lag, and its lag (signed value)."""
-        denom = float(centred @ centred)
+        denom = sum(map(operator.mul, centred, centred))
         if denom <= 0.0:
             return 0.0, 0
         best, best_lag = 0.0, 0
         for lag in range(1, self._max_lag + 1):
-            r = float(centred[lag:] @ centred[:-lag]) / denom
+            r = sum(map(operator.mul, centred[lag:], centred)) / denom  # map stops at the shorter: pairs t, t+lag
             if abs(r) > abs(best):
                 best, best_lag = r, lag
         return abs(best), best_lag if best >= 0 else -best_lag
@@ -138,11 +137,15 @@ class OscillationDetector(Detector):
             self._quiet_left -= 1
         if len(self._recent) < self.window or self._n % self.stride:
             return None
-        ys = np.fromiter(self._recent, dtype=float, count=self.window)
-        slope = float(self._x @ ys) / self._x_ss
-        residuals = ys - ys.mean() - slope * self._x
-        centred = residuals - np.median(residuals)
-        swing = 1.4826 * float(np.median(np.abs(centred)))
+        # plain Python: for a window of ~50 values it is several times faster than numpy's per-call overhead
+        ys = self._recent
+        x = self._x
+        slope = sum(map(operator.mul, x, ys)) / self._x_ss
+        mean = sum(ys) / self.window
+        residuals = [y - mean - slope * xi for xi, y in zip(x, ys, strict=True)]
+        middle = median(residuals)
+        centred = [r - middle for r in residuals]
+        swing = 1.4826 * median([abs(c) for c in centred])
         sigma = self._noise.sigma
         ratio = swing / sigma if sigma > 0.0 else (math.inf if swing > 0.0 else 0.0)
         self._score = ratio

@@ -51,7 +51,18 @@ class PlateauDetector(Detector):
     """
 
     kind = EventKind.PLATEAU
-    _STATE_FIELDS = ("_n", "_n_nonfinite", "_recent", "_sum", "_noise", "_prev", "_best", "_bad", "_cooldown_left")
+    _STATE_FIELDS = (
+        "_n",
+        "_n_nonfinite",
+        "_recent",
+        "_sum",
+        "_noise",
+        "_prev",
+        "_best",
+        "_bad",
+        "_cooldown_left",
+        "_first",
+    )
 
     def __init__(
         self,
@@ -92,6 +103,7 @@ class PlateauDetector(Detector):
         self._noise = NoiseScale(0.98, 3.0)
         self._prev = math.nan
         self._best = math.inf
+        self._first = math.nan  # sign * the first value: where training started
         self._bad = 0
         self._cooldown_left = 0
 
@@ -99,6 +111,14 @@ class PlateauDetector(Detector):
     def best(self) -> float:
         """Best windowed mean so far, in the metric's units (``inf``/``-inf`` before the first full window)."""
         return self._sign * self._best
+
+    @property
+    def progress(self) -> float:
+        """How far the best windowed mean is better than the first value, relative to it (0.3: 30% better; 0 or
+        less: no better than where training started). NaN before the first full window."""
+        if math.isinf(self._best) or not self._first:
+            return math.nan
+        return (self._first - self._best) / abs(self._first)
 
     @property
     def num_bad_steps(self) -> int:
@@ -117,6 +137,8 @@ class PlateauDetector(Detector):
         self._n += 1
         if self._n > 1:
             self._noise.update(abs(value - self._prev))
+        else:
+            self._first = self._sign * value
         self._prev = value
         if len(self._recent) == self.window:
             self._sum -= self._recent[0]
