@@ -114,7 +114,9 @@ class GuardCore:
       optimizer's state; the LR schedule still advances). After ``max_rollbacks`` rollbacks without a new
       healthy snapshot in between, restore the last good state, write it as a Lightning checkpoint and stop
       training cleanly.
-    * **Plateau**: cut the LR by ``plateau_factor`` (held while the schedule's own LR is still rising).
+    * **Plateau**: cut the LR by ``plateau_factor`` (held while the schedule's own LR is still rising). A plateau
+      while the loss is less than 5% below its first value is a failed start (a model broken in its first steps):
+      restart from the starting state with the LR times ``rollback_factor``, at most ``max_rollbacks`` times.
     * **Oscillation**: cut the LR by ``oscillation_factor``.
     * **Spike**: logged (a spike that lasts becomes a divergence). With ``skip_spikes=True`` the update of a step
       whose loss scores as a spike (or is non-finite) is not applied; this reads the loss before the optimizer
@@ -153,7 +155,8 @@ class GuardCore:
             ``<default_root_dir>/lr_guard_checkpoints``.
         snapshot_device: ``"cpu"`` (default, no accelerator memory), ``"same"`` (beside the weights) or
             ``"disk"`` (streamed to ``snapshot_dir`` by a background thread, for states larger than host memory).
-        snapshot_memory_budget: Bytes of host memory the snapshots may take (two copies are kept); over it,
+        snapshot_memory_budget: Bytes of host memory the snapshots may take (two copies; three until the loss is
+            5% below where it started); over it,
             ``"cpu"`` snapshots go to disk instead, with a warning. ``None``: no limit.
         snapshot_dir: Where disk snapshots go; default ``<default_root_dir>/lr_guard_snapshots``.
         diagnostics: Send scalars, the decision log, the configuration and a dashboard layout to the Trainer's
