@@ -21,6 +21,7 @@ The last line is one JSON object: ``cpu_overhead_pct``, ``guard_us_per_step`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -111,23 +112,21 @@ class TimedGuard(LRGuard):
     def _timed(self, hook: Any) -> Any:
         def run(trainer: Any, *args: Any, **kwargs: Any) -> Any:
             step = trainer.global_step
-            if not (torch.cuda.is_available() and trainer.lightning_module.device.type == "cuda"):
-                start = time.perf_counter()  # on CPU nothing else is timed: catching warnings costs microseconds
-                try:
-                    return hook(trainer, *args, **kwargs)
-                finally:
-                    self.per_step[step] = self.per_step.get(step, 0.0) + time.perf_counter() - start
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
+            cuda = torch.cuda.is_available() and trainer.lightning_module.device.type == "cuda"
+            # syncs are counted on a GPU only: on CPU, catching warnings would cost more than the hooks
+            with warnings.catch_warnings(record=True) if cuda else contextlib.nullcontext([]) as caught:
+                if cuda:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
                 start = time.perf_counter()
                 try:
                     return hook(trainer, *args, **kwargs)
                 finally:
                     elapsed = time.perf_counter() - start
-                    torch.cuda.set_sync_debug_mode("default")
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+                        self.syncs += sum("synchroniz" in str(w.message) for w in caught)
                     self.per_step[step] = self.per_step.get(step, 0.0) + elapsed
-                    self.syncs += sum("synchroniz" in str(w.message) for w in caught)
 
         return run
 

@@ -484,13 +484,12 @@ class GuardCore:
         self._note_schedule(trainer)
         if self._unread:
             steps = [s for s, _ in self._unread]
-            tensors = [v if v.numel() == 1 else v.sum() for _, v in self._unread]
+            values = [v.reshape(()) if v.numel() == 1 else v.sum() for _, v in self._unread]
             self._unread = []
-            if self._world_size > 1 or tensors[0].is_cuda:
-                stacked = torch.stack([v.detach().float().reshape(()) for v in tensors])
-                self._host.push(steps, self._agreed(trainer, stacked))
+            if self._world_size > 1 or values[0].is_cuda:
+                self._host.push(steps, self._agreed(trainer, torch.stack(values).float()))
             else:  # on the host already: reading a value costs no more than a Python float
-                self._host.push(steps, [float(v) for v in tensors])
+                self._host.push(steps, [float(v) for v in values])
         ready = self._host.drain() if wait else self._host.ready()
         if ready:
             self._process(trainer, pl_module, ready)
@@ -550,9 +549,8 @@ class GuardCore:
                 self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
             if len(self._snapshots) > 1:
                 keep = self.policy.kept_steps()
-                for s in list(self._snapshots) if len(self._snapshots) > len(keep) else ():
-                    if s not in keep:
-                        self._spare = self._snapshots.pop(s)  # its buffers are reused by the next snapshot
+                for s in [s for s in self._snapshots if s not in keep]:
+                    self._spare = self._snapshots.pop(s)  # its buffers are reused by the next snapshot
             if self.policy.stopped or any(i.action == Action.ROLLBACK for i in intents):
                 return  # the values after a rollback describe weights that are gone
 
