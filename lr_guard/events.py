@@ -33,6 +33,8 @@ class Event:
         threshold: The value ``score`` was compared with.
         detector: Name of the detector that raised it.
         message: One sentence a person can read in a log.
+        sudden: Raised by one value alone (a spike, a non-finite value, a blow-up), not by a trend over
+            several values.
     """
 
     kind: EventKind
@@ -42,6 +44,7 @@ class Event:
     threshold: float
     detector: str
     message: str
+    sudden: bool = False
 
     def __str__(self) -> str:
         return self.message

@@ -21,6 +21,9 @@ __all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
 # A plateau before the loss has got this much (relative) below where training started is a failed start
 RESTART_PROGRESS = 0.05
 
+# Why a first rollback keeps the LR: one value blew up after a calm stretch, outside a warm-up
+BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
+
 COUNTS = ("spike", "oscillation", "plateau", "divergence", "lr_cuts", "rollbacks", "skipped_batches", "snapshots")
 
 
@@ -52,7 +55,10 @@ class GuardPolicy:
       quiet); an unhealthy value discards it.
     * Divergence: roll back to the good snapshot with the LR times ``rollback_factor`` and ``skip_batches``
       skipped; after ``max_rollbacks`` rollbacks with no newly confirmed snapshot, stop (restoring it first).
-      The detectors are put back to their state at the snapshot.
+      The detectors are put back to their state at the snapshot. A bad batch keeps the LR
+      (``keep_lr_on_bad_batch``): when the first rollback of an incident is set off by one sudden value (non-finite
+      or blown up) after at least ``confirm_steps`` values without any event, outside a warm-up, the LR was not
+      to blame, and the data stream has moved past the batch; if the trouble comes back, the next rollback cuts.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
       ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
     * A failed start: a plateau while the plateau detector's best mean is less than ``RESTART_PROGRESS`` (5%)
@@ -77,6 +83,7 @@ class GuardPolicy:
         max_rollbacks: int,
         snapshot_every: int,
         confirm_steps: int,
+        keep_lr_on_bad_batch: bool = True,
     ) -> None:
         self.detectors = detectors
         self.plateau_factor = plateau_factor
@@ -87,6 +94,7 @@ class GuardPolicy:
         self.max_rollbacks = max_rollbacks
         self.snapshot_every = snapshot_every
         self.confirm_steps = confirm_steps
+        self.keep_lr_on_bad_batch = keep_lr_on_bad_batch
         self.counts = dict.fromkeys(COUNTS, 0)
         self._active = [d for d in detectors.values() if not isinstance(d, NullDetector)]
         self.incident_rollbacks = 0
@@ -107,6 +115,8 @@ class GuardPolicy:
         self.skipped_updates: dict[int, bool] = {}
         self.lr_rising = False
         self.stopped = False
+        self.calm_steps = 0  # values in a row that raised no event
+        self._calm_before = 0  # calm_steps before the value being decided on
 
     # -- snapshots -------------------------------------------------------------------------------------------------
     def quiet(self) -> bool:
@@ -162,19 +172,21 @@ class GuardPolicy:
             event = detector.update(value, step)
             if event is not None:
                 events = [event] if events is None else [*events, event]
-        healthy = (
-            math.isfinite(value)
-            and self.quiet()
-            and not (events and any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events))
-        )
         if self.pending is not None:
+            healthy = (
+                math.isfinite(value)
+                and self.quiet()
+                and not (events and any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events))
+            )
             self._confirm(step, healthy)
         if self.skipped_updates:
             self.skipped_updates = {s: c for s, c in self.skipped_updates.items() if s >= step}
         if self.origin is not None and getattr(self.detectors["plateau"], "progress", 0.0) >= RESTART_PROGRESS:
             self.origin = None  # training got going: no restart from scratch any more
         if not events:
+            self.calm_steps += 1
             return []
+        self._calm_before, self.calm_steps = self.calm_steps, 0
         intents = []
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
             self.counts[event.kind.value] += 1
@@ -200,7 +212,16 @@ class GuardPolicy:
             if self.incident_rollbacks >= self.max_rollbacks:
                 self.stopped = True
                 return Intent(event, Action.STOP, rollback_to=good.step)
+            bad_batch = (
+                self.keep_lr_on_bad_batch
+                and event.sudden
+                and self.incident_rollbacks == 0
+                and self._calm_before >= self.confirm_steps
+                and not self.lr_rising
+            )
             self.incident_rollbacks += 1
+            if bad_batch:  # the data stream moves on past it: the LR was not to blame
+                return self._rollback(event, good.step, self.skip_batches, factor=1.0, reason=BAD_BATCH)
             return self._rollback(event, good.step, self.skip_batches)
         factor = {EventKind.PLATEAU: self.plateau_factor, EventKind.OSCILLATION: self.oscillation_factor}.get(
             event.kind
@@ -227,11 +248,15 @@ class GuardPolicy:
             f"a failed start: the loss has improved only {100 * progress:.1f}% on where training started "
             f"(restart {self.restarts} of {self.max_rollbacks})"
         )
-        return self._rollback(event, origin.step, 0, reason)
+        return self._rollback(event, origin.step, 0, reason=reason)
 
-    def _rollback(self, event: Event, step: int, skip_batches: int, reason: str = "") -> Intent:
+    def _rollback(
+        self, event: Event, step: int, skip_batches: int, factor: float | None = None, reason: str = ""
+    ) -> Intent:
         self.counts["rollbacks"] += 1
-        return Intent(event, Action.ROLLBACK, self.rollback_factor, step, skip_batches, reason)
+        self.calm_steps = 0
+        factor = self.rollback_factor if factor is None else factor
+        return Intent(event, Action.ROLLBACK, factor, step, skip_batches, reason)
 
     def _restore_detectors(self, mark: SnapshotMark) -> None:
         for name, detector in self.detectors.items():
@@ -271,7 +296,7 @@ def describe(
 ) -> str:
     """The sentence logged for an executed intent."""
     event = intent.event
-    if intent.action == Action.ROLLBACK and intent.reason:
+    if intent.action == Action.ROLLBACK and intent.reason and intent.reason != BAD_BATCH:
         return (
             f"{event.message} -- {intent.reason}: restarted from step {intent.rollback_to}, "
             f"lr {lr_before:.3g} -> {lr_after:.3g}"
@@ -280,7 +305,7 @@ def describe(
         skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
         return (
             f"{event.message} -- rolled back to step {intent.rollback_to}, lr {lr_before:.3g} -> {lr_after:.3g}"
-            f"{skip} (rollback {incident} of {max_rollbacks})"
+            f"{skip} (rollback {incident} of {max_rollbacks}{'; ' + intent.reason if intent.reason else ''})"
         )
     if intent.action == Action.STOP:
         where = (

@@ -43,7 +43,7 @@ def test_nan_on_one_rank_rolls_back_both_and_parameters_stay_identical(tmp_path)
     r0, r1 = run_ddp("nan_on_rank1", tmp_path)
     assert r0["decisions"] == r1["decisions"] == [[25, "rollback", 20]]
     assert r0["params_sha256"] == r1["params_sha256"] and r0["finite"] and r1["finite"]
-    assert r0["lr"] == r1["lr"] == pytest.approx(0.005)
+    assert r0["lr"] == r1["lr"] == pytest.approx(0.01)  # one NaN after a calm stretch: a bad batch, LR kept
 
 
 @pytest.mark.slow

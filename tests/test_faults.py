@@ -160,7 +160,9 @@ class TwoOptimizersNaN(ScriptedLossModule):
 
 def test_several_param_groups_and_a_second_optimizer():
     module = TwoOptimizersNaN()
-    guard = LRGuard(monitor="train_loss", check_on="train_step", snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(
+        monitor="train_loss", check_on="train_step", snapshot_every=10, confirm_steps=3, keep_lr_on_bad_batch=False
+    )
     trainer = make_trainer([guard], max_steps=80)
     trainer.fit(module)
     assert [d.action for d in guard.decisions] == [Action.ROLLBACK] and finite(module)

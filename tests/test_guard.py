@@ -88,8 +88,56 @@ def test_nan_rollback_restores_weights_moments_and_scheduler_exactly():
     assert_same_tensors(before["model"], after["model"])  # weights and BatchNorm buffers
     assert_same_tensors(before["optimizer"]["state"], after["optimizer"]["state"])  # Adam moments and steps
     assert before["schedulers"][0]["last_epoch"] == after["schedulers"][0]["last_epoch"]  # scheduler position
-    assert after["lr"] == pytest.approx([0.5 * lr for lr in before["lr"]])  # and the LR cut
+    # one NaN after a calm stretch is a bad batch: the LR is that of step 40 again, not cut (see below)
+    assert after["lr"] == pytest.approx(before["lr"])
+    assert "a bad batch" in decision.message
     assert finite(module)
+
+
+def test_a_second_blow_up_in_the_same_incident_cuts_the_lr():
+    guard = LRGuard(snapshot_every=20, confirm_steps=5)
+    recorder = LRRecorder()
+    module = ScriptedLossModule(decaying(nan_at=[50, 58]), optimizer="adam", lr=0.01)
+    make_trainer([guard, recorder], max_steps=80).fit(module)
+    # 50: a bad batch (LR kept); 58 comes 2 values after the rollback, before any new snapshot is confirmed
+    assert [(d.action, d.rollback_to) for d in guard.decisions] == [(Action.ROLLBACK, 40), (Action.ROLLBACK, 40)]
+    assert [d.lr_after / d.lr_before for d in guard.decisions] == pytest.approx([1.0, 0.5])
+    assert recorder.lrs[79] == [pytest.approx(0.005)]
+
+
+def _policy(**kwargs):
+    from lr_guard.policy import GuardPolicy
+
+    settings = dict(
+        plateau_factor=0.5,
+        oscillation_factor=0.5,
+        rollback=True,
+        rollback_factor=0.5,
+        skip_batches=0,
+        max_rollbacks=3,
+        snapshot_every=10,
+        confirm_steps=5,
+    )
+    detectors = {"divergence": DivergenceDetector()}
+    policy = GuardPolicy(detectors, **{**settings, **kwargs})
+    policy.start(0)
+    return policy
+
+
+@pytest.mark.parametrize(
+    ("case", "factor"),
+    [("bad_batch", 1.0), ("warm_up", 0.5), ("switched_off", 0.5), ("too_early", 0.5), ("smoothed_rise", 0.5)],
+)
+def test_which_rollbacks_keep_the_lr(case, factor):
+    policy = _policy(keep_lr_on_bad_batch=case != "switched_off")
+    policy.lr_rising = case == "warm_up"
+    calm = 3 if case == "too_early" else 30
+    values = [2.0 - 0.01 * t for t in range(calm)]
+    # a blow-up of one value (NaN), or a smoothed loss at ~3x its best (no single value at 10x)
+    trouble = [5.0] * 6 if case == "smoothed_rise" else [math.nan]
+    intents = [i for t, v in enumerate(values + trouble) for i in policy.observe(t, v)]
+    assert [i.action for i in intents] == [Action.ROLLBACK]
+    assert intents[0].lr_factor == factor
 
 
 def test_values_are_checked_in_batches_and_a_rollback_drops_the_rest_of_its_batch():
@@ -292,7 +340,7 @@ def test_users_callbacks_and_gradient_clipping_keep_working(tmp_path):
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train_loss", every_n_train_steps=10)
     stopper = EarlyStopping(monitor="train_loss", patience=1000, check_on_train_epoch_end=True)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(snapshot_every=10, confirm_steps=3, keep_lr_on_bad_batch=False)
     trainer = make_trainer(
         [guard, checkpoint, stopper, LearningRateMonitor(logging_interval="step")],
         max_steps=60,
@@ -466,7 +514,9 @@ def test_min_lr_per_group_must_match_the_groups():
 
 
 def test_divergence_rollback_alone():
-    guard = DivergenceRollback(snapshot_every=10, confirm_steps=3, factor=0.25, skip_batches=1)
+    guard = DivergenceRollback(
+        snapshot_every=10, confirm_steps=3, factor=0.25, skip_batches=1, keep_lr_on_bad_batch=False
+    )
     recorder = LRRecorder()
     make_trainer([guard, recorder], max_steps=40).fit(ScriptedLossModule(decaying(nan_at=[25]), lr=0.1))
     assert [d.action for d in guard.decisions] == [Action.ROLLBACK]

@@ -109,7 +109,8 @@ class GuardCore:
 
     * **Divergence** (NaN/inf, blow-up, sustained rise): roll back in place to the last snapshot confirmed
       healthy -- weights and buffers, every optimizer's and scheduler's state, the precision plugin's state (AMP
-      scaler) and the RNG states -- then cut the LR by ``rollback_factor`` and skip the next ``skip_batches``
+      scaler) and the RNG states -- then cut the LR by ``rollback_factor`` (not on the first rollback for a bad
+      batch: see ``keep_lr_on_bad_batch``) and skip the next ``skip_batches``
       updates (a skipped update changes neither weights, nor buffers such as BatchNorm statistics, nor the
       optimizer's state; the LR schedule still advances). After ``max_rollbacks`` rollbacks without a new
       healthy snapshot in between, restore the last good state, write it as a Lightning checkpoint and stop
@@ -141,6 +142,11 @@ class GuardCore:
         rollback_factor: LR factor applied with each rollback.
         skip_batches: Updates skipped after a rollback, so the data that caused the blow-up is not learned from.
         max_rollbacks: Rollbacks allowed without a new healthy snapshot in between; one more stops training.
+        keep_lr_on_bad_batch: Keep the LR on the first rollback of an incident when it was set off by one
+            sudden value (NaN/inf, or a blow-up to ``instant_factor`` times the best) after at least
+            ``confirm_steps`` values with no event, outside a warm-up: that is a bad batch, which the data stream
+            has moved past, not a too-high LR. If the trouble comes back, the next rollback cuts the LR.
+            ``False``: every rollback cuts the LR by ``rollback_factor``.
         skip_spikes: Skip the update of a spiking (or non-finite) step; costs one host sync per step.
         snapshot_every: Take a snapshot every this many optimizer steps.
         confirm_steps: Healthy values needed after a snapshot before it counts as good.
@@ -171,6 +177,7 @@ class GuardCore:
     rollback_factor = _PolicySetting()
     skip_batches = _PolicySetting()
     max_rollbacks = _PolicySetting()
+    keep_lr_on_bad_batch = _PolicySetting()
     snapshot_every = _PolicySetting()
     confirm_steps = _PolicySetting()
 
@@ -188,6 +195,7 @@ class GuardCore:
         rollback_factor: float = 0.5,
         skip_batches: int = 0,
         max_rollbacks: int = 3,
+        keep_lr_on_bad_batch: bool = True,
         skip_spikes: bool = False,
         snapshot_every: int = 50,
         confirm_steps: int = 10,
@@ -211,6 +219,8 @@ class GuardCore:
         _check_factor("rollback_factor", rollback_factor, allow_none=False)
         if not isinstance(rollback, bool):
             raise TypeError(f"rollback must be True or False, got {rollback!r}")
+        if not isinstance(keep_lr_on_bad_batch, bool):
+            raise TypeError(f"keep_lr_on_bad_batch must be True or False, got {keep_lr_on_bad_batch!r}")
         if not isinstance(skip_spikes, bool):
             raise TypeError(f"skip_spikes must be True or False, got {skip_spikes!r}")
         check_number("skip_batches", skip_batches, low=0, integer=True)
@@ -254,6 +264,7 @@ class GuardCore:
             max_rollbacks=max_rollbacks,
             snapshot_every=snapshot_every,
             confirm_steps=confirm_steps,
+            keep_lr_on_bad_batch=keep_lr_on_bad_batch,
         )
         self.skip_spikes = skip_spikes
         self.check_every_n_steps = check_every_n_steps
@@ -483,13 +494,13 @@ class GuardCore:
         ``wait``)."""
         self._note_schedule(trainer)
         if self._unread:
-            steps = [s for s, _ in self._unread]
-            values = [v.reshape(()) if v.numel() == 1 else v.sum() for _, v in self._unread]
-            self._unread = []
-            if self._world_size > 1 or values[0].is_cuda:
+            unread, self._unread = self._unread, []
+            steps = [s for s, _ in unread]
+            if self._world_size > 1 or unread[0][1].is_cuda:
+                values = [v.reshape(()) if v.numel() == 1 else v.sum() for _, v in unread]
                 self._host.push(steps, self._agreed(trainer, torch.stack(values).float()))
             else:  # on the host already: reading a value costs no more than a Python float
-                self._host.push(steps, [float(v) for v in values])
+                self._host.push(steps, [float(v) if v.numel() == 1 else float(v.sum()) for _, v in unread])
         ready = self._host.drain() if wait else self._host.ready()
         if ready:
             self._process(trainer, pl_module, ready)
@@ -536,23 +547,27 @@ class GuardCore:
 
     # ------------------------------------------------------------------ carrying out the policy
     def _process(self, trainer: Any, pl_module: Any, values: list[tuple[int, float]]) -> None:
+        observe = self.policy.observe
+        log_every = self._log_every if self.diagnostics else 0
         for step, value in values:
-            intents = self.policy.observe(step, value)
+            intents = observe(step, value)
+            rolled_back = False
             for intent in intents:
                 self._execute(trainer, pl_module, intent)
-            if self.diagnostics and step % self._log_every == 0:
+                rolled_back = rolled_back or intent.action == Action.ROLLBACK
+            if log_every and step % log_every == 0:
                 groups = [
                     (f"opt{i}_group{j}", g)
                     for i, opt in enumerate(trainer.optimizers)
                     for j, g in enumerate(opt.param_groups)
                 ]
                 self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
-            if len(self._snapshots) > 1:
-                keep = self.policy.kept_steps()
-                for s in [s for s in self._snapshots if s not in keep]:
-                    self._spare = self._snapshots.pop(s)  # its buffers are reused by the next snapshot
-            if self.policy.stopped or any(i.action == Action.ROLLBACK for i in intents):
-                return  # the values after a rollback describe weights that are gone
+            if rolled_back or self.policy.stopped:
+                break  # the values after a rollback describe weights that are gone
+        if len(self._snapshots) > 1:  # free what the rules can no longer restore; its buffers are reused
+            keep = self.policy.kept_steps()
+            for s in [s for s in self._snapshots if s not in keep]:
+                self._spare = self._snapshots.pop(s)
 
     def _execute(self, trainer: Any, pl_module: Any, intent: Intent) -> None:
         lr = self._lr(trainer)

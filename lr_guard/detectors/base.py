@@ -23,6 +23,7 @@ from lr_guard.events import Event, EventKind
 __all__ = ["Detector", "NullDetector"]
 
 _SPACES = ("log", "linear")
+_IMMUTABLE = (int, float, bool, str, type(None))  # state values that need no copy
 
 
 def check_number(
@@ -132,6 +133,8 @@ class Detector(abc.ABC):
                 state[field] = list(value)
             elif isinstance(value, NoiseScale):
                 state[field] = value.to_dict()
+            elif type(value) in _IMMUTABLE:
+                state[field] = value
             else:
                 state[field] = copy.deepcopy(value)
         return {
@@ -222,10 +225,10 @@ class LogOrLinear:
         self.warned = False
 
     def __call__(self, value: float) -> float | None:
+        if value > 0.0 and self.log:
+            return math.log(value)
         if not self.log:
             return value
-        if value > 0.0:
-            return math.log(value)
         if not self.warned:
             self.warned = True
             warnings.warn(
@@ -268,6 +271,7 @@ class NoiseScale:
     """
 
     MIN_COUNT = 10
+    __slots__ = ("alpha", "clip", "count", "mean", "sigma", "weight")
 
     def __init__(self, alpha: float, clip: float) -> None:
         self.alpha = alpha
@@ -275,17 +279,19 @@ class NoiseScale:
         self.mean = 0.0
         self.weight = 0.0
         self.count = 0
+        self.sigma = 0.0  # the estimate, kept up to date by update(): read on every value by every detector
 
     def update(self, abs_diff: float) -> None:
-        if self.count >= self.MIN_COUNT:
-            abs_diff = min(abs_diff, self.clip * self.mean / self.weight)
-        self.count += 1
-        self.mean = self.alpha * self.mean + (1.0 - self.alpha) * abs_diff
-        self.weight = self.alpha * self.weight + (1.0 - self.alpha)
-
-    @property
-    def sigma(self) -> float:
-        return 0.886 * self.mean / self.weight if self.weight > 0.0 else 0.0
+        count = self.count
+        if count >= 10:  # MIN_COUNT, as a literal: this runs for every value of every detector
+            cap = self.clip * self.mean / self.weight
+            if abs_diff > cap:
+                abs_diff = cap
+        self.count = count + 1
+        alpha = self.alpha
+        self.mean = mean = alpha * self.mean + (1.0 - alpha) * abs_diff
+        self.weight = weight = alpha * self.weight + (1.0 - alpha)
+        self.sigma = 0.886 * mean / weight
 
     def to_dict(self) -> dict[str, float]:
         return {"mean": self.mean, "weight": self.weight, "count": self.count}
@@ -294,6 +300,7 @@ class NoiseScale:
         self.mean = float(state["mean"])
         self.weight = float(state["weight"])
         self.count = int(state.get("count", self.MIN_COUNT))
+        self.sigma = 0.886 * self.mean / self.weight if self.weight > 0.0 else 0.0
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, NoiseScale) and self.to_dict() == other.to_dict()

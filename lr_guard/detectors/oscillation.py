@@ -121,7 +121,8 @@ class OscillationDetector(Detector):
         return abs(best), best_lag if best >= 0 else -best_lag
 
     def update(self, value: float, step: int) -> Event | None:
-        value = to_float(value)
+        if type(value) is not float:
+            value = to_float(value)
         if not math.isfinite(value):
             self._n_nonfinite += 1
             return None

@@ -130,7 +130,8 @@ class PlateauDetector(Detector):
         return max(torch_margin, self.noise_sigmas * self._noise.sigma / math.sqrt(self.window))
 
     def update(self, value: float, step: int) -> Event | None:
-        value = to_float(value)
+        if type(value) is not float:
+            value = to_float(value)
         if not math.isfinite(value):
             self._n_nonfinite += 1
             return None

@@ -120,7 +120,8 @@ class SpikeDetector(Detector):
         return (y - self._trend) / sigma if sigma > 0.0 else (math.inf if y > self._trend else 0.0)
 
     def update(self, value: float, step: int) -> Event | None:
-        value = to_float(value)
+        if type(value) is not float:
+            value = to_float(value)
         if not math.isfinite(value):
             self._n_nonfinite += 1
             return None
@@ -153,6 +154,7 @@ class SpikeDetector(Detector):
                 self.name,
                 f"step {step}: loss {value:.4g} is {z:.1f} robust sigma above its trend "
                 f"{self._to_y.inverse(self._trend):.4g} (threshold {self.threshold:g})",
+                sudden=True,
             )
         y_clipped = min(y, self._trend + self.clip * sigma) if self._n >= self.warmup_steps else y
         self._noise.update(abs(y_clipped - self._prev))
