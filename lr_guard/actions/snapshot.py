@@ -75,10 +75,16 @@ _IMMUTABLE = (int, float, bool, str, type(None))
 
 
 def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool = False) -> None:
-    """Make the in-place copies :func:`_copy_tree` listed: one batched call instead of one call per tensor."""
-    if pairs:
-        destinations, sources = zip(*pairs, strict=True)
-        torch._foreach_copy_(list(destinations), list(sources), non_blocking=non_blocking)
+    """Make the in-place copies :func:`_copy_tree` listed: on the host, one batched call instead of one call per
+    tensor; with an accelerator involved, one ``copy_`` each (each is one asynchronous transfer anyway)."""
+    if not pairs:
+        return
+    if non_blocking or any(d.is_cuda or s.is_cuda for d, s in pairs):
+        for destination, source in pairs:
+            destination.copy_(source, non_blocking=non_blocking)
+        return
+    destinations, sources = zip(*pairs, strict=True)
+    torch._foreach_copy_(list(destinations), list(sources))
 
 
 def _nbytes(obj: Any) -> int:
@@ -236,7 +242,9 @@ def take_snapshot(
     blocking the host; the snapshot's :attr:`Snapshot.ready` event completes when they are all on the host, and
     :meth:`Snapshot.fence` makes the compute stream wait for it (on the GPU, no host sync) before anything may
     overwrite the sources -- the guard calls it before the next optimizer step. Buffers (BatchNorm statistics)
-    change in the forward pass, so they are copied in order on the compute stream.
+    change in the forward pass, so they are copied in order on the compute stream (also without blocking).
+    One host synchronisation remains with a ``GradScaler`` (fp16 mixed precision): its ``state_dict`` reads the
+    scale.
     """
     target = None if device == "same" else device
     precision_state = precision.state_dict() if precision is not None else None
@@ -244,16 +252,19 @@ def take_snapshot(
     side = None
     if target == "cpu" and torch.cuda.is_available() and any(t.is_cuda for t in model_state.values()):
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+    non_blocking = side is not None
     buffers = {name for name, _ in model.named_buffers()}
     old = reuse if reuse is not None else None
     params = {k: v for k, v in model_state.items() if k not in buffers}
     bufs = {k: v for k, v in model_state.items() if k in buffers}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    model_copy = _copy_tree(bufs, target, old.model if old else None, into=pairs)
-    _copy_all(pairs)
+    # buffers first, on the compute stream: in order with the forward passes that change them, and without
+    # blocking the host; the side stream then waits for them, so the `ready` event covers their copies too
+    model_copy = _copy_tree(bufs, target, old.model if old else None, non_blocking, pairs)
+    _copy_all(pairs, non_blocking)
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
     pairs = []
-    non_blocking = side is not None
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         model_copy.update(_copy_tree(params, target, old.model if old else None, non_blocking, pairs))
         optimizers_copy = [

@@ -1,0 +1,56 @@
+"""The GPU path: the guard's per-step hooks never make the host wait for the device (skipped without CUDA)."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lr_guard import LRGuard
+from lr_guard.testing import ScriptedLossModule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+
+
+class SyncFreeGuard(LRGuard):
+    """LRGuard whose per-step hooks run under ``torch.cuda.set_sync_debug_mode("error")``: any host
+    synchronisation inside them (``.item()``, a blocking copy, a stream or event wait) raises."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+        for name in HOOKS:
+            setattr(self, name, self._strict(getattr(self, name)))
+
+    def _strict(self, hook):
+        def run(*args, **kwargs):
+            self.calls += 1
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return run
+
+
+def test_the_hooks_never_synchronise_the_host(tmp_path):
+    # defaults: all four detectors, a snapshot every 50 steps (the module has BatchNorm buffers), checks every 8
+    # steps, diagnostics to TensorBoard; 160 steps include three snapshots taken after the first
+    guard = SyncFreeGuard()
+    script = [2.0 / (1 + 0.02 * t) for t in range(160)]
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=160,
+        callbacks=[guard],
+        logger=TensorBoardLogger(tmp_path),
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(ScriptedLossModule(script, optimizer="adamw", lr=1e-3))
+    assert guard.calls == 4 * 160
+    assert guard.detectors["spike"].n_updates == 160  # every value reached the host and the detectors
+    assert guard.counts["snapshots"] >= 3 and guard.decisions == []
