@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                 # tiny MLP on CPU (and on the GPU when there is one)
     python benchmarks/overhead.py --gpt           # also a ~85M-parameter GPT-style model
     python benchmarks/overhead.py --repeats 5 --steps 600
+    python benchmarks/overhead.py --parts         # also: what the detectors and the snapshots cost
 
 Method: the same model, data and seed, bare and guarded runs interleaved (bare, guarded, guarded, bare, ...) to
 cancel drift on a shared machine; per run the median step time (time between consecutive batch starts, after a
@@ -196,6 +197,37 @@ def measure(name: str, make: Any, device: str, steps: int, repeats: int) -> dict
     return out
 
 
+PARTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no_snapshots": {"rollback": False},
+    "no_detectors": {"spike": False, "oscillation": False, "plateau": False, "divergence": False},
+    "hooks_only": {"spike": False, "oscillation": False, "plateau": False, "divergence": False, "rollback": False},
+}
+
+
+def measure_parts(make: Any, device: str, steps: int, repeats: int) -> dict[str, float]:
+    """The hooks' mean time per step with parts of the guard switched off (the best of ``repeats`` runs each):
+    the differences say what the detectors and the snapshots cost."""
+    warmup = min(50, steps // 5)
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, kwargs in PARTS.items():
+            timed = TimedGuard(**kwargs)
+            fit(make, [timed], steps, device)
+            mean = statistics.mean(t for s, t in timed.per_step.items() if s >= warmup)
+            best[name] = min(best.get(name, math.inf), 1e6 * mean)
+    out = {f"{name}_us_mean": value for name, value in best.items()}
+    out["detectors_us"] = best["no_snapshots"] - best["hooks_only"]
+    out["snapshots_us"] = best["no_detectors"] - best["hooks_only"]
+    print(
+        f"parts    {device:<5} hooks' mean per step: all {best['full']:.1f} us; without snapshots "
+        f"{best['no_snapshots']:.1f}; without detectors {best['no_detectors']:.1f}; hooks and checks only "
+        f"{best['hooks_only']:.1f} -> detectors and policy ~{out['detectors_us']:.1f} us, snapshots "
+        f"~{out['snapshots_us']:.1f} us"
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400, help="steps per run (tiny model)")
@@ -203,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gpt", action="store_true", help="also the ~85M GPT-style model")
     parser.add_argument("--gpt-steps", type=int, default=None, help="steps per GPT run (default 12 CPU, 60 GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for comparable runs)")
+    parser.add_argument(
+        "--parts", action="store_true", help="also time the tiny model's hooks with parts of the guard switched off"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -212,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for device in devices:
         results[f"tiny_{device}"] = measure("tiny", TinyMLP, device, args.steps, args.repeats)
+        if args.parts:
+            results[f"tiny_{device}_parts"] = measure_parts(TinyMLP, device, args.steps, args.repeats)
         if args.gpt:
             batch, seq = (2, 64) if device == "cpu" else (32, 128)
             steps = args.gpt_steps or (12 if device == "cpu" else 60)
