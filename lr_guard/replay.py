@@ -10,6 +10,11 @@ beside the original, so both can be viewed together.
     lr-guard replay run.csv --set skip_batches=100 --set spike.threshold=7
     lr-guard replay lightning_logs/version_3 --config guard.yaml --tensorboard
 
+The learning rate, where the log has it (a CSV's ``lr`` column; in event files ``--lr-tag``, by default the first
+tag LearningRateMonitor writes, ``lr-<optimizer>``), tells the rules when a warm-up is under way, as the live
+guard sees it: a plateau cut is held while the LR rises, and a rollback then always cuts the LR. Without it the
+whole run counts as past its warm-up.
+
 After the first rollback the log shows what the run did *without* the guard; the decisions after it are what the
 guard would have done on that same stream, not a prediction of the rescued run.
 """
@@ -28,7 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_TAGS", "ReplayError", "ReplayResult", "guard_settings", "load_series", "main", "replay"]
+__all__ = [
+    "DEFAULT_TAGS",
+    "ReplayError",
+    "ReplayResult",
+    "guard_settings",
+    "load_lr_series",
+    "load_series",
+    "main",
+    "replay",
+]
 
 DEFAULT_TAGS = ("train_loss_step", "train_loss", "loss", "train/loss", "training_loss")
 _GUARD_CLASSES = ("lr_guard.LRGuard", "lr_guard.lightning.LRGuard", "lr_guard.callbacks.LRGuard")
@@ -39,20 +53,22 @@ class ReplayError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- reading the log
-def _read_csv(path: Path) -> list[tuple[int, float]]:
+def _read_csv(path: Path, column: str = "loss", required: bool = True) -> list[tuple[int, float]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "step" not in fields or "loss" not in fields:
-            raise ReplayError(f"{path}: a CSV needs 'step' and 'loss' columns; its header is {reader.fieldnames}")
+        if "step" not in fields or column not in fields:
+            if not required:
+                return []
+            raise ReplayError(f"{path}: a CSV needs 'step' and '{column}' columns; its header is {reader.fieldnames}")
         step_key = reader.fieldnames[fields.index("step")]  # type: ignore[index]
-        loss_key = reader.fieldnames[fields.index("loss")]  # type: ignore[index]
+        value_key = reader.fieldnames[fields.index(column)]  # type: ignore[index]
         series = []
         for line, row in enumerate(reader, start=2):
             try:
-                series.append((int(float(row[step_key])), float(row[loss_key])))
+                series.append((int(float(row[step_key])), float(row[value_key])))
             except (TypeError, ValueError) as err:
-                raise ReplayError(f"{path}, line {line}: cannot read step/loss from {row}") from err
+                raise ReplayError(f"{path}, line {line}: cannot read step/{column} from {row}") from err
     return series
 
 
@@ -100,6 +116,29 @@ def _read_events(path: Path, tag: str | None) -> tuple[list[tuple[int, float]], 
         f"{path}: none of the usual loss tags ({', '.join(DEFAULT_TAGS)}) is there; choose one with "
         f"--tag. The scalar tags are: {', '.join(all_tags) or '(none)'}"
     )
+
+
+def load_lr_series(path: str | os.PathLike[str], tag: str | None = None) -> tuple[list[tuple[int, float]], str | None]:
+    """The learning rate the run used, as ``(step, lr)`` pairs, and where it was read; ``([], None)`` when the log
+    does not have it. In a CSV the column ``tag`` (default ``lr``); in event files ``tag``, or the first ``lr-*``
+    tag (Lightning's ``LearningRateMonitor``). A ``tag`` that is not there is an error."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        column = (tag or "lr").strip().lower()
+        series = _read_csv(path, column, required=tag is not None)
+        return (sorted(series), column) if series else ([], None)
+    if tag is None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        for source in _event_dirs(path):
+            acc = EventAccumulator(str(source), size_guidance={"scalars": 0})
+            acc.Reload()
+            candidates = sorted(t for t in acc.Tags().get("scalars", []) if t.startswith("lr-"))
+            if candidates:
+                return sorted((e.step, e.value) for e in acc.Scalars(candidates[0])), candidates[0]
+        return [], None
+    series, tag_used, _ = _read_events(path, tag)
+    return sorted(series), tag_used
 
 
 def load_series(path: str | os.PathLike[str], tag: str | None = None) -> tuple[list[tuple[int, float]], str, str]:
@@ -209,9 +248,15 @@ class ReplayResult:
 
 
 def replay(
-    series: Sequence[tuple[int, float]], settings: dict[str, Any] | None = None, log_every_n_steps: int = 1
+    series: Sequence[tuple[int, float]],
+    settings: dict[str, Any] | None = None,
+    log_every_n_steps: int = 1,
+    lr: Sequence[tuple[int, float]] = (),
 ) -> ReplayResult:
-    """Run the guard's rules over ``series``; return what it would have done, and its diagnostics' scalars."""
+    """Run the guard's rules over ``series``; return what it would have done, and its diagnostics' scalars.
+
+    ``lr``: the run's learning rate as ``(step, lr)`` pairs, sorted by step; where it rises, a warm-up is under
+    way (the policy's ``lr_rising``, as the live guard reads it from the optimizer)."""
     from lr_guard.callbacks.core import GuardCore
     from lr_guard.diagnostics import scalars
     from lr_guard.events import Action
@@ -227,7 +272,14 @@ def replay(
     factor = 1.0
     rows: list[ReplayRow] = []
     logged: list[tuple[int, dict[str, float]]] = []
+    next_lr, current_lr, last_lr = 0, None, None
     for step, value in series:
+        while next_lr < len(lr) and lr[next_lr][0] <= step:
+            current_lr = lr[next_lr][1]
+            next_lr += 1
+        if current_lr is not None:
+            policy.lr_rising = last_lr is not None and current_lr > last_lr * (1 + 1e-9)
+            last_lr = current_lr
         for intent in policy.observe(step, value):
             before = factor
             detail = ""
@@ -314,6 +366,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("path", help="a TensorBoard event file or log directory, or a CSV with step,loss columns")
     rp.add_argument("--tag", help=f"scalar tag to read (default: the first of {', '.join(DEFAULT_TAGS)})")
+    rp.add_argument(
+        "--lr-tag",
+        help="scalar tag of the learning rate, to see warm-ups (default: the first lr-* tag, if any; in a CSV "
+        "the lr column)",
+    )
     rp.add_argument("--config", help="YAML with the guard's settings (LightningCLI format, or plain init_args)")
     rp.add_argument(
         "--set",
@@ -338,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         series, tag, source = load_series(args.path, args.tag)
-        result = replay(series, guard_settings(args.config, args.set))
+        lr, lr_tag = load_lr_series(args.path, args.lr_tag)
+        result = replay(series, guard_settings(args.config, args.set), lr=lr)
     except ReplayError as err:
         print(f"lr-guard replay: error: {err}", file=sys.stderr)
         return 2
@@ -346,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps([r.__dict__ for r in result.rows], default=lambda x: None if not math.isfinite(x) else x))
     else:
         print(f"{source}: {result.n_values} values of {tag!r}, steps {series[0][0]}..{series[-1][0]}")
+        if lr_tag is None:
+            print("no learning rate in the log: the whole run counts as past its warm-up (see --lr-tag)")
+        else:
+            print(f"learning rate from {lr_tag!r}: warm-ups seen where it rises")
         print(format_table(result))
         actions = [r.action for r in result.rows]
         print(

@@ -5,10 +5,13 @@ import math
 
 import pytest
 from conftest import make_trainer
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim import lr_scheduler as S
 
 from lr_guard import LRGuard
+from lr_guard.actions import lr_factors
 from lr_guard.data import load_curve
 from lr_guard.diagnostics import DECISIONS_TAG
 from lr_guard.replay import ReplayError, guard_settings, load_series, main, replay
@@ -38,7 +41,9 @@ def test_replay_of_a_real_run_says_what_the_guard_would_have_done(unguarded_run,
     assert main(["replay", log_dir, "--set", "snapshot_every=10", "--set", "confirm_steps=3"]) == 0
     out = capsys.readouterr().out
     assert "100 values of 'train_loss'" in out
-    assert "      60  divergence" in out and "back to step 50, LR x0.5" in out
+    # one NaN after a calm stretch: a bad batch (LR kept); the NaNs that follow cut it
+    assert "      60  divergence" in out and "back to step 50, LR x1 (cumulative x1)" in out
+    assert "      61  divergence" in out and "back to step 50, LR x0.5 (cumulative x0.5)" in out
     # the real run stayed NaN after step 60, so the guard would have retried, then stopped
     assert "stop" in out
 
@@ -53,6 +58,42 @@ def test_replay_matches_the_live_guard_on_the_same_stream(unguarded_run, tmp_pat
     first = result.rows[0]
     assert (first.step, first.kind, first.action) == (live.event.step, live.event.kind.value, live.action.value)
     assert f"back to step {live.rollback_to}" in first.detail
+
+
+def test_replay_reads_the_logged_lr_and_sees_a_warm_up_as_the_live_guard_does(tmp_path, capsys):
+    # a warm-up (LinearLR over the whole run) and one NaN at step 60: the live guard sees the LR rising and cuts
+    def module():
+        warm_up = lambda o: S.LinearLR(o, start_factor=0.1, total_iters=100)  # noqa: E731
+        return ScriptedLossModule(script(nan_at=[60]), optimizer="adam", lr=0.01, scheduler=warm_up)
+
+    logger = TensorBoardLogger(tmp_path, name="warm", version=0)
+    monitor = LearningRateMonitor(logging_interval="step")
+    make_trainer([monitor], max_steps=100, logger=logger, log_every_n_steps=1).fit(module())
+    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    trainer = make_trainer([guard], max_steps=100)
+    trainer.fit(module())
+    assert [(d.event.step, d.action.value) for d in guard.decisions] == [(60, "rollback")]
+    assert lr_factors(trainer.optimizers) == [[0.5]]  # cut, not kept: the LR was rising
+    assert main(["replay", logger.log_dir, "--set", "snapshot_every=10", "--set", "confirm_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rate from 'lr-Adam'" in out
+    assert "      60  divergence" in out and "back to step 50, LR x0.5 (cumulative x0.5)" in out
+
+
+def test_a_csv_lr_column_marks_the_warm_up(tmp_path):
+    from lr_guard.replay import load_lr_series
+
+    rows = [(t, v, 0.001 * (t + 1)) for t, v in enumerate(script(n=100, nan_at=[60]))]
+    with_lr = tmp_path / "with_lr.csv"
+    with_lr.write_text("step,loss,lr\n" + "".join(f"{t},{v},{lr}\n" for t, v, lr in rows))
+    lr, column = load_lr_series(with_lr)
+    assert column == "lr" and len(lr) == 100
+    series, _, _ = load_series(with_lr)
+    settings = {"snapshot_every": 10, "confirm_steps": 3}
+    assert replay(series, settings, lr=lr).rows[0].detail.startswith("back to step 50, LR x0.5")
+    assert replay(series, settings).rows[0].detail.startswith("back to step 50, LR x1")  # no LR: past warm-up
+    with pytest.raises(ReplayError, match="'learning_rate' columns"):
+        load_lr_series(with_lr, "learning_rate")
 
 
 def test_replay_writes_a_tensorboard_run_beside_the_original(unguarded_run, capsys):
