@@ -116,7 +116,6 @@ class GuardPolicy:
         self.lr_rising = False
         self.stopped = False
         self.calm_steps = 0  # values in a row that raised no event
-        self._calm_before = 0  # calm_steps before the value being decided on
 
     # -- snapshots -------------------------------------------------------------------------------------------------
     def quiet(self) -> bool:
@@ -186,11 +185,11 @@ class GuardPolicy:
         if not events:
             self.calm_steps += 1
             return []
-        self._calm_before, self.calm_steps = self.calm_steps, 0
+        calm_before, self.calm_steps = self.calm_steps, 0
         intents = []
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
             self.counts[event.kind.value] += 1
-            intent = self._decide(event)
+            intent = self._decide(event, calm_before)
             intents.append(intent)
             if intent.action in (Action.ROLLBACK, Action.STOP) or (
                 intent.action == Action.SKIP and event.kind == EventKind.DIVERGENCE
@@ -199,7 +198,7 @@ class GuardPolicy:
         self.skipped_updates.pop(step, None)
         return intents
 
-    def _decide(self, event: Event) -> Intent:
+    def _decide(self, event: Event, calm_before: int) -> Intent:
         if event.step in self.skipped_updates and (
             event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
         ):
@@ -216,7 +215,7 @@ class GuardPolicy:
                 self.keep_lr_on_bad_batch
                 and event.sudden
                 and self.incident_rollbacks == 0
-                and self._calm_before >= self.confirm_steps
+                and calm_before >= self.confirm_steps
                 and not self.lr_rising
             )
             self.incident_rollbacks += 1
@@ -296,7 +295,7 @@ def describe(
 ) -> str:
     """The sentence logged for an executed intent."""
     event = intent.event
-    if intent.action == Action.ROLLBACK and intent.reason and intent.reason != BAD_BATCH:
+    if intent.action == Action.ROLLBACK and event.kind == EventKind.PLATEAU:  # a failed start: a restart
         return (
             f"{event.message} -- {intent.reason}: restarted from step {intent.rollback_to}, "
             f"lr {lr_before:.3g} -> {lr_after:.3g}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import importlib
 import json
 import math
@@ -78,9 +79,25 @@ def _event_dirs(path: Path) -> list[Path]:
     return sorted({p.parent for p in path.rglob("events.out.tfevents.*")})
 
 
-def _read_events(path: Path, tag: str | None) -> tuple[list[tuple[int, float]], str, str]:
+@functools.lru_cache(maxsize=16)
+def _load(source: str, version: tuple[int, ...]) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    acc = EventAccumulator(source, size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def _accumulator(source: Path) -> Any:
+    """The scalars of an event file or directory, read once (the loss and the LR come from the same files)."""
+    files = [source] if source.is_file() else sorted(source.glob("events.out.tfevents.*"))
+    try:
+        return _load(str(source), tuple(f.stat().st_mtime_ns for f in files))
+    except Exception as err:  # the reader raises several kinds on a file that is no event file
+        raise ReplayError(f"{source}: not a readable TensorBoard event file ({type(err).__name__}: {err})") from err
+
+
+def _read_events(path: Path, tag: str | None) -> tuple[list[tuple[int, float]], str, str]:
     sources = _event_dirs(path)
     if not sources:
         raise ReplayError(
@@ -89,11 +106,7 @@ def _read_events(path: Path, tag: str | None) -> tuple[list[tuple[int, float]], 
         )
     found: dict[Path, list[str]] = {}
     for source in sources:
-        acc = EventAccumulator(str(source), size_guidance={"scalars": 0})
-        try:
-            acc.Reload()
-        except Exception as err:  # the reader raises several kinds on a file that is no event file
-            raise ReplayError(f"{source}: not a readable TensorBoard event file ({type(err).__name__}: {err})") from err
+        acc = _accumulator(source)
         found[source] = acc.Tags().get("scalars", [])
         if tag is not None and tag in found[source]:
             return [(e.step, e.value) for e in acc.Scalars(tag)], tag, str(source)
@@ -128,11 +141,8 @@ def load_lr_series(path: str | os.PathLike[str], tag: str | None = None) -> tupl
         series = _read_csv(path, column, required=tag is not None)
         return (sorted(series), column) if series else ([], None)
     if tag is None:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
         for source in _event_dirs(path):
-            acc = EventAccumulator(str(source), size_guidance={"scalars": 0})
-            acc.Reload()
+            acc = _accumulator(source)
             candidates = sorted(t for t in acc.Tags().get("scalars", []) if t.startswith("lr-"))
             if candidates:
                 return sorted((e.step, e.value) for e in acc.Scalars(candidates[0])), candidates[0]

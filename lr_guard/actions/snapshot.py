@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Snapshot", "capture_rng", "restore_rng", "take_snapshot"]
+__all__ = ["Snapshot", "capture_rng", "restore_rng", "take_snapshot", "tree_nbytes"]
 
 
 def _copy_tree(
@@ -87,13 +87,14 @@ def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool
     torch._foreach_copy_(list(destinations), list(sources))
 
 
-def _nbytes(obj: Any) -> int:
+def tree_nbytes(obj: Any) -> int:
+    """Bytes held by the tensors of a state tree (nested dicts, lists and tuples)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
+        return sum(tree_nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
+        return sum(tree_nbytes(v) for v in obj)
     return 0
 
 
@@ -192,7 +193,7 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         """Bytes held by the snapshot's tensors."""
-        return _nbytes(self.model) + _nbytes(self.optimizers) + _nbytes(self.precision)
+        return tree_nbytes(self.model) + tree_nbytes(self.optimizers) + tree_nbytes(self.precision)
 
     def restore(
         self,

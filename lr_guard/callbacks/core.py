@@ -34,6 +34,7 @@ from lr_guard.actions import (
 )
 from lr_guard.actions.disk_snapshot import DiskSnapshot, take_disk_snapshot
 from lr_guard.actions.lr import UNSCALED
+from lr_guard.actions.snapshot import tree_nbytes
 from lr_guard.detectors import (
     Detector,
     DivergenceDetector,
@@ -79,16 +80,7 @@ def _check_factor(name: str, value: float | None, allow_none: bool = True) -> No
 
 
 def _state_bytes(model: Any, optimizers: Sequence[Any]) -> int:
-    def size(tree: Any) -> int:
-        if isinstance(tree, torch.Tensor):
-            return tree.numel() * tree.element_size()
-        if isinstance(tree, dict):
-            return sum(size(v) for v in tree.values())
-        if isinstance(tree, (list, tuple)):
-            return sum(size(v) for v in tree)
-        return 0
-
-    return size(model.state_dict()) + sum(size(o.state_dict()) for o in optimizers)
+    return tree_nbytes(model.state_dict()) + sum(tree_nbytes(o.state_dict()) for o in optimizers)
 
 
 class _PolicySetting:
