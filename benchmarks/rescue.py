@@ -24,7 +24,9 @@ import importlib.util
 import json
 import logging
 import math
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -104,7 +106,9 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
     elif method == "lr_guard":
         callbacks.append(LRGuard())
     _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads
+    root = tempfile.mkdtemp(prefix="lr_guard_rescue_")  # a guard that stops writes its last good state here
     trainer = pl.Trainer(
+        default_root_dir=root,
         max_steps=steps,
         callbacks=callbacks,
         logger=False,
@@ -122,6 +126,7 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
     seconds = time.perf_counter() - start
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     val = trainer.validate(model, verbose=False)[0]["val_loss"] if finite else math.inf
+    shutil.rmtree(root, ignore_errors=True)
     return {"val_loss": val if math.isfinite(val) else math.inf, "seconds": seconds}
 
 

@@ -137,10 +137,12 @@ def test_llm_example_rescues_the_too_high_warmup():
     assert out["with LRGuard"] < 3.0 and out["without a guard"] > 2 * out["with LRGuard"]
 
 
-def test_rescue_benchmark_smoke(capsys):
+def test_rescue_benchmark_smoke(capsys, tmp_path, monkeypatch):
     import json
 
+    monkeypatch.chdir(tmp_path)
     means = _bench("rescue").main(["--seeds", "1", "--steps", "200", "--scenarios", "healthy", "nan_inputs"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"healthy", "nan_inputs"} and math.isfinite(means["nan_inputs"]["lr_guard"])
     assert means["nan_inputs"]["none"] == math.inf
+    assert list(tmp_path.iterdir()) == []  # nothing left in the working directory (no checkpoints, no logs)

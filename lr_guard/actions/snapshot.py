@@ -39,13 +39,28 @@ def _copy_tree(
     copy (:func:`_copy_all`). Copies of accelerator tensors to the host go into pinned memory, so they can run
     without blocking.
     """
+    cls = type(obj)
+    if cls in _IMMUTABLE:  # most leaves of an optimizer's state (its hyperparameters): nothing to copy
+        return obj
+    if cls is dict or isinstance(obj, dict):
+        old_items = reuse if isinstance(reuse, dict) else _NOTHING
+        return {
+            k: v if type(v) in _IMMUTABLE else _copy_tree(v, device, old_items.get(k), non_blocking, into)
+            for k, v in obj.items()
+        }
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
+        t = obj.detach() if obj.requires_grad else obj  # a state_dict's tensors are detached already
         if (
             isinstance(reuse, torch.Tensor)
             and reuse.shape == t.shape
             and reuse.dtype == t.dtype
-            and (reuse.device == t.device if device is None else reuse.device.type == device)
+            and (
+                reuse.is_cpu
+                if device == "cpu"
+                else reuse.device == t.device
+                if device is None
+                else reuse.device.type == device
+            )
         ):
             if into is not None:
                 into.append((reuse, t))
@@ -59,19 +74,17 @@ def _copy_tree(
             out.copy_(t, non_blocking=non_blocking)
             return out
         return t.to(device, copy=True)
-    if isinstance(obj, dict):
-        old_items = reuse if isinstance(reuse, dict) else {}
-        return {k: _copy_tree(v, device, old_items.get(k), non_blocking, into) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
+        if all(type(v) in _IMMUTABLE for v in obj):  # e.g. a param group's parameter ids
+            return list(obj) if isinstance(obj, list) else obj
         old_seq = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
         items = [_copy_tree(v, device, r, non_blocking, into) for v, r in zip(obj, old_seq, strict=True)]
         return items if isinstance(obj, list) else tuple(items)
-    if type(obj) in _IMMUTABLE:
-        return obj
     return copy.deepcopy(obj)
 
 
-_IMMUTABLE = (int, float, bool, str, type(None))
+_IMMUTABLE = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
+_NOTHING: dict[Any, Any] = {}
 
 
 def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool = False) -> None:

@@ -291,6 +291,7 @@ class GuardCore:
         self._last_global_step = -1
         self._snapshots: dict[int, Any] = {}  # Snapshot or DiskSnapshot behind the policy's good/pending marks
         self._spare: Any = None
+        self._unfenced: list[Snapshot] = []  # snapshots whose copies may still be running on a side stream
         self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
         self._last_unscaled: float | None = None
@@ -419,6 +420,7 @@ class GuardCore:
             release_scheduler(scheduler)
         self._snapshots = {}
         self._spare = None
+        self._unfenced = []
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning does not call callbacks' teardown when training raises: leave the schedulers as they were.
@@ -434,8 +436,10 @@ class GuardCore:
             self._step_loss = loss if self._step_loss is None else self._step_loss + loss
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        for snapshot in self._snapshots.values():
-            snapshot.fence()  # the step overwrites what a snapshot may still be copying (GPU; no-op on CPU)
+        if self._unfenced:  # the step overwrites what a snapshot may still be copying (GPU only)
+            for snapshot in self._unfenced:
+                snapshot.fence()
+            self._unfenced = []
         step_loss, self._step_loss = self._step_loss, None
         skip = False
         if self._skip_left > 0:
@@ -632,7 +636,7 @@ class GuardCore:
                 slot,
                 precision=trainer.precision_plugin,
             )
-        return take_snapshot(
+        snapshot = take_snapshot(
             trainer.global_step,
             pl_module,
             trainer.optimizers,
@@ -641,3 +645,6 @@ class GuardCore:
             device=self._storage,
             reuse=spare if isinstance(spare, Snapshot) else None,
         )
+        if snapshot.ready is not None:
+            self._unfenced.append(snapshot)
+        return snapshot
