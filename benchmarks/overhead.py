@@ -1,19 +1,25 @@
 """What LRGuard() costs per training step: bare Trainer vs Trainer(callbacks=[LRGuard()]).
 
-    python benchmarks/overhead.py                 # tiny MLP on CPU (and on the GPU when there is one)
+    python benchmarks/overhead.py                 # tiny MLP on CPU (and on the GPU when there is one), small MLP
     python benchmarks/overhead.py --gpt           # also a ~85M-parameter GPT-style model
     python benchmarks/overhead.py --repeats 5 --steps 600
     python benchmarks/overhead.py --parts         # also: what the detectors and the snapshots cost
 
 Method: the same model, data and seed, bare and guarded runs interleaved (bare, guarded, guarded, bare, ...) to
 cancel drift on a shared machine; per run the median step time (time between consecutive batch starts, after a
-warm-up); overhead = median over guarded runs / median over bare runs - 1. A do-nothing callback is measured
-the same way: Lightning calls every hook of every callback, so that is the floor any callback pays.
+warm-up); overhead = the median over repeats of (guarded / bare - 1), each ratio taken within one repeat. A
+do-nothing callback is measured the same way: Lightning calls every hook of every callback, so that is the floor
+any callback pays.
 ``guard_us_per_step`` is the median time spent inside the guard's own hooks per step, from separate instrumented
 runs; ``guard_us_mean`` their mean (it includes the batched checks every ``check_every_n_steps`` steps and the
-snapshots), and ``guard_share_pct`` that mean as a share of a bare step -- the overhead without wall time's
-run-to-run noise, which on a shared CPU machine is larger than the overhead itself. On a GPU, host
+snapshots), and ``guard_share_pct`` that mean as a share of the rest of the step (the same run's mean step time
+less the hooks' mean) -- the overhead without wall time's run-to-run noise, which on a shared CPU machine is
+larger than the overhead itself. On a GPU, host
 synchronisations inside the guard's hooks are counted with ``torch.cuda.set_sync_debug_mode("warn")``.
+
+Models: ``tiny`` (a 2k-parameter MLP whose step is Lightning's own bookkeeping, under 1 ms), ``small`` (a
+0.33M-parameter MLP at batch 128, CPU only: a step with some arithmetic in it) and, with ``--gpt``, the GPT-style
+model. The headline figures are the tiny model's.
 
 The last line is one JSON object: ``cpu_overhead_pct``, ``guard_us_per_step`` and, where a GPU was used,
 ``gpu_overhead_pct`` and ``gpu_syncs_per_step``; per-model figures are nested under the model's name.
@@ -55,6 +61,26 @@ class TinyMLP(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.data, batch_size=32)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class SmallMLP(pl.LightningModule):
+    """A small classifier that does some arithmetic per step: 128 -> 512 -> 512 -> 10 (0.33M parameters), batch 128."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(8192, 128, generator=g), torch.randint(0, 10, (8192,), generator=g))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=128)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
@@ -171,18 +197,23 @@ def measure(name: str, make: Any, device: str, steps: int, repeats: int) -> dict
             runs[kind].append(median_step(clock, warmup))
     bare, guarded = runs["bare"], runs["guarded"]
     timed = TimedGuard()
-    fit(make, [timed], steps, device)
+    timed_clock = fit(make, [timed], steps, device)
     hook_times = [t for s, t in timed.per_step.items() if s >= warmup]
+    starts = timed_clock.starts[warmup:]
+    mean_step = (starts[-1] - starts[0]) / (len(starts) - 1)  # the instrumented run's own mean step
     out = {
         "step_ms_bare": 1e3 * statistics.median(bare),
         "step_ms_guarded": 1e3 * statistics.median(guarded),
-        "overhead_pct": 100.0 * (statistics.median(guarded) / statistics.median(bare) - 1.0),
-        "noop_callback_overhead_pct": 100.0 * (statistics.median(runs["noop"]) / statistics.median(bare) - 1.0),
+        # paired: each repeat's runs follow each other within seconds, so a machine that slows down for a while
+        # (a shared host) slows all three; the median over repeats of the per-repeat ratios
+        "overhead_pct": 100.0 * (statistics.median(g / b for g, b in zip(guarded, bare, strict=True)) - 1.0),
+        "noop_callback_overhead_pct": 100.0
+        * (statistics.median(n / b for n, b in zip(runs["noop"], bare, strict=True)) - 1.0),
         "guard_us_per_step": 1e6 * statistics.median(hook_times),
         "guard_us_p90": 1e6 * sorted(hook_times)[int(0.9 * len(hook_times))],
         "guard_us_mean": 1e6 * statistics.mean(hook_times),
-        # the hooks' mean time as a share of a bare step: the overhead without the run-to-run noise of wall time
-        "guard_share_pct": 100.0 * statistics.mean(hook_times) / statistics.median(bare),
+        # within that one run, so a machine that is slower for a while scales both alike
+        "guard_share_pct": 100.0 * statistics.mean(hook_times) / (mean_step - statistics.mean(hook_times)),
     }
     if device == "cuda":
         out["syncs_per_step"] = timed.syncs / max(1, len(timed.per_step))
@@ -191,7 +222,7 @@ def measure(name: str, make: Any, device: str, steps: int, repeats: int) -> dict
         f" overhead {out['overhead_pct']:+6.2f}% (a no-op callback: {out['noop_callback_overhead_pct']:+5.2f}%)"
         f"  hooks {out['guard_us_per_step']:6.1f} us/step (median), "
         f"{out['guard_us_p90']:6.1f} us (p90), {out['guard_us_mean']:6.1f} us (mean: "
-        f"{out['guard_share_pct']:.2f}% of a bare step)"
+        f"{out['guard_share_pct']:.2f}% of the rest of the step)"
         + (f", {out['syncs_per_step']:.2f} host syncs/step" if device == "cuda" else "")
     )
     return out
@@ -219,13 +250,53 @@ def measure_parts(make: Any, device: str, steps: int, repeats: int) -> dict[str,
     out = {f"{name}_us_mean": value for name, value in best.items()}
     out["detectors_us"] = best["no_snapshots"] - best["hooks_only"]
     out["snapshots_us"] = best["no_detectors"] - best["hooks_only"]
+    out.update(time_inside(make, device, steps, warmup))
     print(
         f"parts    {device:<5} hooks' mean per step: all {best['full']:.1f} us; without snapshots "
         f"{best['no_snapshots']:.1f}; without detectors {best['no_detectors']:.1f}; hooks and checks only "
         f"{best['hooks_only']:.1f} -> detectors and policy ~{out['detectors_us']:.1f} us, snapshots "
-        f"~{out['snapshots_us']:.1f} us"
+        f"~{out['snapshots_us']:.1f} us. Policy and detectors per value: {out['first_value_us']:.1f} us for the "
+        f"first of a batch, {out['other_values_us']:.1f} us for the others (medians); one snapshot: "
+        f"{out['snapshot_us']:.0f} us (median)"
     )
     return out
+
+
+def time_inside(make: Any, device: str, steps: int, warmup: int) -> dict[str, float]:
+    """Inside a guarded run: the policy's time per value (the first value of each checked batch apart: it meets
+    caches the training step has cooled) and the time one snapshot takes."""
+    guard = LRGuard()
+    observe, process, snapshot = guard.policy.observe, guard._process, guard._snapshot
+    first: list[float] = []
+    others: list[float] = []
+    snapshots: list[float] = []
+    position = [0]
+
+    def timed_process(trainer: Any, module: Any, values: Any) -> None:
+        position[0] = 0
+        process(trainer, module, values)
+
+    def timed_observe(step: int, value: float) -> Any:
+        start = time.perf_counter()
+        intents = observe(step, value)
+        if step >= warmup:
+            (others if position[0] else first).append(time.perf_counter() - start)
+        position[0] += 1
+        return intents
+
+    def timed_snapshot(trainer: Any, module: Any) -> Any:
+        start = time.perf_counter()
+        taken = snapshot(trainer, module)
+        snapshots.append(time.perf_counter() - start)
+        return taken
+
+    guard.policy.observe, guard._process, guard._snapshot = timed_observe, timed_process, timed_snapshot  # type: ignore[method-assign]
+    fit(make, [guard], steps, device)
+    return {
+        "first_value_us": 1e6 * statistics.median(first),
+        "other_values_us": 1e6 * statistics.median(others),
+        "snapshot_us": 1e6 * statistics.median(snapshots[1:]),  # the first allocates its buffers
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -249,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[f"tiny_{device}"] = measure("tiny", TinyMLP, device, args.steps, args.repeats)
         if args.parts:
             results[f"tiny_{device}_parts"] = measure_parts(TinyMLP, device, args.steps, args.repeats)
+        if device == "cpu":  # a step with some arithmetic in it: what the guard costs a small real model
+            results["small_cpu"] = measure("small", SmallMLP, device, args.steps, args.repeats)
         if args.gpt:
             batch, seq = (2, 64) if device == "cpu" else (32, 128)
             steps = args.gpt_steps or (12 if device == "cpu" else 60)

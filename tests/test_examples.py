@@ -78,7 +78,8 @@ def test_overhead_benchmark_runs_and_reports_its_keys(capsys):
     summary = _bench("overhead").main(["--steps", "60", "--repeats", "1"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(summary))
-    assert {"cpu_overhead_pct", "guard_us_per_step"} <= set(last) and last["guard_us_per_step"] > 0
+    assert {"cpu_overhead_pct", "guard_us_per_step", "tiny_cpu", "small_cpu"} <= set(last)
+    assert last["guard_us_per_step"] > 0 and last["small_cpu"]["guard_share_pct"] > 0
 
 
 def test_snapshot_benchmark_runs_and_reports_its_keys(capsys):
