@@ -10,6 +10,7 @@ from conftest import make_trainer
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lr_guard import Action, LRGuard
+from lr_guard.actions import take_snapshot
 from lr_guard.testing import ScriptedLossModule
 
 
@@ -56,6 +57,37 @@ def test_fp16_overflow_skips_are_not_divergence_and_the_scaler_is_in_the_snapsho
     assert [(d.action, d.event.step, d.rollback_to) for d in guard.decisions] == [(Action.ROLLBACK, 45, 40)]
     assert recorder.after[0] == recorder.at[40]  # the scaler's scale and growth tracker came back too
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_snapshots_copy_the_scalers_tensors_without_reading_them_on_the_host():
+    # GradScaler.state_dict() reads the scale and growth tracker with .item(): two host syncs per snapshot on a GPU
+    plugin = fp16_plugin()
+    reads = []
+    state_dict = plugin.scaler.state_dict
+    plugin.scaler.state_dict = lambda: reads.append(1) or state_dict()
+    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    module = ScriptedLossModule(script(nan_at=[45], scale=100.0), optimizer="adam", lr=0.01)
+    make_trainer([guard], max_steps=60, plugins=[plugin]).fit(module)
+    assert guard.counts["rollbacks"] == 1 and guard.counts["snapshots"] >= 5
+    # only the snapshot at the start reads it: the scaler has no tensors yet and returns its initial numbers
+    assert len(reads) == 1
+
+
+def test_a_scalers_tensors_restore_into_a_scaler_that_has_none_yet():
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plugin = fp16_plugin(init_scale=2.0**10)
+    plugin.scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+    plugin.scaler.step(optimizer)
+    plugin.scaler.update()
+    plugin.scaler.update(new_scale=123.0)
+    snapshot = take_snapshot(1, model, [optimizer], [], precision=plugin)
+    fresh = fp16_plugin(init_scale=2.0**10)  # never stepped: no scale tensor
+    snapshot.restore(model, [optimizer], [], precision=fresh)
+    assert fresh.scaler.state_dict() == plugin.scaler.state_dict() and fresh.scaler.get_scale() == 123.0
+    plugin.scaler.update(new_scale=7.0)
+    snapshot.restore(model, [optimizer], [], precision=plugin)  # and into the scaler's own tensors
+    assert plugin.scaler.get_scale() == 123.0
 
 
 def test_skipped_batches_work_under_a_grad_scaler():

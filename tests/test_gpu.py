@@ -35,7 +35,8 @@ class SyncFreeGuard(LRGuard):
         return run
 
 
-def test_the_hooks_never_synchronise_the_host(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])  # 16-mixed: a GradScaler is in every snapshot
+def test_the_hooks_never_synchronise_the_host(tmp_path, precision):
     # defaults: all four detectors, a snapshot every 50 steps (the module has BatchNorm buffers), checks every 8
     # steps, diagnostics to TensorBoard; 160 steps include three snapshots taken after the first
     guard = SyncFreeGuard()
@@ -43,6 +44,7 @@ def test_the_hooks_never_synchronise_the_host(tmp_path):
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,
+        precision=precision,
         max_steps=160,
         callbacks=[guard],
         logger=TensorBoardLogger(tmp_path),

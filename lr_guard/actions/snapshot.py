@@ -163,6 +163,63 @@ def restore_optimizer_in_place(
     return True
 
 
+_SCALER = "lr_guard.grad_scaler"  # marks a precision state copied from a GradScaler's own tensors
+
+
+def _grad_scaler(precision: Any) -> torch.amp.GradScaler | None:
+    """The precision plugin's ``GradScaler`` (fp16 mixed precision), once its state lives in tensors."""
+    scaler = getattr(precision, "scaler", None)
+    if (
+        isinstance(scaler, torch.amp.GradScaler)
+        and scaler.is_enabled()
+        and isinstance(getattr(scaler, "_scale", None), torch.Tensor)
+        and isinstance(getattr(scaler, "_growth_tracker", None), torch.Tensor)
+    ):
+        return scaler
+    return None
+
+
+def _precision_state(precision: Any) -> Any:
+    """The precision plugin's state. ``GradScaler.state_dict()`` reads the scale and the growth tracker on the
+    host, a host sync each on a GPU; the scaler's tensors themselves are taken instead, to be copied like the
+    weights (without blocking), with its settings."""
+    scaler = _grad_scaler(precision)
+    if scaler is None:
+        return precision.state_dict()
+    return {
+        _SCALER: True,
+        "scale": scaler._scale,
+        "growth_tracker": scaler._growth_tracker,
+        "growth_factor": scaler._growth_factor,
+        "backoff_factor": scaler._backoff_factor,
+        "growth_interval": scaler._growth_interval,
+    }
+
+
+def _restore_precision(precision: Any, state: dict[str, Any]) -> None:
+    if not state.get(_SCALER):
+        precision.load_state_dict(_copy_tree(state, None))
+        return
+    scaler = _grad_scaler(precision)
+    if scaler is None:  # the live scaler has no tensors yet: its own loader takes numbers
+        precision.load_state_dict(
+            {
+                "scale": float(state["scale"]),
+                "_growth_tracker": int(state["growth_tracker"]),
+                "growth_factor": state["growth_factor"],
+                "backoff_factor": state["backoff_factor"],
+                "growth_interval": state["growth_interval"],
+            }
+        )
+        return
+    assert scaler._scale is not None and scaler._growth_tracker is not None
+    scaler._scale.copy_(state["scale"])
+    scaler._growth_tracker.copy_(state["growth_tracker"])
+    scaler._growth_factor = state["growth_factor"]
+    scaler._backoff_factor = state["backoff_factor"]
+    scaler._growth_interval = state["growth_interval"]
+
+
 def capture_rng() -> dict[str, Any]:
     """The states of Python's, NumPy's and torch's random generators (CUDA's too, where initialised)."""
     state: dict[str, Any] = {
@@ -233,7 +290,7 @@ class Snapshot:
         for scheduler, state in zip(schedulers, self.schedulers, strict=True):
             scheduler.load_state_dict(copy.deepcopy(state))
         if precision is not None and self.precision is not None:
-            precision.load_state_dict(_copy_tree(self.precision, None))
+            _restore_precision(precision, self.precision)
         if restore_rng_state:
             restore_rng(self.rng)
 
@@ -257,11 +314,11 @@ def take_snapshot(
     :meth:`Snapshot.fence` makes the compute stream wait for it (on the GPU, no host sync) before anything may
     overwrite the sources -- the guard calls it before the next optimizer step. Buffers (BatchNorm statistics)
     change in the forward pass, so they are copied in order on the compute stream (also without blocking).
-    One host synchronisation remains with a ``GradScaler`` (fp16 mixed precision): its ``state_dict`` reads the
-    scale.
+    A ``GradScaler``'s (fp16 mixed precision) scale and growth tracker are copied from its own tensors the same
+    way: its ``state_dict`` would read them on the host.
     """
     target = None if device == "same" else device
-    precision_state = precision.state_dict() if precision is not None else None
+    precision_state = _precision_state(precision) if precision is not None else None
     model_state = model.state_dict()
     side = None
     if target == "cpu" and torch.cuda.is_available() and any(t.is_cuda for t in model_state.values()):
@@ -291,6 +348,11 @@ def take_snapshot(
             )
             for i, o in enumerate(optimizers)
         ]
+        precision_copy = (
+            _copy_tree(precision_state, target, old.precision if old else None, non_blocking, pairs)
+            if precision_state
+            else None
+        )
         _copy_all(pairs, non_blocking)
         ready = None
         if side is not None:
@@ -301,7 +363,7 @@ def take_snapshot(
         model={k: model_copy[k] for k in model_state},
         optimizers=optimizers_copy,
         schedulers=[copy.deepcopy(s.state_dict()) for s in schedulers],
-        precision=_copy_tree(precision_state, target) if precision_state else None,
+        precision=precision_copy,
         rng=capture_rng(),
         extra=copy.deepcopy(extra) if extra else {},
     )
