@@ -122,7 +122,9 @@ class GuardCore:
     Args:
         monitor: ``None`` watches the loss ``training_step`` returns (one value per optimizer step, the mean over
             accumulated micro-batches). A name watches a metric the user logs instead (needed for manual
-            optimization).
+            optimization). Read after every step, Lightning's ``callback_metrics`` converts each metric logged
+            with ``prog_bar=True`` to a Python number, a host sync each on a GPU: log with ``prog_bar=False``
+            there, or watch the loss.
         check_on: ``"train_step"`` (read after every optimizer step) or ``"validation"`` (after every validation
             run). Defaults to ``"train_step"`` without ``monitor`` and ``"validation"`` with it.
         spike, oscillation, plateau, divergence: ``True`` for the default detector, ``False`` to switch it off,
