@@ -1,6 +1,6 @@
 """How fast lr_guard snapshots and restores a training state, against a raw copy of the same bytes.
 
-    python benchmarks/snapshot.py                      # 10 MB, 100 MB, 1 GB of state (as memory allows)
+    python benchmarks/snapshot.py                      # 10 MB, 100 MB, 1 GB, 3 GB, 8 GB of state, as memory allows
     python benchmarks/snapshot.py --sizes-mb 10 100 3000
 
 A state of S bytes is a model of S/3 bytes of fp32 parameters with AdamW's two moments (3 x parameters). For
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -58,6 +59,29 @@ def state_of(megabytes: float, device: str) -> tuple[nn.Module, torch.optim.Opti
     return model, opt, nbytes
 
 
+def available_host_bytes() -> int:
+    """Host memory available to a new process (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fits(megabytes: float, device: str) -> bool:
+    """Whether a state of this size can be measured here. On CPU about 5.5 copies of it are alive at once (the
+    state and its gradient, two snapshots, the raw copy's source and destination); with a GPU about 3 pinned
+    copies on the host and 2.5 on the device. A margin on top."""
+    need = megabytes * 1e6
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return 4 * need < available_host_bytes() and 3 * need < free
+    return 6.5 * need < available_host_bytes()
+
+
 def measure(megabytes: float, device: str, repeats: int) -> dict[str, float]:
     model, opt, nbytes = state_of(megabytes, device)
     fresh = timed(lambda: take_snapshot(0, model, [opt], []), device, repeats)
@@ -89,13 +113,24 @@ def measure(megabytes: float, device: str, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 100, 1000])
+    parser.add_argument(
+        "--sizes-mb",
+        type=float,
+        nargs="+",
+        default=None,
+        help="state sizes in MB (default: 10 100 1000 3000 8000, those that fit in memory)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = [measure(mb, device, args.repeats) for mb in args.sizes_mb]
+    rows = []
+    for mb in args.sizes_mb or (10, 100, 1000, 3000, 8000):
+        if args.sizes_mb is None and not fits(mb, device):
+            print(f"{device:<5}{mb:>9.0f} MB  skipped: not enough free memory here")
+            continue
+        rows.append(measure(mb, device, args.repeats))
     largest = rows[-1]
     summary = {
         "device": device,

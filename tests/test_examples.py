@@ -82,6 +82,11 @@ def test_overhead_benchmark_runs_and_reports_its_keys(capsys):
     assert last["guard_us_per_step"] > 0 and last["small_cpu"]["guard_share_pct"] > 0
 
 
+def test_snapshot_benchmark_measures_only_states_that_fit_in_memory():
+    bench = _bench("snapshot")
+    assert bench.fits(1, "cpu") and not bench.fits(bench.available_host_bytes() / 1e6, "cpu")
+
+
 def test_snapshot_benchmark_runs_and_reports_its_keys(capsys):
     import json
 
