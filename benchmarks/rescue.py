@@ -24,7 +24,6 @@ import importlib.util
 import json
 import logging
 import math
-import shutil
 import statistics
 import tempfile
 import time
@@ -106,27 +105,27 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
     elif method == "lr_guard":
         callbacks.append(LRGuard())
     _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads
-    root = tempfile.mkdtemp(prefix="lr_guard_rescue_")  # a guard that stops writes its last good state here
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        val_check_interval=50,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-    )
-    start = time.perf_counter()
-    trainer.fit(model)
-    seconds = time.perf_counter() - start
-    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    val = trainer.validate(model, verbose=False)[0]["val_loss"] if finite else math.inf
-    shutil.rmtree(root, ignore_errors=True)
+    # a guard that stops writes its last good state under the root: a temporary one, gone after the run
+    with tempfile.TemporaryDirectory(prefix="lr_guard_rescue_") as root:
+        trainer = pl.Trainer(
+            default_root_dir=root,
+            max_steps=steps,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+            val_check_interval=50,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+        )
+        start = time.perf_counter()
+        trainer.fit(model)
+        seconds = time.perf_counter() - start
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        val = trainer.validate(model, verbose=False)[0]["val_loss"] if finite else math.inf
     return {"val_loss": val if math.isfinite(val) else math.inf, "seconds": seconds}
 
 

@@ -113,9 +113,17 @@ class GuardPolicy:
         self.healthy_after_pending = 0
         # steps whose update was not applied -> whether the caller counted the skip already
         self.skipped_updates: dict[int, bool] = {}
-        self.lr_rising = False
+        self.lr_rising = False  # the schedule's LR is rising (a warm-up): see note_lr
+        self._last_lr: float | None = None
         self.stopped = False
         self.calm_steps = 0  # values in a row that raised no event
+
+    def note_lr(self, lr: float) -> None:
+        """The schedule's own LR now (without the guard's cuts); higher than at the last note means a warm-up is
+        under way (``lr_rising``)."""
+        last = self._last_lr
+        self.lr_rising = last is not None and lr > last * (1 + 1e-9)
+        self._last_lr = lr
 
     # -- snapshots -------------------------------------------------------------------------------------------------
     def quiet(self) -> bool:

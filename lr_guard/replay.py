@@ -282,14 +282,13 @@ def replay(
     factor = 1.0
     rows: list[ReplayRow] = []
     logged: list[tuple[int, dict[str, float]]] = []
-    next_lr, current_lr, last_lr = 0, None, None
+    next_lr, current_lr = 0, None
     for step, value in series:
         while next_lr < len(lr) and lr[next_lr][0] <= step:
             current_lr = lr[next_lr][1]
             next_lr += 1
         if current_lr is not None:
-            policy.lr_rising = last_lr is not None and current_lr > last_lr * (1 + 1e-9)
-            last_lr = current_lr
+            policy.note_lr(current_lr)
         for intent in policy.observe(step, value):
             before = factor
             detail = ""

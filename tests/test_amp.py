@@ -11,6 +11,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lr_guard import Action, LRGuard
 from lr_guard.actions import take_snapshot
+from lr_guard.actions.disk_snapshot import take_disk_snapshot
 from lr_guard.testing import ScriptedLossModule
 
 
@@ -73,7 +74,7 @@ def test_snapshots_copy_the_scalers_tensors_without_reading_them_on_the_host():
     assert len(reads) == 1
 
 
-def test_a_scalers_tensors_restore_into_a_scaler_that_has_none_yet():
+def test_a_scalers_tensors_restore_into_a_scaler_that_has_none_yet(tmp_path):
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     plugin = fp16_plugin(init_scale=2.0**10)
@@ -87,6 +88,10 @@ def test_a_scalers_tensors_restore_into_a_scaler_that_has_none_yet():
     assert fresh.scaler.state_dict() == plugin.scaler.state_dict() and fresh.scaler.get_scale() == 123.0
     plugin.scaler.update(new_scale=7.0)
     snapshot.restore(model, [optimizer], [], precision=plugin)  # and into the scaler's own tensors
+    assert plugin.scaler.get_scale() == 123.0
+    on_disk = take_disk_snapshot(1, model, [optimizer], [], str(tmp_path), "slot0", precision=plugin)
+    plugin.scaler.update(new_scale=7.0)
+    on_disk.restore(model, [optimizer], [], precision=plugin)  # disk snapshots keep the scaler the same way
     assert plugin.scaler.get_scale() == 123.0
 
 

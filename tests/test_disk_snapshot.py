@@ -2,6 +2,7 @@
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from test_snapshot import model_and_optimizer
 
 from lr_guard import Action, LRGuard
 from lr_guard.actions.disk_snapshot import take_disk_snapshot
+from lr_guard.actions.snapshot import tree_nbytes
+from lr_guard.callbacks.core import _state_bytes
 from lr_guard.testing import ScriptedLossModule
 
 
@@ -59,7 +62,7 @@ def test_memory_budget_moves_snapshots_to_disk_with_a_warning(tmp_path):
     guard = LRGuard(snapshot_every=10, snapshot_memory_budget=1000, snapshot_dir=str(tmp_path))
     with pytest.warns(
         UserWarning,
-        match=r"two snapshots of this training state need .* over "
+        match=r"3 snapshots of this training state need .* over "
         r"snapshot_memory_budget=.*writing them to disk instead",
     ):
         make_trainer([guard], max_steps=30).fit(ScriptedLossModule([1.0], optimizer="adam"))
@@ -68,3 +71,24 @@ def test_memory_budget_moves_snapshots_to_disk_with_a_warning(tmp_path):
         LRGuard(snapshot_memory_budget=-1)
     with pytest.raises(ValueError, match="snapshot_device must be one of 'cpu', 'same', 'disk'; got 'nvme'"):
         LRGuard(snapshot_device="nvme")
+
+
+def test_memory_budget_counts_the_optimizer_state_and_the_kept_starting_state(tmp_path):
+    # Adam's moments appear with the first step, after training starts; and while the loss has made no progress
+    # the starting state is kept beside the good and the pending snapshot: three copies
+    script = [2.0 / (1.0 + 0.05 * t) for t in range(200)]
+    module = ScriptedLossModule(script, optimizer="adam")
+    trainer = make_trainer([], max_steps=1)
+    trainer.fit(module)
+    full = _state_bytes(module, trainer.optimizers)
+    assert 3 * tree_nbytes(module.state_dict()) < 2.5 * full  # the weights alone would fit three times
+    for plateau, to_disk in ((True, True), (False, False)):
+        directory = tmp_path / f"plateau_{plateau}"
+        guard = LRGuard(snapshot_every=10, plateau=plateau, snapshot_memory_budget=int(2.5 * full))
+        guard.snapshot_dir = str(directory)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer([guard], max_steps=30).fit(ScriptedLossModule(script, optimizer="adam"))
+        warned = [w for w in caught if "snapshot_memory_budget" in str(w.message)]
+        assert bool(list(directory.glob("*.bin"))) == to_disk and len(warned) == int(to_disk)
+        assert guard.counts["snapshots"] == 3

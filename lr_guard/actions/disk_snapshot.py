@@ -1,10 +1,11 @@
 """Disk-backed snapshots, for training states larger than host memory.
 
-Tensors are copied to the host one at a time and handed to a background writer thread through a bounded queue,
-so the host holds at most ``queue_bytes`` of the state at once; the writer appends their raw bytes to one file per
-slot. Everything that is not a tensor (scheduler states, step counters, hyperparameters, RNG) goes to a small
-manifest beside it. Restoring memory-maps the file and copies each tensor straight into the live tensor it came
-from, so it needs no host copy of the whole state either. Any dtype round-trips (bytes are bytes; bf16 included).
+Tensors are copied to the host one at a time and handed to a background writer thread through a queue of one, so the
+host holds at most three of the state's tensors at once (one being written, one waiting, one being copied); the
+writer appends their raw bytes to one file per slot. Everything that is not a tensor (scheduler states, step
+counters, hyperparameters, RNG) goes to a small manifest beside it. Restoring memory-maps the file and copies each
+tensor straight into the live tensor it came from, so it needs no host copy of the whole state either. Any dtype
+round-trips (bytes are bytes; bf16 included).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lr_guard.actions.snapshot import capture_rng, restore_optimizer_in_place, restore_rng
+from lr_guard.actions.snapshot import (
+    capture_rng,
+    precision_state,
+    restore_optimizer_in_place,
+    restore_precision,
+    restore_rng,
+)
 
 __all__ = ["DiskSnapshot", "take_disk_snapshot"]
 
@@ -97,18 +104,17 @@ class DiskSnapshot:
         for scheduler, saved in zip(schedulers, manifest["schedulers"], strict=True):
             scheduler.load_state_dict(copy.deepcopy(saved))
         if precision is not None and manifest["precision"]:
-            precision.load_state_dict(self._load(manifest["precision"], data))
+            restore_precision(precision, self._load(manifest["precision"], data))
         if restore_rng_state:
             restore_rng(manifest["rng"])
 
 
 class _Writer:
-    """Appends tensors' bytes to a file from a background thread; the queue bounds the host memory held."""
+    """Appends tensors' bytes to a file from a background thread; the queue of one bounds the host memory held."""
 
-    def __init__(self, path: str, queue_bytes: int, snapshot: DiskSnapshot) -> None:
+    def __init__(self, path: str, snapshot: DiskSnapshot) -> None:
         self.path, self.offset, self.snapshot = path, 0, snapshot
         self.queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=1)
-        self.budget = queue_bytes
         self.file = open(path, "wb")  # closed by the writer thread
         self.thread = threading.Thread(target=self._run, name="lr_guard-snapshot-writer", daemon=True)
         self.thread.start()
@@ -164,7 +170,6 @@ def take_disk_snapshot(
     directory: str,
     slot: str,
     precision: Any | None = None,
-    queue_bytes: int = 256 * 2**20,
 ) -> DiskSnapshot:
     """Stream the full training state to ``directory/slot.bin`` (its manifest to ``slot.manifest``).
 
@@ -174,13 +179,13 @@ def take_disk_snapshot(
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{slot}.bin")
     snapshot = DiskSnapshot(step, path)
-    writer = _Writer(path, queue_bytes, snapshot)
+    writer = _Writer(path, snapshot)
     try:
         manifest = {
             "model": _stream(model.state_dict(), writer),
             "optimizers": [_stream(o.state_dict(), writer) for o in optimizers],
             "schedulers": [copy.deepcopy(s.state_dict()) for s in schedulers],
-            "precision": _stream(precision.state_dict(), writer) if precision is not None else None,
+            "precision": _stream(precision_state(precision), writer) if precision is not None else None,
             "rng": capture_rng(),
         }
     finally:

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Snapshot", "capture_rng", "restore_rng", "take_snapshot", "tree_nbytes"]
+__all__ = [
+    "Snapshot",
+    "capture_rng",
+    "precision_state",
+    "restore_precision",
+    "restore_rng",
+    "take_snapshot",
+    "tree_nbytes",
+]
 
 
 def _copy_tree(
@@ -179,7 +187,7 @@ def _grad_scaler(precision: Any) -> torch.amp.GradScaler | None:
     return None
 
 
-def _precision_state(precision: Any) -> Any:
+def precision_state(precision: Any) -> Any:
     """The precision plugin's state. ``GradScaler.state_dict()`` reads the scale and the growth tracker on the
     host, a host sync each on a GPU; the scaler's tensors themselves are taken instead, to be copied like the
     weights (without blocking), with its settings."""
@@ -196,7 +204,8 @@ def _precision_state(precision: Any) -> Any:
     }
 
 
-def _restore_precision(precision: Any, state: dict[str, Any]) -> None:
+def restore_precision(precision: Any, state: dict[str, Any]) -> None:
+    """Put a state from :func:`precision_state` back into the precision plugin (a scaler's tensors in place)."""
     if not state.get(_SCALER):
         precision.load_state_dict(_copy_tree(state, None))
         return
@@ -290,7 +299,7 @@ class Snapshot:
         for scheduler, state in zip(schedulers, self.schedulers, strict=True):
             scheduler.load_state_dict(copy.deepcopy(state))
         if precision is not None and self.precision is not None:
-            _restore_precision(precision, self.precision)
+            restore_precision(precision, self.precision)
         if restore_rng_state:
             restore_rng(self.rng)
 
@@ -318,7 +327,7 @@ def take_snapshot(
     way: its ``state_dict`` would read them on the host.
     """
     target = None if device == "same" else device
-    precision_state = _precision_state(precision) if precision is not None else None
+    precision_tree = precision_state(precision) if precision is not None else None
     model_state = model.state_dict()
     side = None
     if target == "cpu" and torch.cuda.is_available() and any(t.is_cuda for t in model_state.values()):
@@ -349,8 +358,8 @@ def take_snapshot(
             for i, o in enumerate(optimizers)
         ]
         precision_copy = (
-            _copy_tree(precision_state, target, old.precision if old else None, non_blocking, pairs)
-            if precision_state
+            _copy_tree(precision_tree, target, old.precision if old else None, non_blocking, pairs)
+            if precision_tree
             else None
         )
         _copy_all(pairs, non_blocking)

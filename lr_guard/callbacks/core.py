@@ -156,8 +156,8 @@ class GuardCore:
         snapshot_device: ``"cpu"`` (default, no accelerator memory), ``"same"`` (beside the weights) or
             ``"disk"`` (streamed to ``snapshot_dir`` by a background thread, for states larger than host memory).
         snapshot_memory_budget: Bytes of host memory the snapshots may take (two copies; three until the loss is
-            5% below where it started); over it,
-            ``"cpu"`` snapshots go to disk instead, with a warning. ``None``: no limit.
+            5% below where it started), checked at every snapshot (an optimizer's state appears with its first
+            step); over it, ``"cpu"`` snapshots go to disk from then on, with a warning. ``None``: no limit.
         snapshot_dir: Where disk snapshots go; default ``<default_root_dir>/lr_guard_snapshots``.
         diagnostics: Send scalars, the decision log, the configuration and a dashboard layout to the Trainer's
             loggers (see :mod:`lr_guard.diagnostics` for the keys).
@@ -272,8 +272,7 @@ class GuardCore:
         self.snapshot_device = snapshot_device
         self.snapshot_memory_budget = snapshot_memory_budget
         self.snapshot_dir = None if snapshot_dir is None else os.fspath(snapshot_dir)
-        self._storage = snapshot_device  # may become "disk" when two host copies would exceed the budget
-        self._disk_slot = 0
+        self._storage = snapshot_device  # may become "disk" when the host copies would exceed the budget
         self.diagnostics = diagnostics
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
@@ -296,7 +295,6 @@ class GuardCore:
         self._unfenced: list[Snapshot] = []  # snapshots whose copies may still be running on a side stream
         self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
-        self._last_unscaled: float | None = None
         self.checkpoint_path: str | None = None
 
     @property
@@ -391,18 +389,6 @@ class GuardCore:
             compose_with_scheduler(scheduler)
         self._last_global_step = trainer.global_step
         self._storage = self.snapshot_device
-        if self.rollback and self.snapshot_device == "cpu" and self.snapshot_memory_budget is not None:
-            state_bytes = _state_bytes(pl_module, trainer.optimizers)
-            if 2 * state_bytes > self.snapshot_memory_budget:
-                self._storage = "disk"
-                warnings.warn(
-                    f"{type(self).__name__}: two snapshots of this training state need "
-                    f"{2 * state_bytes / 1e9:.2f} GB of host memory, over snapshot_memory_budget="
-                    f"{self.snapshot_memory_budget / 1e9:.2f} GB; writing them to disk instead "
-                    f"({self._snapshot_dir(trainer)})",
-                    UserWarning,
-                    stacklevel=2,
-                )
         self.policy.start(trainer.global_step)
         if self.diagnostics:
             self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
@@ -538,10 +524,7 @@ class GuardCore:
         if not optimizers:
             return
         group = optimizers[0].param_groups[0]
-        unscaled = group.get(UNSCALED, group["lr"])
-        last = self._last_unscaled
-        self.policy.lr_rising = last is not None and unscaled > last * (1 + 1e-9)
-        self._last_unscaled = unscaled
+        self.policy.note_lr(group.get(UNSCALED, group["lr"]))
 
     # ------------------------------------------------------------------ carrying out the policy
     def _process(self, trainer: Any, pl_module: Any, values: list[tuple[int, float]]) -> None:
@@ -622,7 +605,26 @@ class GuardCore:
     def _snapshot_dir(self, trainer: Any) -> str:
         return self.snapshot_dir or os.path.join(trainer.default_root_dir, "lr_guard_snapshots")
 
+    def _check_budget(self, trainer: Any, pl_module: Any) -> None:
+        """Send snapshots to disk once the host copies the rules keep would exceed ``snapshot_memory_budget``.
+        Checked at every snapshot, not once at the start: an optimizer's state (Adam's moments) only appears with
+        its first step."""
+        if self._storage != "cpu" or self.snapshot_memory_budget is None:
+            return
+        copies = 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
+        needed = copies * _state_bytes(pl_module, trainer.optimizers)
+        if needed > self.snapshot_memory_budget:
+            self._storage = "disk"
+            warnings.warn(
+                f"{type(self).__name__}: {copies} snapshots of this training state need {needed / 1e9:.2f} GB of "
+                f"host memory, over snapshot_memory_budget={self.snapshot_memory_budget / 1e9:.2f} GB; writing "
+                f"them to disk instead ({self._snapshot_dir(trainer)})",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def _snapshot(self, trainer: Any, pl_module: Any) -> Any:
+        self._check_budget(trainer, pl_module)
         spare, self._spare = self._spare, None  # a snapshot no longer needed: its buffers (or file) are reused
         if self._storage == "disk":
             if isinstance(spare, DiskSnapshot):
