@@ -1,28 +1,37 @@
-"""What LRGuard() costs per training step: bare Trainer vs Trainer(callbacks=[LRGuard()]).
+"""What LRGuard() costs per training step: a Trainer with and without it, on the same model and data.
 
     python benchmarks/overhead.py                 # tiny MLP on CPU (and on the GPU when there is one), small MLP
     python benchmarks/overhead.py --gpt           # also a ~85M-parameter GPT-style model
-    python benchmarks/overhead.py --repeats 5 --steps 600
+    python benchmarks/overhead.py --repeats 5 --steps 4000
     python benchmarks/overhead.py --parts         # also: what the detectors and the snapshots cost
 
-Method: the same model, data and seed, bare and guarded runs interleaved (bare, guarded, guarded, bare, ...) to
-cancel drift on a shared machine; per run the median step time (time between consecutive batch starts, after a
-warm-up); overhead = the median over repeats of (guarded / bare - 1), each ratio taken within one repeat. A
-do-nothing callback is measured the same way: Lightning calls every hook of every callback, so that is the floor
-any callback pays.
-``guard_us_per_step`` is the median time spent inside the guard's own hooks per step, from separate instrumented
-runs; ``guard_us_mean`` their mean (it includes the batched checks every ``check_every_n_steps`` steps and the
-snapshots), and ``guard_share_pct`` that mean as a share of the rest of the step (the same run's mean step time
-less the hooks' mean) -- the overhead without wall time's run-to-run noise, which on a shared CPU machine is
-larger than the overhead itself. On a GPU, host
-synchronisations inside the guard's hooks are counted with ``torch.cuda.set_sync_debug_mode("warn")``.
+Wall clock, interleaved within one run: a shared machine's step time drifts by tens of percent from one minute
+to the next, so separate bare and guarded runs, even interleaved, differ by more than the overhead. Here one
+Trainer runs with the guard for ``block`` steps (its check cadence, 8: one batched check per block), without it
+for the next ``block`` steps, and so on -- the guard is put into and taken out of ``trainer.callbacks``, so a
+step "without" is a bare Trainer's step and one "with" pays all a callback pays, Lightning's hook dispatch
+included. Steps with and steps without are thus interleaved every few milliseconds and drift cancels. Per run:
+``overhead_pct`` = mean step with / mean step without - 1 (the cost to a run's total time: it includes the
+batched checks and the snapshots; steps over 10x the median, the machine's hiccups, are left out of both and
+counted), ``overhead_median_pct`` the same for the median step (the ratio of medians: a typical step, which the
+checks every 8th and the snapshots every 50th step do not reach). The same is measured for a callback that does
+nothing: Lightning calls every hook of every callback, so that is the floor any callback pays. Figures are the
+median over ``--repeats`` runs.
 
-Models: ``tiny`` (a 2k-parameter MLP whose step is Lightning's own bookkeeping, under 1 ms), ``small`` (a
+``guard_us_per_step`` is the median time spent inside the guard's own hooks per step, from a separate
+instrumented run; ``guard_us_mean`` their mean (with the batched checks and the snapshots), and
+``guard_share_pct`` that mean as a share of the rest of the step (the same run's mean step time less the hooks'
+mean). On a GPU, host synchronisations inside the guard's hooks are counted with
+``torch.cuda.set_sync_debug_mode("warn")``.
+
+Models: ``tiny`` (a 2k-parameter MLP whose step is Lightning's own bookkeeping, about 1 ms on CPU), ``small`` (a
 0.33M-parameter MLP at batch 128, CPU only: a step with some arithmetic in it) and, with ``--gpt``, the GPT-style
-model. The headline figures are the tiny model's.
+model (on CPU only its hooks are timed: a step takes over a second there, and no wall clock resolves microseconds
+in it). The headline figures are the tiny model's (on a GPU, the GPT-style model's).
 
-The last line is one JSON object: ``cpu_overhead_pct``, ``guard_us_per_step`` and, where a GPU was used,
-``gpu_overhead_pct`` and ``gpu_syncs_per_step``; per-model figures are nested under the model's name.
+The last line is one JSON object: ``cpu_overhead_pct`` (the ratio of mean steps), ``cpu_overhead_median_pct``,
+``guard_us_per_step`` and, where a GPU was used, ``gpu_overhead_pct`` and ``gpu_syncs_per_step``; per-model
+figures are nested under the model's name.
 """
 
 from __future__ import annotations
@@ -126,6 +135,47 @@ class StepClock(pl.Callback):
         self.starts.append(time.perf_counter())
 
 
+class Alternate(StepClock):
+    """Puts ``guest`` into ``trainer.callbacks`` for one block of steps and takes it out for the next, and times
+    every step. Listed first, so a guest added at a block's start still gets that step's every hook."""
+
+    def __init__(self, guest: pl.Callback, block: int) -> None:
+        super().__init__()
+        self.guest, self.block = guest, block
+        self.present: list[bool] = []
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        present = (len(self.starts) // self.block) % 2 == 0  # in for the first block: it saw the run start
+        callbacks = trainer.callbacks
+        if present and self.guest not in callbacks:
+            callbacks.append(self.guest)
+        elif not present and self.guest in callbacks:
+            callbacks.remove(self.guest)
+        self.present.append(present)
+        super().on_train_batch_start(trainer, module, batch, batch_idx)
+
+    def on_train_end(self, trainer: Any, module: Any) -> None:
+        if self.guest not in trainer.callbacks:
+            trainer.callbacks.append(self.guest)  # for its teardown
+
+    def overhead(self, warmup_blocks: int = 2) -> dict[str, float]:
+        """Steps with the guest against steps without it, after ``warmup_blocks`` blocks of each."""
+        first = 2 * warmup_blocks * self.block
+        durations = [b - a for a, b in itertools.pairwise(self.starts)]  # a step: from its start to the next's
+        steps = list(zip(durations[first:], self.present[first : len(durations)], strict=True))
+        limit = 10 * statistics.median(d for d, _ in steps)  # the machine's hiccups, not the guest's
+        with_guest = [d for d, p in steps if p and d <= limit]
+        without = [d for d, p in steps if not p and d <= limit]
+        mean_with, mean_without = statistics.mean(with_guest), statistics.mean(without)
+        return {
+            "step_ms": 1e3 * mean_without,
+            "overhead_pct": 100.0 * (mean_with / mean_without - 1.0),
+            "overhead_median_pct": 100.0 * (statistics.median(with_guest) / statistics.median(without) - 1.0),
+            "overhead_us": 1e6 * (mean_with - mean_without),
+            "hiccups": len(steps) - len(with_guest) - len(without),
+        }
+
+
 class TimedGuard(LRGuard):
     """LRGuard whose hooks record the time spent in them per step (and host syncs on a GPU)."""
 
@@ -158,12 +208,11 @@ class TimedGuard(LRGuard):
         return run
 
 
-def fit(make: Any, callbacks: list[Any], steps: int, device: str) -> StepClock:
-    clock = StepClock()
+def fit(make: Any, callbacks: list[Any], steps: int, device: str) -> None:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_steps=steps,
-        callbacks=[*callbacks, clock],
+        callbacks=callbacks,
         accelerator=device,
         devices=1,
         logger=False,
@@ -173,56 +222,83 @@ def fit(make: Any, callbacks: list[Any], steps: int, device: str) -> StepClock:
         max_epochs=-1,
     )
     trainer.fit(make())
-    return clock
-
-
-def median_step(clock: StepClock, warmup: int) -> float:
-    starts = clock.starts[warmup:]
-    return statistics.median(b - a for a, b in itertools.pairwise(starts))
 
 
 class NoOpCallback(pl.Callback):
     """A callback that does nothing: what Lightning's hook dispatch costs any callback."""
 
 
-def measure(name: str, make: Any, device: str, steps: int, repeats: int) -> dict[str, float]:
+def interleaved(make: Any, guest: pl.Callback, device: str, steps: int, block: int) -> dict[str, float]:
+    """One run in which ``guest`` is in for a block of steps and out for the next (see the module's doc)."""
+    clock = Alternate(guest, block)
+    fit(make, [clock, guest], max(steps, 6 * block) + 1, device)
+    return clock.overhead()
+
+
+def measure(
+    name: str,
+    make: Any,
+    device: str,
+    steps: int,
+    repeats: int,
+    guard_kwargs: dict[str, Any] | None = None,
+    wall_clock: bool = True,
+) -> dict[str, Any]:
+    """The guard's wall-clock overhead (``wall_clock``: interleaved runs, see the module's doc) and the time spent
+    inside its hooks (an instrumented run)."""
+    kwargs = guard_kwargs or {}
+    out: dict[str, Any] = {}
+    text = ""
+    if wall_clock:
+        block = LRGuard(**kwargs).check_every_n_steps  # one batched check per block
+        runs: dict[str, list[dict[str, float]]] = {"guard": [], "noop": []}
+        fit(make, [LRGuard(**kwargs)], min(steps, 100), device)  # warm-up, discarded: a first run is slower
+        for _ in range(repeats):
+            runs["guard"].append(interleaved(make, LRGuard(**kwargs), device, steps, block))
+            runs["noop"].append(interleaved(make, NoOpCallback(), device, steps, block))
+
+        def median_of(kind: str, key: str) -> float:
+            return statistics.median(run[key] for run in runs[kind])
+
+        out = {
+            "step_ms": median_of("guard", "step_ms"),
+            "overhead_pct": median_of("guard", "overhead_pct"),
+            "overhead_pct_runs": [round(run["overhead_pct"], 3) for run in runs["guard"]],
+            "overhead_median_pct": median_of("guard", "overhead_median_pct"),
+            "overhead_us": median_of("guard", "overhead_us"),
+            "noop_callback_overhead_pct": median_of("noop", "overhead_pct"),
+            "noop_callback_overhead_us": median_of("noop", "overhead_us"),
+            "hiccups": sum(run["hiccups"] for kind in runs for run in runs[kind]),
+        }
+        text = (
+            f"step {out['step_ms']:8.3f} ms; with the guard: mean step {out['overhead_pct']:+6.2f}%"
+            f" ({out['overhead_us']:+.1f} us), median step {out['overhead_median_pct']:+6.2f}% (runs:"
+            f" {', '.join(f'{v:+.2f}%' for v in out['overhead_pct_runs'])}); a do-nothing callback:"
+            f" {out['noop_callback_overhead_pct']:+5.2f}% ({out['noop_callback_overhead_us']:+.1f} us).  "
+        )
+    timed = TimedGuard(**kwargs)
+    timed_clock = StepClock()
     warmup = min(20, steps // 5)
-    runs: dict[str, list[float]] = {"bare": [], "noop": [], "guarded": []}
-    factories = {"bare": list, "noop": lambda: [NoOpCallback()], "guarded": lambda: [LRGuard()]}
-    fit(make, [LRGuard()], min(steps, 100), device)  # warm-up, discarded: a process's first run is slower
-    for r in range(repeats):
-        order = ("bare", "noop", "guarded") if r % 2 == 0 else ("guarded", "noop", "bare")
-        for kind in order:
-            clock = fit(make, factories[kind](), steps, device)
-            runs[kind].append(median_step(clock, warmup))
-    bare, guarded = runs["bare"], runs["guarded"]
-    timed = TimedGuard()
-    timed_clock = fit(make, [timed], steps, device)
+    fit(make, [timed, timed_clock], steps, device)
     hook_times = [t for s, t in timed.per_step.items() if s >= warmup]
     starts = timed_clock.starts[warmup:]
     mean_step = (starts[-1] - starts[0]) / (len(starts) - 1)  # the instrumented run's own mean step
-    out = {
-        "step_ms_bare": 1e3 * statistics.median(bare),
-        "step_ms_guarded": 1e3 * statistics.median(guarded),
-        # paired: each repeat's runs follow each other within seconds, so a machine that slows down for a while
-        # (a shared host) slows all three; the median over repeats of the per-repeat ratios
-        "overhead_pct": 100.0 * (statistics.median(g / b for g, b in zip(guarded, bare, strict=True)) - 1.0),
-        "noop_callback_overhead_pct": 100.0
-        * (statistics.median(n / b for n, b in zip(runs["noop"], bare, strict=True)) - 1.0),
-        "guard_us_per_step": 1e6 * statistics.median(hook_times),
-        "guard_us_p90": 1e6 * sorted(hook_times)[int(0.9 * len(hook_times))],
-        "guard_us_mean": 1e6 * statistics.mean(hook_times),
-        # within that one run, so a machine that is slower for a while scales both alike
-        "guard_share_pct": 100.0 * statistics.mean(hook_times) / (mean_step - statistics.mean(hook_times)),
-    }
+    out.update(
+        {
+            "instrumented_step_ms": 1e3 * mean_step,
+            "guard_us_per_step": 1e6 * statistics.median(hook_times),
+            "guard_us_p90": 1e6 * sorted(hook_times)[int(0.9 * len(hook_times))],
+            "guard_us_mean": 1e6 * statistics.mean(hook_times),
+            # within that one run, so a machine that is slower for a while scales both alike
+            "guard_share_pct": 100.0 * statistics.mean(hook_times) / (mean_step - statistics.mean(hook_times)),
+        }
+    )
     if device == "cuda":
         out["syncs_per_step"] = timed.syncs / max(1, len(timed.per_step))
     print(
-        f"{name:<8} {device:<5} step {out['step_ms_bare']:8.3f} ms bare, {out['step_ms_guarded']:8.3f} ms guarded:"
-        f" overhead {out['overhead_pct']:+6.2f}% (a no-op callback: {out['noop_callback_overhead_pct']:+5.2f}%)"
-        f"  hooks {out['guard_us_per_step']:6.1f} us/step (median), "
-        f"{out['guard_us_p90']:6.1f} us (p90), {out['guard_us_mean']:6.1f} us (mean: "
-        f"{out['guard_share_pct']:.2f}% of the rest of the step)"
+        f"{name:<8} {device:<5} {text}Inside the hooks: {out['guard_us_per_step']:.1f} us/step (median),"
+        f" {out['guard_us_p90']:.1f} us (p90), {out['guard_us_mean']:.1f} us (mean: {out['guard_share_pct']:.3f}% of"
+        f" the rest of a {1e3 * mean_step:.2f} ms step)"
         + (f", {out['syncs_per_step']:.2f} host syncs/step" if device == "cuda" else "")
     )
     return out
@@ -301,11 +377,19 @@ def time_inside(make: Any, device: str, steps: int, warmup: int) -> dict[str, fl
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="steps per run (tiny model)")
-    parser.add_argument("--repeats", type=int, default=3, help="bare/guarded pairs")
+    parser.add_argument("--steps", type=int, default=2000, help="steps per run (tiny and small models)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per model and callback")
     parser.add_argument("--gpt", action="store_true", help="also the ~85M GPT-style model")
-    parser.add_argument("--gpt-steps", type=int, default=None, help="steps per GPT run (default 12 CPU, 60 GPU)")
+    parser.add_argument(
+        "--gpt-steps",
+        type=int,
+        default=None,
+        help="steps per GPT run (default 16 on CPU, hooks timed only; 400 on a GPU)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for comparable runs)")
+    parser.add_argument(
+        "--check-every", type=int, default=None, help="the guard's check_every_n_steps (default: its default, 8)"
+    )
     parser.add_argument(
         "--parts", action="store_true", help="also time the tiny model's hooks with parts of the guard switched off"
     )
@@ -315,23 +399,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for logger in ("pytorch_lightning", "lightning", "lightning.pytorch", "lr_guard"):
         logging.getLogger(logger).setLevel(logging.ERROR)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    kwargs = {} if args.check_every is None else {"check_every_n_steps": args.check_every}
     results: dict[str, Any] = {}
     for device in devices:
-        results[f"tiny_{device}"] = measure("tiny", TinyMLP, device, args.steps, args.repeats)
+        results[f"tiny_{device}"] = measure("tiny", TinyMLP, device, args.steps, args.repeats, kwargs)
         if args.parts:
             results[f"tiny_{device}_parts"] = measure_parts(TinyMLP, device, args.steps, args.repeats)
         if device == "cpu":  # a step with some arithmetic in it: what the guard costs a small real model
-            results["small_cpu"] = measure("small", SmallMLP, device, args.steps, args.repeats)
+            results["small_cpu"] = measure("small", SmallMLP, device, args.steps, args.repeats, kwargs)
         if args.gpt:
             batch, seq = (2, 64) if device == "cpu" else (32, 128)
-            steps = args.gpt_steps or (12 if device == "cpu" else 60)
+            steps = args.gpt_steps or (16 if device == "cpu" else 400)
             params = sum(p.numel() for p in GPT(batch, seq).parameters())
             print(f"GPT-style model: {params / 1e6:.1f}M parameters, batch {batch}x{seq} on {device}")
+            # on CPU a step takes over a second: the hooks are timed, but no wall clock could resolve them
             results[f"gpt85m_{device}"] = measure(
-                "gpt85m", lambda b=batch, s=seq: GPT(b, s), device, steps, max(2, args.repeats - 1)
+                "gpt85m",
+                lambda b=batch, s=seq: GPT(b, s),
+                device,
+                steps,
+                max(2, args.repeats - 1),
+                kwargs,
+                wall_clock=device != "cpu",
             )
     summary: dict[str, Any] = {
         "cpu_overhead_pct": round(results["tiny_cpu"]["overhead_pct"], 3),
+        "cpu_overhead_median_pct": round(results["tiny_cpu"]["overhead_median_pct"], 3),
         "guard_us_per_step": round(results["tiny_cpu"]["guard_us_per_step"], 2),
     }
     if "tiny_cuda" in results:

@@ -78,8 +78,39 @@ def test_overhead_benchmark_runs_and_reports_its_keys(capsys):
     summary = _bench("overhead").main(["--steps", "60", "--repeats", "1"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(summary))
-    assert {"cpu_overhead_pct", "guard_us_per_step", "tiny_cpu", "small_cpu"} <= set(last)
+    assert {"cpu_overhead_pct", "cpu_overhead_median_pct", "guard_us_per_step", "tiny_cpu", "small_cpu"} <= set(last)
     assert last["guard_us_per_step"] > 0 and last["small_cpu"]["guard_share_pct"] > 0
+    assert {"overhead_pct", "overhead_median_pct", "noop_callback_overhead_pct"} <= set(last["tiny_cpu"])
+
+
+def test_overhead_benchmark_alternates_the_callback_block_by_block():
+    """The wall-clock comparison puts the callback in for one block of steps and out for the next: every hook of
+    a step "with" reaches it, none of a step "without" does, and it is back in the list for the teardown."""
+    import pytorch_lightning as pl
+
+    bench = _bench("overhead")
+
+    class Counting(pl.Callback):
+        def __init__(self):
+            self.started, self.ended, self.torn_down = [], [], False
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.started.append(trainer.global_step)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.ended.append(trainer.global_step - 1)  # the step this batch trained
+
+        def teardown(self, trainer, module, stage):
+            self.torn_down = True
+
+    guest = Counting()
+    clock = bench.Alternate(guest, block=4)
+    bench.fit(bench.TinyMLP, [clock, guest], 24, "cpu")
+    expected = [s for s in range(24) if (s // 4) % 2 == 0]
+    assert guest.started == expected and guest.ended == expected
+    assert clock.present == [(s // 4) % 2 == 0 for s in range(24)] and guest.torn_down
+    figures = clock.overhead(warmup_blocks=1)
+    assert figures["step_ms"] > 0 and figures["hiccups"] >= 0
 
 
 def test_snapshot_benchmark_measures_only_states_that_fit_in_memory():
