@@ -110,6 +110,8 @@ class GPT(pl.LightningModule):
         self.batch, self.seq, self.vocab = batch, seq, vocab
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
 
+    mask: torch.Tensor
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens = batch[0]
         h = self.embed(tokens[:, :-1]) + self.pos[: self.seq - 1]
@@ -366,7 +368,7 @@ def time_inside(make: Any, device: str, steps: int, warmup: int) -> dict[str, fl
         snapshots.append(time.perf_counter() - start)
         return taken
 
-    guard.policy.observe, guard._process, guard._snapshot = timed_observe, timed_process, timed_snapshot  # type: ignore[method-assign]
+    guard.policy.observe, guard._process, guard._snapshot = timed_observe, timed_process, timed_snapshot  # type: ignore[method-assign,assignment]
     fit(make, [guard], steps, device)
     return {
         "first_value_us": 1e6 * statistics.median(first),

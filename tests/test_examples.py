@@ -111,6 +111,9 @@ def test_overhead_benchmark_alternates_the_callback_block_by_block():
     assert clock.present == [(s // 4) % 2 == 0 for s in range(24)] and guest.torn_down
     figures = clock.overhead(warmup_blocks=1)
     assert figures["step_ms"] > 0 and figures["hiccups"] >= 0
+    # where no wall clock could resolve the guard (the GPT-style model on CPU) only its hooks are timed
+    hooks_only = bench.measure("tiny", bench.TinyMLP, "cpu", 40, 1, wall_clock=False)
+    assert "overhead_pct" not in hooks_only and hooks_only["guard_us_mean"] > 0
 
 
 def test_snapshot_benchmark_measures_only_states_that_fit_in_memory():
