@@ -13,8 +13,9 @@ step "without" is a bare Trainer's step and one "with" pays all a callback pays,
 included. Steps with and steps without are thus interleaved every few milliseconds and drift cancels. Per run:
 ``overhead_pct`` = mean step with / mean step without - 1 (the cost to a run's total time: it includes the
 batched checks and the snapshots; steps over 10x the median, the machine's hiccups, are left out of both and
-counted), ``overhead_median_pct`` the same for the median step (the ratio of medians: a typical step, which the
-checks every 8th and the snapshots every 50th step do not reach). The same is measured for a callback that does
+counted), ``overhead_median_pct`` the same for the median step (the ratio of medians: less moved by the rare slow
+steps, though not untouched by them -- every 8th step with the guard checks a batch, and with an eighth of the
+steps at the top, the median of the rest is read higher up). The same is measured for a callback that does
 nothing: Lightning calls every hook of every callback, so that is the floor any callback pays. Figures are the
 median over ``--repeats`` runs.
 
