@@ -115,15 +115,19 @@ class GuardPolicy:
         self.skipped_updates: dict[int, bool] = {}
         self.lr_rising = False  # the schedule's LR is rising (a warm-up): see note_lr
         self._last_lr: float | None = None
+        self._last_lr_step: int | None = None
         self.stopped = False
         self.calm_steps = 0  # values in a row that raised no event
 
-    def note_lr(self, lr: float) -> None:
-        """The schedule's own LR now (without the guard's cuts); higher than at the last note means a warm-up is
-        under way (``lr_rising``)."""
+    def note_lr(self, lr: float, step: int) -> None:
+        """The schedule's own LR (without the guard's cuts) at ``step``; higher than at the last step noted means
+        a warm-up is under way (``lr_rising``). A second note at the same step changes nothing: the schedule has
+        not moved since the first."""
+        if step == self._last_lr_step:
+            return
         last = self._last_lr
         self.lr_rising = last is not None and lr > last * (1 + 1e-9)
-        self._last_lr = lr
+        self._last_lr, self._last_lr_step = lr, step
 
     # -- snapshots -------------------------------------------------------------------------------------------------
     def quiet(self) -> bool:

@@ -282,13 +282,13 @@ def replay(
     factor = 1.0
     rows: list[ReplayRow] = []
     logged: list[tuple[int, dict[str, float]]] = []
-    next_lr, current_lr = 0, None
+    next_lr = 0
     for step, value in series:
+        # each LR reading once, as the live guard reads the optimizer's: "rising" is against the reading before,
+        # and lasts until the next one (a monitor logs the LR every log_every_n_steps, not at every loss value)
         while next_lr < len(lr) and lr[next_lr][0] <= step:
-            current_lr = lr[next_lr][1]
+            policy.note_lr(lr[next_lr][1], lr[next_lr][0])
             next_lr += 1
-        if current_lr is not None:
-            policy.note_lr(current_lr)
         for intent in policy.observe(step, value):
             before = factor
             detail = ""

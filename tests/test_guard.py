@@ -140,6 +140,18 @@ def test_which_rollbacks_keep_the_lr(case, factor):
     assert intents[0].lr_factor == factor
 
 
+def test_a_warm_up_lasts_between_lr_readings_and_a_second_reading_at_one_step_changes_nothing():
+    # the guard reads the LR at every check; the end of an epoch checks again at the step the last batch checked
+    policy = _policy()
+    policy.note_lr(0.001, 0)
+    policy.note_lr(0.002, 8)
+    assert policy.lr_rising
+    policy.note_lr(0.002, 8)  # the epoch's end, same step: the schedule has not moved, the warm-up goes on
+    assert policy.lr_rising
+    policy.note_lr(0.002, 16)  # a later step at the same LR: the warm-up is over
+    assert not policy.lr_rising
+
+
 def test_values_are_checked_in_batches_and_a_rollback_drops_the_rest_of_its_batch():
     class Recording(DivergenceDetector):
         def update(self, value, step):

@@ -92,6 +92,9 @@ def test_a_csv_lr_column_marks_the_warm_up(tmp_path):
     settings = {"snapshot_every": 10, "confirm_steps": 3}
     assert replay(series, settings, lr=lr).rows[0].detail.startswith("back to step 50, LR x0.5")
     assert replay(series, settings).rows[0].detail.startswith("back to step 50, LR x1")  # no LR: past warm-up
+    # an LR logged every 7 steps only (a monitor's log_every_n_steps): the warm-up lasts between the readings
+    sparse = [(t, rate) for t, rate in lr if t % 7 == 0]
+    assert replay(series, settings, lr=sparse).rows[0].detail.startswith("back to step 50, LR x0.5")
     with pytest.raises(ReplayError, match="'learning_rate' columns"):
         load_lr_series(with_lr, "learning_rate")
 

@@ -524,7 +524,7 @@ class GuardCore:
         if not optimizers:
             return
         group = optimizers[0].param_groups[0]
-        self.policy.note_lr(group.get(UNSCALED, group["lr"]))
+        self.policy.note_lr(group.get(UNSCALED, group["lr"]), trainer.global_step)
 
     # ------------------------------------------------------------------ carrying out the policy
     def _process(self, trainer: Any, pl_module: Any, values: list[tuple[int, float]]) -> None:

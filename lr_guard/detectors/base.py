@@ -283,7 +283,7 @@ class NoiseScale:
 
     def update(self, abs_diff: float) -> None:
         count = self.count
-        if count >= 10:  # MIN_COUNT, as a literal: this runs for every value of every detector
+        if count >= self.MIN_COUNT:
             cap = self.clip * self.mean / self.weight
             if abs_diff > cap:
                 abs_diff = cap
