@@ -44,16 +44,19 @@ import json
 import logging
 import math
 import statistics
+import tempfile
 import time
 import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_guard import LRGuard
+from lr_guard.diagnostics import one_event_writer, scalars, write_one_event
 
 HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
 
@@ -212,19 +215,22 @@ class TimedGuard(LRGuard):
 
 
 def fit(make: Any, callbacks: list[Any], steps: int, device: str) -> None:
+    """Train ``steps`` steps with Lightning's default logger, a TensorBoardLogger (the guard's diagnostics are
+    part of what it costs; the bare steps have the same logger), writing to a temporary directory."""
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        callbacks=callbacks,
-        accelerator=device,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=-1,
-    )
-    trainer.fit(make())
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            max_steps=steps,
+            callbacks=callbacks,
+            accelerator=device,
+            devices=1,
+            logger=TensorBoardLogger(root, name="overhead"),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            max_epochs=-1,
+        )
+        trainer.fit(make())
 
 
 class NoOpCallback(pl.Callback):
@@ -309,6 +315,7 @@ def measure(
 
 PARTS: dict[str, dict[str, Any]] = {
     "full": {},
+    "no_diagnostics": {"diagnostics": False},
     "no_snapshots": {"rollback": False},
     "no_detectors": {"spike": False, "oscillation": False, "plateau": False, "divergence": False},
     "hooks_only": {"spike": False, "oscillation": False, "plateau": False, "divergence": False, "rollback": False},
@@ -329,15 +336,44 @@ def measure_parts(make: Any, device: str, steps: int, repeats: int) -> dict[str,
     out = {f"{name}_us_mean": value for name, value in best.items()}
     out["detectors_us"] = best["no_snapshots"] - best["hooks_only"]
     out["snapshots_us"] = best["no_detectors"] - best["hooks_only"]
+    out["diagnostics_us"] = best["full"] - best["no_diagnostics"]
     out.update(time_inside(make, device, steps, warmup))
+    out.update(time_scalar_writes())
     print(
-        f"parts    {device:<5} hooks' mean per step: all {best['full']:.1f} us; without snapshots "
-        f"{best['no_snapshots']:.1f}; without detectors {best['no_detectors']:.1f}; hooks and checks only "
-        f"{best['hooks_only']:.1f} -> detectors and policy ~{out['detectors_us']:.1f} us, snapshots "
+        f"parts    {device:<5} hooks' mean per step: all {best['full']:.1f} us; without diagnostics "
+        f"{best['no_diagnostics']:.1f}; without snapshots {best['no_snapshots']:.1f}; without detectors "
+        f"{best['no_detectors']:.1f}; hooks and checks only {best['hooks_only']:.1f} -> diagnostics "
+        f"~{out['diagnostics_us']:.1f} us, detectors and policy ~{out['detectors_us']:.1f} us, snapshots "
         f"~{out['snapshots_us']:.1f} us. Policy and detectors per value: {out['first_value_us']:.1f} us for the "
         f"first of a batch, {out['other_values_us']:.1f} us for the others (medians); one snapshot: "
-        f"{out['snapshot_us']:.0f} us (median)"
+        f"{out['snapshot_us']:.0f} us (median). Writing one step's {out['scalars']} scalars to TensorBoard: "
+        f"{out['one_event_us']:.0f} us as one event, {out['log_metrics_us']:.0f} us through log_metrics (one "
+        f"event each)"
     )
+    return out
+
+
+def time_scalar_writes(rounds: int = 200) -> dict[str, float]:
+    """One logged step's scalars written to a TensorBoardLogger as the guard writes them (one event) and through
+    Lightning's ``log_metrics`` (one event per scalar), µs per step, each flushed at the end."""
+    guard = LRGuard()
+    group = torch.optim.AdamW(nn.Linear(2, 2).parameters()).param_groups[0]
+    metrics = scalars(1.0, guard.detectors, [("opt0_group0", group)], guard.counts)
+    out: dict[str, float] = {"scalars": len(metrics)}
+    with tempfile.TemporaryDirectory() as root:
+        for key, name in (("one_event_us", "one"), ("log_metrics_us", "each")):
+            logger = TensorBoardLogger(root, name=name)
+            writer = one_event_writer(logger)
+            assert writer is not None
+            start = time.perf_counter()
+            for step in range(rounds):
+                if key == "one_event_us":
+                    write_one_event(logger, writer, metrics, step)
+                else:
+                    logger.log_metrics(metrics, step=step)
+            writer.flush()
+            out[key] = 1e6 * (time.perf_counter() - start) / rounds
+            writer.close()
     return out
 
 

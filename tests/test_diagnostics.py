@@ -135,3 +135,69 @@ def test_diagnostics_can_be_switched_off(tmp_path):
     assert not [t for t in read_events(logger.log_dir).Tags()["scalars"] if t.startswith("lr_guard/")]
     with pytest.raises(ValueError, match="log_every_n_steps must be >= 1, got 0"):
         LRGuard(log_every_n_steps=0)
+
+
+def raw_events(log_dir):
+    """Every event in a run's event files, in order (tensorboard's own reader, without the accumulator)."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    paths = sorted(Path(log_dir).glob("events.out.tfevents.*"))
+    return [Event.FromString(record) for path in paths for record in RawEventFileLoader(str(path)).Load()]
+
+
+def test_a_tensorboard_logger_gets_each_steps_scalars_as_one_event(guarded_run, tmp_path):
+    _, acc, script = guarded_run
+    logged = [e for e in raw_events(acc.path) if e.summary.value and e.summary.value[0].tag == "lr_guard/loss/raw"]
+    assert [e.step for e in logged][:3] == [0, 5, 10]
+    tags = [v.tag for v in logged[0].summary.value]
+    assert len(set(tags)) == len(tags) >= 16 and tags[:2] == ["lr_guard/loss/raw", "lr_guard/loss/trend"]
+    assert logged[0].summary.value[0].simple_value == pytest.approx(script[0], rel=1e-6)
+    # what Lightning's log_metrics writes (one event a scalar) reads back the same through the event reader
+    from pytorch_lightning.loggers import TensorBoardLogger as Logger
+
+    reference = Logger(tmp_path, name="reference", version=0)
+    reference.log_metrics({v.tag: v.simple_value for v in logged[0].summary.value}, step=0)
+    reference.experiment.flush()
+    ref = read_events(reference.log_dir)
+    for tag in tags:
+        assert [(e.step, e.value) for e in ref.Scalars(tag)] == [(e.step, e.value) for e in acc.Scalars(tag)][:1]
+
+
+def test_a_tensorboard_loggers_prefix_is_kept_and_an_overridden_log_metrics_is_called(tmp_path):
+    prefixed = TensorBoardLogger(tmp_path, name="prefixed", version=0, prefix="train")
+    calls = []
+
+    class Counting(TensorBoardLogger):
+        def log_metrics(self, metrics, step=None):
+            if "lr_guard/loss/raw" in metrics:
+                calls.append(step)
+            super().log_metrics(metrics, step)
+
+    counting = Counting(tmp_path, name="counting", version=0)
+    make_trainer([LRGuard()], max_steps=20, logger=[prefixed, counting], log_every_n_steps=10).fit(
+        ScriptedLossModule(decaying())
+    )
+    tags = read_events(prefixed.log_dir).Tags()["scalars"]
+    assert "train-lr_guard/loss/raw" in tags and "lr_guard/loss/raw" not in tags
+    assert calls[:2] == [0, 10]  # the subclass's own log_metrics, at the guard's cadence
+    assert "lr_guard/loss/raw" in read_events(counting.log_dir).Tags()["scalars"]
+
+
+def test_a_closed_tensorboard_writer_falls_back_to_log_metrics(tmp_path):
+    from lr_guard.diagnostics import one_event_writer, write_one_event
+
+    logger = TensorBoardLogger(tmp_path, name="closed", version=0)
+    writer = one_event_writer(logger)
+    assert writer is logger.experiment and one_event_writer(CSVLogger(tmp_path)) is None
+    from lightning.pytorch.loggers import TensorBoardLogger as LightningLogger
+
+    other = LightningLogger(tmp_path, name="lightning")
+    assert one_event_writer(other) is other.experiment  # the lightning namespace's logger too
+    writer.close()  # torch drops its file writer; add_scalar would open a new one
+    assert not write_one_event(logger, writer, {"a": 1.0}, 0)
+    logger.log_metrics({"a": 1.0}, step=0)
+    writer.flush()
+    assert [e.value for e in read_events(logger.log_dir).Scalars("a")] == [1.0]

@@ -116,6 +116,11 @@ def test_overhead_benchmark_alternates_the_callback_block_by_block():
     assert "overhead_pct" not in hooks_only and hooks_only["guard_us_mean"] > 0
 
 
+def test_overhead_benchmark_times_both_ways_of_writing_the_scalars_to_tensorboard():
+    writes = _bench("overhead").time_scalar_writes(rounds=5)
+    assert writes["scalars"] >= 16 and writes["one_event_us"] > 0 and writes["log_metrics_us"] > 0
+
+
 def test_snapshot_benchmark_measures_only_states_that_fit_in_memory():
     bench = _bench("snapshot")
     assert bench.fits(1, "cpu") and not bench.fits(bench.available_host_bytes() / 1e6, "cpu")

@@ -529,7 +529,7 @@ class GuardCore:
     # ------------------------------------------------------------------ carrying out the policy
     def _process(self, trainer: Any, pl_module: Any, values: list[tuple[int, float]]) -> None:
         observe = self.policy.observe
-        log_every = self._log_every if self.diagnostics else 0
+        log_every = self._log_every if self.diagnostics and self._diagnostics.active else 0
         for step, value in values:
             intents = observe(step, value)
             rolled_back = False
