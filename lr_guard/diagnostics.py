@@ -8,7 +8,7 @@ Lightning's ``TensorBoardLogger.log_metrics`` writes one event per scalar, and t
 checksums every record in pure Python on a background thread that the training thread then waits for: about
 70 us per scalar, over 1 ms for the guard's 16. For that logger (not a subclass that overrides ``log_metrics``)
 the scalars of one step are written as one event with one value per tag, which TensorBoard and its event
-readers show exactly alike, in about a tenth of the time (``python benchmarks/overhead.py --parts`` measures
+readers show exactly alike, in a seventh of the time or less (``python benchmarks/overhead.py --parts`` measures
 both).
 
 Log keys (stable):
