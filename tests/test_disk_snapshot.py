@@ -41,6 +41,35 @@ def test_disk_snapshot_round_trip_is_exact_for_every_dtype(tmp_path):
     assert os.path.getsize(snap.path) == snap.nbytes > 0 and os.path.isfile(snap.path + ".manifest")
 
 
+def test_an_optimizer_loaded_whole_from_a_disk_snapshot_owns_its_state(tmp_path):
+    """When the optimizer's state has another structure than the saved one (here a fresh optimizer with no
+    state; in training, parameters that had no gradient yet at the snapshot), the optimizer loads the saved
+    state whole and keeps the tensors it is given: they must be its own, not views of the snapshot's file,
+    which is read-only and rewritten by the next snapshot in that slot (a step used to crash the process)."""
+    model, opt = model_and_optimizer()
+    snap = take_disk_snapshot(3, model, [opt], [], str(tmp_path), "slot0")
+    snap.synchronize()
+    saved = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    fresh = torch.optim.Adam(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable NumPy array" warning either
+        snap.restore(model, [fresh], [])
+    for key, value in fresh.state_dict()["state"][0].items():
+        assert torch.equal(value, saved[key]), key
+    with torch.no_grad():  # the slot rewritten with another state: the loaded one must not change with it
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(16, 4)).pow(2).mean().backward()
+    opt.step()
+    take_disk_snapshot(4, model, [opt], [], str(tmp_path), "slot0").synchronize()
+    for key, value in fresh.state_dict()["state"][0].items():
+        assert torch.equal(value, saved[key]), key
+    model.zero_grad()
+    model(torch.randn(16, 4)).pow(2).mean().backward()
+    fresh.step()  # writes into the loaded moments
+    assert fresh.state_dict()["state"][0]["step"].item() == saved["step"].item() + 1
+
+
 def test_guard_with_disk_snapshots_rolls_back_exactly(tmp_path):
     script = [2.0 / (1.0 + 0.05 * t) for t in range(200)]
     script[45] = math.nan

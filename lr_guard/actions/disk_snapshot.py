@@ -66,17 +66,21 @@ class DiskSnapshot:
     def fence(self) -> None:
         """Nothing to wait for: every tensor was copied to the host before :func:`take_disk_snapshot` returned."""
 
-    def _load(self, tree: Any, data: Any) -> Any:
+    def _load(self, tree: Any, data: Any, owned: bool = False) -> Any:
+        """The saved tree with its tensors read from ``data`` (the memory-mapped file): views of the read-only
+        mapping, to be copied from at once, or with ``owned`` tensors of their own, for a caller that keeps them
+        (an optimizer's ``load_state_dict`` keeps the tensors it is given, and writes into them at its next step)."""
         if isinstance(tree, dict) and tree.get(_TENSOR):
             offset, count = tree["offset"], tree["nbytes"]
             raw = torch.from_numpy(np.asarray(data[offset : offset + count]))
-            return raw.view(tree["dtype"]).reshape(tree["shape"])
+            tensor = raw.view(tree["dtype"]).reshape(tree["shape"])
+            return tensor.clone() if owned else tensor
         if isinstance(tree, dict):
-            return {k: self._load(v, data) for k, v in tree.items()}
+            return {k: self._load(v, data, owned) for k, v in tree.items()}
         if isinstance(tree, list):
-            return [self._load(v, data) for v in tree]
+            return [self._load(v, data, owned) for v in tree]
         if isinstance(tree, tuple):
-            return tuple(self._load(v, data) for v in tree)
+            return tuple(self._load(v, data, owned) for v in tree)
         return tree
 
     def restore(
@@ -90,7 +94,8 @@ class DiskSnapshot:
         """Write this state back into the live objects, in place, one tensor at a time from the file (the host
         never holds more than one tensor of the state)."""
         self.synchronize()
-        data = np.memmap(self.path, dtype=np.uint8, mode="r") if self.nbytes else np.zeros(0, np.uint8)
+        # copy-on-write: the file is never written through the mapping, and torch gets a writable array
+        data = np.memmap(self.path, dtype=np.uint8, mode="c") if self.nbytes else np.zeros(0, np.uint8)
         manifest = self.manifest
         live = model.state_dict()
         if set(live) != set(manifest["model"]):
@@ -100,7 +105,7 @@ class DiskSnapshot:
                 tensor.copy_(self._load(manifest["model"][name], data))
         for optimizer, entry in zip(optimizers, manifest["optimizers"], strict=True):
             if not restore_optimizer_in_place(optimizer, entry, _entry_meta, lambda e: self._load(e, data)):
-                optimizer.load_state_dict(self._load(entry, data))
+                optimizer.load_state_dict(self._load(entry, data, owned=True))
         for scheduler, saved in zip(schedulers, manifest["schedulers"], strict=True):
             scheduler.load_state_dict(copy.deepcopy(saved))
         if precision is not None and manifest["precision"]:
