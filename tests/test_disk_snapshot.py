@@ -70,6 +70,51 @@ def test_an_optimizer_loaded_whole_from_a_disk_snapshot_owns_its_state(tmp_path)
     assert fresh.state_dict()["state"][0]["step"].item() == saved["step"].item() + 1
 
 
+def test_a_slot_still_being_written_is_waited_for_before_it_is_rewritten(tmp_path, monkeypatch):
+    """A snapshot's file finishes writing in the background; a later snapshot into the same slot must not open
+    (truncate) it and write beside the earlier writer. Here the earlier writer is held back until the later
+    snapshot has had time to start."""
+    import queue
+    import threading
+    import types
+
+    from lr_guard.actions import disk_snapshot
+
+    gate = threading.Event()
+    run = disk_snapshot._Writer._run
+
+    def held_back(self):
+        gate.wait()
+        run(self)
+
+    monkeypatch.setattr(disk_snapshot._Writer, "_run", held_back)
+    unbounded = types.SimpleNamespace(Queue=lambda maxsize: queue.Queue())  # the held writer queues everything
+    monkeypatch.setattr(disk_snapshot, "queue", unbounded)
+    model, opt = model_and_optimizer()
+    first = take_disk_snapshot(3, model, [opt], [], str(tmp_path), "slot0")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-2.0)
+    later: list = []
+    thread = threading.Thread(
+        target=lambda: later.append(take_disk_snapshot(4, model, [opt], [], str(tmp_path), "slot0"))
+    )
+    thread.start()
+    thread.join(timeout=0.5)
+    assert thread.is_alive() and not later  # waiting for the first writer
+    gate.set()
+    thread.join(timeout=30)
+    assert first.done.is_set() and later
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    later[0].restore(model, [opt], [])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    assert not disk_snapshot._WRITING
+
+
 def test_guard_with_disk_snapshots_rolls_back_exactly(tmp_path):
     script = [2.0 / (1.0 + 0.05 * t) for t in range(200)]
     script[45] = math.nan

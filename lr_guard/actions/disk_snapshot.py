@@ -114,13 +114,30 @@ class DiskSnapshot:
             restore_rng(manifest["rng"])
 
 
+# file path -> the snapshot whose writer thread is writing it: a slot is rewritten only once its last write ended
+_WRITING: dict[str, DiskSnapshot] = {}
+_WRITING_LOCK = threading.Lock()
+
+
 class _Writer:
-    """Appends tensors' bytes to a file from a background thread; the queue of one bounds the host memory held."""
+    """Appends tensors' bytes to a file from a background thread; the queue of one bounds the host memory held.
+    A file still being written by an earlier snapshot's writer is waited for before it is opened again."""
 
     def __init__(self, path: str, snapshot: DiskSnapshot) -> None:
         self.path, self.offset, self.snapshot = path, 0, snapshot
         self.queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=1)
-        self.file = open(path, "wb")  # closed by the writer thread
+        while True:
+            with _WRITING_LOCK:
+                earlier = _WRITING.get(path)
+                if earlier is None:
+                    _WRITING[path] = snapshot
+                    break
+            earlier.done.wait()  # its thread unregisters the file before it sets done
+        try:
+            self.file = open(path, "wb")  # closed by the writer thread
+        except BaseException:
+            self._unregister()
+            raise
         self.thread = threading.Thread(target=self._run, name="lr_guard-snapshot-writer", daemon=True)
         self.thread.start()
 
@@ -152,7 +169,12 @@ class _Writer:
                 pass
         finally:
             self.file.close()
+            self._unregister()
             self.snapshot.done.set()
+
+    def _unregister(self) -> None:
+        with _WRITING_LOCK:
+            del _WRITING[self.path]
 
 
 def _stream(tree: Any, writer: _Writer) -> Any:
@@ -182,7 +204,7 @@ def take_disk_snapshot(
     write finishes in the background (``DiskSnapshot.done``).
     """
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{slot}.bin")
+    path = os.path.abspath(os.path.join(directory, f"{slot}.bin"))
     snapshot = DiskSnapshot(step, path)
     writer = _Writer(path, snapshot)
     try:
