@@ -5,6 +5,7 @@ import os
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import make_trainer
 from test_snapshot import model_and_optimizer
@@ -115,21 +116,35 @@ def test_a_slot_still_being_written_is_waited_for_before_it_is_rewritten(tmp_pat
     assert not disk_snapshot._WRITING
 
 
+class FilesSeen(pl.Callback):
+    """The snapshot files in ``directory`` after every step (the guard removes them when training ends)."""
+
+    def __init__(self, directory):
+        self.directory, self.seen = directory, set()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen |= {p.name for p in self.directory.glob("*")}
+
+
 def test_guard_with_disk_snapshots_rolls_back_exactly(tmp_path):
     script = [2.0 / (1.0 + 0.05 * t) for t in range(200)]
     script[45] = math.nan
     memory = LRGuard(snapshot_every=10, confirm_steps=3)
     disk = LRGuard(snapshot_every=10, confirm_steps=3, snapshot_device="disk", snapshot_dir=str(tmp_path))
+    files = FilesSeen(tmp_path)
     modules = []
     for guard in (memory, disk):
         module = ScriptedLossModule(script, optimizer="adam", lr=0.01)
-        make_trainer([guard], max_steps=70).fit(module)
+        make_trainer([guard, files], max_steps=70).fit(module)
         modules.append(module)
     assert [(d.action, d.rollback_to) for d in disk.decisions] == [(Action.ROLLBACK, 40)]
     assert [(d.action, d.rollback_to) for d in memory.decisions] == [(Action.ROLLBACK, 40)]
     for a, b in zip(modules[0].state_dict().values(), modules[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert sorted(p.name for p in tmp_path.glob("*.bin")) <= ["rank0_slot0.bin", "rank0_slot1.bin", "rank0_slot2.bin"]
+    slots = sorted(name for name in files.seen if name.endswith(".bin"))
+    assert len(slots) >= 2 and slots <= ["rank0_slot0.bin", "rank0_slot1.bin", "rank0_slot2.bin"]
+    assert {f"{name}.manifest" for name in slots} <= files.seen
+    assert not list(tmp_path.iterdir())  # scratch as large as the state: removed when training ended
 
 
 def test_memory_budget_moves_snapshots_to_disk_with_a_warning(tmp_path):
@@ -139,8 +154,9 @@ def test_memory_budget_moves_snapshots_to_disk_with_a_warning(tmp_path):
         match=r"3 snapshots of this training state need .* over "
         r"snapshot_memory_budget=.*writing them to disk instead",
     ):
-        make_trainer([guard], max_steps=30).fit(ScriptedLossModule([1.0], optimizer="adam"))
-    assert list(tmp_path.glob("*.bin"))
+        files = FilesSeen(tmp_path)
+        make_trainer([guard, files], max_steps=30).fit(ScriptedLossModule([1.0], optimizer="adam"))
+    assert any(name.endswith(".bin") for name in files.seen) and not list(tmp_path.glob("*.bin"))
     with pytest.raises(ValueError, match="snapshot_memory_budget must be >= 0, got -1"):
         LRGuard(snapshot_memory_budget=-1)
     with pytest.raises(ValueError, match="snapshot_device must be one of 'cpu', 'same', 'disk'; got 'nvme'"):
@@ -160,9 +176,10 @@ def test_memory_budget_counts_the_optimizer_state_and_the_kept_starting_state(tm
         directory = tmp_path / f"plateau_{plateau}"
         guard = LRGuard(snapshot_every=10, plateau=plateau, snapshot_memory_budget=int(2.5 * full))
         guard.snapshot_dir = str(directory)
+        files = FilesSeen(directory)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            make_trainer([guard], max_steps=30).fit(ScriptedLossModule(script, optimizer="adam"))
+            make_trainer([guard, files], max_steps=30).fit(ScriptedLossModule(script, optimizer="adam"))
         warned = [w for w in caught if "snapshot_memory_budget" in str(w.message)]
-        assert bool(list(directory.glob("*.bin"))) == to_disk and len(warned) == int(to_disk)
+        assert any(name.endswith(".bin") for name in files.seen) == to_disk and len(warned) == int(to_disk)
         assert guard.counts["snapshots"] == 3

@@ -10,6 +10,7 @@ round-trips (bytes are bytes; bf16 included).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -31,7 +32,7 @@ from lr_guard.actions.snapshot import (
     restore_rng,
 )
 
-__all__ = ["DiskSnapshot", "take_disk_snapshot"]
+__all__ = ["DiskSnapshot", "remove_snapshot_files", "take_disk_snapshot"]
 
 _TENSOR = "__lr_guard_tensor__"
 
@@ -175,6 +176,19 @@ class _Writer:
     def _unregister(self) -> None:
         with _WRITING_LOCK:
             del _WRITING[self.path]
+
+
+def remove_snapshot_files(path: str) -> None:
+    """Delete a snapshot's files (``path`` and its manifest), once a writer still writing it has finished: they
+    are scratch, readable only through the :class:`DiskSnapshot` that wrote them, which ends with the process."""
+    path = os.path.abspath(path)
+    with _WRITING_LOCK:
+        writing = _WRITING.get(path)
+    if writing is not None:
+        writing.done.wait()
+    for name in (path, path + ".manifest"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
 
 
 def _stream(tree: Any, writer: _Writer) -> Any:

@@ -32,7 +32,7 @@ from lr_guard.actions import (
     set_min_lr,
     take_snapshot,
 )
-from lr_guard.actions.disk_snapshot import DiskSnapshot, take_disk_snapshot
+from lr_guard.actions.disk_snapshot import DiskSnapshot, remove_snapshot_files, take_disk_snapshot
 from lr_guard.actions.lr import UNSCALED
 from lr_guard.actions.snapshot import tree_nbytes
 from lr_guard.detectors import (
@@ -158,7 +158,8 @@ class GuardCore:
         snapshot_memory_budget: Bytes of host memory the snapshots may take (two copies; three until the loss is
             5% below where it started), checked at every snapshot (an optimizer's state appears with its first
             step); over it, ``"cpu"`` snapshots go to disk from then on, with a warning. ``None``: no limit.
-        snapshot_dir: Where disk snapshots go; default ``<default_root_dir>/lr_guard_snapshots``.
+        snapshot_dir: Where disk snapshots go; default ``<default_root_dir>/lr_guard_snapshots``. Their files
+            (up to three per rank) are scratch, removed when training ends.
         diagnostics: Send scalars, the decision log, the configuration and a dashboard layout to the Trainer's
             loggers (see :mod:`lr_guard.diagnostics` for the keys).
         log_every_n_steps: Cadence of the scalars; default: the Trainer's ``log_every_n_steps``.
@@ -281,6 +282,7 @@ class GuardCore:
         self.decisions: list[Decision] = []
         self._skip_left = 0
         self._world_size = 1
+        self._disk_files: set[str] = set()  # disk snapshots' files written since setup: removed at teardown
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
@@ -409,6 +411,9 @@ class GuardCore:
         self._snapshots = {}
         self._spare = None
         self._unfenced = []
+        for path in sorted(self._disk_files):  # scratch as large as the training state: not left behind
+            remove_snapshot_files(path)
+        self._disk_files = set()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning does not call callbacks' teardown when training raises: leave the schedulers as they were.
@@ -631,7 +636,7 @@ class GuardCore:
                 slot = os.path.basename(spare.path)[: -len(".bin")]
             else:
                 slot = f"rank{trainer.global_rank}_slot{self._next_disk_slot()}"
-            return take_disk_snapshot(
+            written = take_disk_snapshot(
                 trainer.global_step,
                 pl_module,
                 trainer.optimizers,
@@ -640,6 +645,8 @@ class GuardCore:
                 slot,
                 precision=trainer.precision_plugin,
             )
+            self._disk_files.add(written.path)
+            return written
         snapshot = take_snapshot(
             trainer.global_step,
             pl_module,
