@@ -26,6 +26,8 @@ Log keys (stable):
 ``lr_guard/lr_factor/opt{i}_group{j}``  the guard's cumulative factor on it
 ``lr_guard/count/{name}``           spike, oscillation, plateau, divergence, lr_cuts, rollbacks,
                                     skipped_batches, snapshots
+``lr_guard/<name>/<key>``           what any other detector reports (its ``diagnostics()``), under its name
+``lr_guard/<signal>/<key>``         what a detector reports of its signal (``signal_diagnostics()``)
 ``lr_guard/decisions`` (text)       one markdown entry per decision
 ``lr_guard/config`` (text)          the guard's settings, once
 =================================  =====================================================================
@@ -35,27 +37,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from lr_guard.detectors import Detector, NullDetector
-from lr_guard.events import Action, Decision
+from lr_guard.events import Decision, kind_name
+from lr_guard.executor import ACTIONS
+from lr_guard.policy import LOSS
 
 __all__ = ["CONFIG_TAG", "DECISIONS_TAG", "Diagnostics", "config_markdown", "decision_markdown", "layout", "scalars"]
 
 DECISIONS_TAG = "lr_guard/decisions"
 CONFIG_TAG = "lr_guard/config"
-_DONE = {
-    Action.ROLLBACK: "rolled back",
-    Action.STOP: "stopped training",
-    Action.LR_CUT: "cut the LR",
-    Action.SKIP: "skipped the update",
-    Action.HELD: "held back",
-    Action.NONE: "logged it",
-}
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -63,28 +59,23 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def scalars(
-    value: float, detectors: dict[str, Detector], groups: Iterable[tuple[str, dict[str, Any]]], counts: dict[str, int]
+    values: float | Mapping[str, float],
+    detectors: Mapping[str, Detector],
+    groups: Iterable[tuple[str, dict[str, Any]]],
+    counts: Mapping[str, int],
 ) -> dict[str, float]:
-    """The scalars for one watched value (non-finite entries are left out; a NaN loss shows in the text log)."""
-    out: dict[str, float] = {"lr_guard/loss/raw": value}
-    spike = detectors.get("spike")
-    if spike is not None and not isinstance(spike, NullDetector):
-        out["lr_guard/loss/trend"] = spike.trend  # type: ignore[attr-defined]
-        out["lr_guard/loss/spike_level"] = spike.alarm_level  # type: ignore[attr-defined]
-        out["lr_guard/spike/score"] = spike.score  # type: ignore[attr-defined]
-        out["lr_guard/spike/threshold"] = spike.threshold  # type: ignore[attr-defined]
-    oscillation = detectors.get("oscillation")
-    if oscillation is not None and not isinstance(oscillation, NullDetector):
-        out["lr_guard/oscillation/score"] = oscillation.score  # type: ignore[attr-defined]
-        out["lr_guard/oscillation/threshold"] = oscillation.threshold  # type: ignore[attr-defined]
-    plateau = detectors.get("plateau")
-    if plateau is not None and not isinstance(plateau, NullDetector):
-        out["lr_guard/plateau/bad_steps"] = float(plateau.num_bad_steps)  # type: ignore[attr-defined]
-        out["lr_guard/plateau/patience"] = float(plateau.patience)  # type: ignore[attr-defined]
-    divergence = detectors.get("divergence")
-    if divergence is not None and not isinstance(divergence, NullDetector):
-        out["lr_guard/divergence/score"] = divergence.score  # type: ignore[attr-defined]
-        out["lr_guard/divergence/threshold"] = divergence.factor  # type: ignore[attr-defined]
+    """The scalars for one step's watched values -- the loss as a number, or signals by name -- and what each
+    detector reports of itself (``lr_guard/<slot>/...``) and of its signal (``lr_guard/<signal>/...``). Non-finite
+    entries are left out (a NaN loss shows in the text log)."""
+    signals = values if isinstance(values, Mapping) else {LOSS: values}
+    out: dict[str, float] = {f"lr_guard/{name}/raw": value for name, value in signals.items()}
+    for slot, detector in detectors.items():
+        if isinstance(detector, NullDetector):
+            continue
+        for key, value in detector.signal_diagnostics().items():
+            out[f"lr_guard/{detector.signal}/{key}"] = value
+        for key, value in detector.diagnostics().items():
+            out[f"lr_guard/{slot}/{key}"] = value
     for name, group in groups:
         out[f"lr_guard/lr/{name}"] = float(group["lr"])
         out[f"lr_guard/lr_factor/{name}"] = float(group.get("lr_guard_factor", 1.0))
@@ -93,59 +84,37 @@ def scalars(
     return _finite(out)
 
 
-def layout() -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars dashboard: one section, "lr_guard", with the loss, each score beside its threshold,
-    the learning rates and the counters."""
-    return {
-        "lr_guard": {
-            "loss, its trend and the spike alarm level": [
-                "Multiline",
-                ["lr_guard/loss/raw", "lr_guard/loss/trend", "lr_guard/loss/spike_level"],
-            ],
-            "loss trend, with the band up to the spike alarm level": [
-                "Margin",
-                ["lr_guard/loss/trend", "lr_guard/loss/trend", "lr_guard/loss/spike_level"],
-            ],
-            "spike score vs threshold": ["Multiline", ["lr_guard/spike/score", "lr_guard/spike/threshold"]],
-            "oscillation ratio vs threshold": [
-                "Multiline",
-                ["lr_guard/oscillation/score", "lr_guard/oscillation/threshold"],
-            ],
-            "plateau: steps without improvement vs patience": [
-                "Multiline",
-                ["lr_guard/plateau/bad_steps", "lr_guard/plateau/patience"],
-            ],
-            "divergence: loss over its best vs factor": [
-                "Multiline",
-                ["lr_guard/divergence/score", "lr_guard/divergence/threshold"],
-            ],
-            "learning rates": ["Multiline", [r"lr_guard/lr/.*"]],
-            "the guard's LR factors": ["Multiline", [r"lr_guard/lr_factor/.*"]],
-            "counters": ["Multiline", [r"lr_guard/count/.*"]],
-        }
-    }
+def layout(detectors: Mapping[str, Detector]) -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars dashboard: one section, "lr_guard", with each detector's charts (the loss, each score
+    beside its threshold...), the learning rates and the counters."""
+    charts: dict[str, list[Any]] = {}
+    for slot, detector in detectors.items():
+        if isinstance(detector, NullDetector):
+            continue
+        for title, tags in detector.charts().items():
+            kind = "Margin" if tags and tags[0] == "Margin" else "Multiline"
+            names = [f"lr_guard/{t.format(slot=slot, signal=detector.signal)}" for t in tags if t != "Margin"]
+            charts[title.format(slot=slot, signal=detector.signal)] = [kind, names]
+    charts["learning rates"] = ["Multiline", [r"lr_guard/lr/.*"]]
+    charts["the guard's LR factors"] = ["Multiline", [r"lr_guard/lr_factor/.*"]]
+    charts["counters"] = ["Multiline", [r"lr_guard/count/.*"]]
+    return {"lr_guard": charts}
 
 
 def decision_markdown(decision: Decision, counts: dict[str, int]) -> str:
     """One decision as a small markdown table: what was seen, what was done, the running totals."""
     event = decision.event
-    done = _DONE[decision.action]
-    if decision.action == Action.ROLLBACK:
-        done += f" to step {decision.rollback_to}"
-        if decision.skip_batches:
-            done += f", skipping the next {decision.skip_batches} batches"
-    if decision.action == Action.STOP and decision.checkpoint:
-        done += f"; last good state (step {decision.rollback_to}) saved at `{decision.checkpoint}`"
+    done = ACTIONS[decision.action].done_text(decision)
     if decision.lr_before != decision.lr_after:
         done += f"; lr {decision.lr_before:.3g} → {decision.lr_after:.3g}"
     totals = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
     return "\n".join(
         [
-            f"**step {event.step}: {event.kind.value} → {decision.action.value}**",
+            f"**step {event.step}: {kind_name(event.kind)} → {decision.action.value}**",
             "",
             "| | |",
             "|---|---|",
-            f"| seen | {event.kind.value}: value {event.value:.4g}, score {event.score:.3g} "
+            f"| seen | {kind_name(event.kind)}: value {event.value:.4g}, score {event.score:.3g} "
             f"(threshold {event.threshold:.3g}) |",
             f"| why | {event.message} |",
             f"| done | {done} |",
@@ -200,7 +169,7 @@ class Diagnostics:
         """Some logger takes the scalars (there are none off rank zero, or without a logger)."""
         return bool(self._loggers)
 
-    def attach(self, trainer: Any, settings: dict[str, Any]) -> None:
+    def attach(self, trainer: Any, settings: dict[str, Any], detectors: Mapping[str, Detector]) -> None:
         self._loggers = list(trainer.loggers) if trainer.is_global_zero else []
         self._one_event = [one_event_writer(logger) for logger in self._loggers]
         self._writers = []
@@ -219,7 +188,7 @@ class Diagnostics:
             if callable(getattr(writer, "add_text", None)) and callable(getattr(writer, "add_custom_scalars", None)):
                 self._writers.append(writer)
         for writer in self._writers:
-            writer.add_custom_scalars(layout())
+            writer.add_custom_scalars(layout(detectors))
             writer.add_text(CONFIG_TAG, config_markdown(settings), trainer.global_step)
 
     def log_scalars(self, metrics: dict[str, float], step: int) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Action", "Decision", "Event", "EventKind"]
+__all__ = ["Action", "Decision", "Event", "EventKind", "kind_name"]
 
 
 class EventKind(str, enum.Enum):
-    """The four kinds of trouble lr_guard watches for."""
+    """The four built-in kinds of trouble, each with its response in the guard's policy. An event's ``kind`` is
+    any string: a detector of a new kind is counted and logged under its own name. Members compare equal to their
+    strings (``EventKind.SPIKE == "spike"``)."""
 
     SPIKE = "spike"
     OSCILLATION = "oscillation"
@@ -25,7 +27,7 @@ class Event:
     """A detector's finding at one step.
 
     Attributes:
-        kind: What was found.
+        kind: What was found: an :class:`EventKind` member or a detector's own kind (a string).
         step: The step (or update index) at which it was found.
         value: The monitored value at that step, as it was fed (not transformed).
         score: The detector's statistic at that step, in the units named by ``message``
@@ -37,7 +39,7 @@ class Event:
             several values.
     """
 
-    kind: EventKind
+    kind: str
     step: int
     value: float
     score: float
@@ -78,6 +80,8 @@ class Decision:
         skip_batches: Updates that will be skipped after a rollback.
         checkpoint: Path of the checkpoint written when stopping (else ``None``).
         message: The full sentence for the log.
+        lr_factor: The factor the action applied to the LR (1.0 when it changed none).
+        reason: Why an action was held, skipped or only logged ("" otherwise).
     """
 
     event: Event
@@ -89,6 +93,13 @@ class Decision:
     skip_batches: int = 0
     checkpoint: str | None = None
     message: str = ""
+    lr_factor: float = 1.0
+    reason: str = ""
 
     def __str__(self) -> str:
         return self.message
+
+
+def kind_name(kind: str) -> str:
+    """An event kind as a plain string (``EventKind.SPIKE`` -> ``"spike"``): the key of its counter and its tag."""
+    return kind.value if isinstance(kind, enum.Enum) else str(kind)

@@ -4,19 +4,25 @@
 into an :class:`Intent`: roll back to step N with the LR times f, cut the LR, skip, stop, hold or just log. The
 Lightning callbacks carry the intents out on a live training run; ``lr-guard replay`` carries them out on paper
 over a finished run's log. One set of rules serves both, so a replay says what the guard would really have done.
+The policy owns its state -- the counters, the snapshot marks, the updates to skip -- and is told the outcome of
+what it asked for (:meth:`GuardPolicy.lr_cut_made`, :meth:`GuardPolicy.should_skip`); nobody else writes it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lr_guard.detectors import Detector, NullDetector
-from lr_guard.events import Action, Event, EventKind
+from lr_guard.detectors import Detector, NullDetector, SpikeDetector
+from lr_guard.events import Action, Event, EventKind, kind_name
 
-__all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
+if TYPE_CHECKING:
+    from lr_guard.config import GuardConfig
+
+__all__ = ["COUNTS", "GuardPolicy", "Intent", "SnapshotMark"]
 
 # A plateau before the loss has got this much (relative) below where training started is a failed start
 RESTART_PROGRESS = 0.05
@@ -24,7 +30,10 @@ RESTART_PROGRESS = 0.05
 # Why a first rollback keeps the LR: one value blew up after a calm stretch, outside a warm-up
 BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
 
-COUNTS = ("spike", "oscillation", "plateau", "divergence", "lr_cuts", "rollbacks", "skipped_batches", "snapshots")
+KINDS = tuple(kind.value for kind in EventKind)  # counted even when no detector of the kind is on
+ACTIONS_COUNTED = ("lr_cuts", "rollbacks", "skipped_batches", "snapshots")
+COUNTS = KINDS + ACTIONS_COUNTED  # the counters of the built-in kinds; a detector of a new kind adds its own
+LOSS = "loss"  # the signal the built-in detectors read: the watched loss (or monitored metric)
 
 
 @dataclass(frozen=True)
@@ -61,49 +70,56 @@ class GuardPolicy:
       to blame, and the data stream has moved past the batch; if the trouble comes back, the next rollback cuts.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
       ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
-    * A failed start: a plateau while the plateau detector's best mean is less than ``RESTART_PROGRESS`` (5%)
-      better than the first value -- training has learned nothing, typically because a too-high LR broke the
-      model in its first steps (dead ReLUs), which no LR cut can undo. Restart from the state training started
-      from (``origin``, kept until the loss makes that progress) with the LR times ``rollback_factor``; at most
-      ``max_rollbacks`` times, after which plateaus get ordinary LR cuts. Nothing is lost by the restart: the
-      discarded steps had made no progress.
-    * Spike: logged. A step whose update was skipped before it was applied (``skipped_updates``) is reported as
-      skipped, and a non-finite value there needs no rollback.
+    * A failed start: a plateau while the progress detector's (the plateau detector's) best mean is less than
+      ``RESTART_PROGRESS`` (5%) better than the first value -- training has learned nothing, typically because a
+      too-high LR broke the model in its first steps (dead ReLUs), which no LR cut can undo. Restart from the
+      state training started from (``origin``, kept until the loss makes that progress) with the LR times
+      ``rollback_factor``; at most ``max_rollbacks`` times, after which plateaus get ordinary LR cuts. Nothing
+      is lost by the restart: the discarded steps had made no progress.
+    * Spike, and any kind without a response of its own: logged. A step whose update was skipped before it was
+      applied is reported as skipped, and a non-finite value there needs no rollback.
+
+    The response to an event is chosen by its kind alone (:attr:`responses`), so a user's detector of kind
+    ``"divergence"`` rolls back like the built-in one, and a detector of a new kind is counted and logged.
+
+    Args:
+        detectors: The detectors by slot name (fed in this order; their state is saved and restored with the
+            snapshots).
+        config: The settings (``plateau_factor``, ``rollback``, ``snapshot_every``... of :class:`GuardConfig`).
     """
 
-    def __init__(
-        self,
-        detectors: dict[str, Detector],
-        *,
-        plateau_factor: float | None,
-        oscillation_factor: float | None,
-        rollback: bool,
-        rollback_factor: float,
-        skip_batches: int,
-        max_rollbacks: int,
-        snapshot_every: int,
-        confirm_steps: int,
-        keep_lr_on_bad_batch: bool = True,
-    ) -> None:
-        self.detectors = detectors
-        self.plateau_factor = plateau_factor
-        self.oscillation_factor = oscillation_factor
-        self.rollback = rollback
-        self.rollback_factor = rollback_factor
-        self.skip_batches = skip_batches
-        self.max_rollbacks = max_rollbacks
-        self.snapshot_every = snapshot_every
-        self.confirm_steps = confirm_steps
-        self.keep_lr_on_bad_batch = keep_lr_on_bad_batch
-        self.counts = dict.fromkeys(COUNTS, 0)
-        self._active = [d for d in detectors.values() if not isinstance(d, NullDetector)]
+    def __init__(self, detectors: Mapping[str, Detector], config: GuardConfig) -> None:
+        self.detectors = dict(detectors)
+        self.config = config
+        kinds = [kind_name(d.kind) for d in self.detectors.values() if not isinstance(d, NullDetector)]
+        self.counts = dict.fromkeys(KINDS + tuple(k for k in dict.fromkeys(kinds) if k not in KINDS), 0)
+        self.counts.update(dict.fromkeys(ACTIONS_COUNTED, 0))
+        self.responses: dict[str, Callable[[Event, int], Intent]] = {
+            EventKind.DIVERGENCE.value: self._on_divergence,
+            EventKind.PLATEAU.value: self._on_plateau,
+            EventKind.OSCILLATION.value: self._on_oscillation,
+        }
         self.incident_rollbacks = 0
         self.restarts = 0  # failed starts restarted (kept across a resume, like the counters)
+        self.skip_left = 0  # updates still to skip after a rollback (kept across a resume)
+        self._index_detectors()
         self.reset_run()
 
-    def refresh(self) -> None:
-        """Pick up detectors replaced in ``self.detectors`` (the dict is shared with the callback)."""
+    def _index_detectors(self) -> None:
         self._active = [d for d in self.detectors.values() if not isinstance(d, NullDetector)]
+        self._loss_active = [d for d in self._active if d.signal == LOSS]
+        progress = [d for d in self._active if d.tracks_progress and d.signal == LOSS]
+        self._progress: Detector | None = progress[0] if progress else None
+
+    def replace_detector(self, slot: str, detector: Detector) -> None:
+        """Put ``detector`` in ``slot`` (before training starts, e.g. a plateau detector sized to the run)."""
+        self.detectors[slot] = detector
+        self._index_detectors()
+
+    @property
+    def signals(self) -> set[str]:
+        """The signals the active detectors read."""
+        return {d.signal for d in self._active}
 
     def reset_run(self) -> None:
         """Forget the snapshots and per-run flags (the counters and detectors stay)."""
@@ -111,8 +127,7 @@ class GuardPolicy:
         self.pending: SnapshotMark | None = None
         self.origin: SnapshotMark | None = None  # where training started, kept for a restart until progress
         self.healthy_after_pending = 0
-        # steps whose update was not applied -> whether the caller counted the skip already
-        self.skipped_updates: dict[int, bool] = {}
+        self._skipped_updates: dict[int, bool] = {}  # steps whose update was not applied -> counted already
         self.lr_rising = False  # the schedule's LR is rising (a warm-up): see note_lr
         self._last_lr: float | None = None
         self._last_lr_step: int | None = None
@@ -129,7 +144,38 @@ class GuardPolicy:
         self.lr_rising = last is not None and lr > last * (1 + 1e-9)
         self._last_lr, self._last_lr_step = lr, step
 
-    # -- snapshots -------------------------------------------------------------------------------------------------
+    # -- outcomes ----------------------------------------------------------------------------------------------
+    def take_skip(self, step: int) -> bool:
+        """Should the update of ``step`` be skipped (one of the ``skip_batches`` after a rollback)? Counts it."""
+        if self.skip_left <= 0:
+            return False
+        self.skip_left -= 1
+        self.counts["skipped_batches"] += 1
+        self._skipped_updates[step] = True
+        return True
+
+    def should_skip(self, step: int, read_value: Callable[[], float] | None = None) -> bool:
+        """Should the update of optimizer step ``step`` be skipped, before it is applied? One of the
+        ``skip_batches`` after a rollback (counted now), or with ``skip_spikes`` a step whose value
+        (``read_value()``, read only then) is non-finite or scores as a spike (counted when its event arrives)."""
+        if self.take_skip(step):
+            return True
+        if not self.config.skip_spikes or read_value is None:
+            return False
+        spike = self.detectors.get("spike")
+        if not isinstance(spike, SpikeDetector):
+            return False
+        value = read_value()
+        if math.isfinite(value) and not spike.peek(value) >= spike.threshold:
+            return False
+        self._skipped_updates[step] = False  # counted when its event arrives
+        return True
+
+    def lr_cut_made(self) -> None:
+        """An LR cut asked for was made (it is not when every group is at ``min_lr``)."""
+        self.counts["lr_cuts"] += 1
+
+    # -- snapshots ---------------------------------------------------------------------------------------------
     def quiet(self) -> bool:
         """Nothing is building up: the moment to take, or confirm, a snapshot of a good state."""
         return all(d.quiet for d in self._active)
@@ -139,10 +185,9 @@ class GuardPolicy:
 
     def start(self, step: int) -> None:
         """Training starts (or resumes) at ``step``: its state is good by definition."""
-        self.good = SnapshotMark(step, self.detector_state()) if self.rollback else None
-        plateau = self.detectors.get("plateau")
-        watches_progress = plateau is not None and not isinstance(plateau, NullDetector)
-        self.origin = self.good if watches_progress and self.restarts < self.max_rollbacks else None
+        self.good = SnapshotMark(step, self.detector_state()) if self.config.rollback else None
+        watches_progress = self._progress is not None
+        self.origin = self.good if watches_progress and self.restarts < self.config.max_rollbacks else None
 
     def kept_steps(self) -> set[int]:
         """The steps whose snapshots the rules may still restore."""
@@ -150,10 +195,10 @@ class GuardPolicy:
 
     def wants_snapshot(self, step: int) -> bool:
         return (
-            self.rollback
+            self.config.rollback
             and not self.stopped
             and self.pending is None
-            and step % self.snapshot_every == 0
+            and step % self.config.snapshot_every == 0
             and self.quiet()
         )
 
@@ -169,30 +214,43 @@ class GuardPolicy:
             self.pending = None
             return
         self.healthy_after_pending += 1
-        if self.healthy_after_pending >= self.confirm_steps:
+        if self.healthy_after_pending >= self.config.confirm_steps:
             self.good, self.pending = self.pending, None
             self.incident_rollbacks = 0
 
-    # -- decisions -------------------------------------------------------------------------------------------------
-    def observe(self, step: int, value: float) -> list[Intent]:
-        """Feed one value; return what should be done, in order (a rollback or stop ends the list)."""
-        if self.stopped:
-            return []
+    # -- decisions ---------------------------------------------------------------------------------------------
+    def _update_detectors(self, step: int, values: float | Mapping[str, float]) -> tuple[list[Event] | None, float]:
         events = None
-        for detector in self._active:
-            event = detector.update(value, step)
+        if isinstance(values, Mapping):
+            loss = values.get(LOSS, 0.0)  # no loss at this step: only the other signals speak to its health
+            for detector in self._active:
+                if detector.signal in values:
+                    event = detector.update(values[detector.signal], step)
+                    if event is not None:
+                        events = [event] if events is None else [*events, event]
+            return events, loss
+        for detector in self._loss_active:
+            event = detector.update(values, step)
             if event is not None:
                 events = [event] if events is None else [*events, event]
+        return events, values
+
+    def observe(self, step: int, values: float | Mapping[str, float]) -> list[Intent]:
+        """Feed the values of one step -- the loss as a number, or several signals by name (``{"loss": ...}``)
+        -- and return what should be done, in order (a rollback or stop ends the list)."""
+        if self.stopped:
+            return []
+        events, loss = self._update_detectors(step, values)
         if self.pending is not None:
             healthy = (
-                math.isfinite(value)
+                math.isfinite(loss)
                 and self.quiet()
                 and not (events and any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events))
             )
             self._confirm(step, healthy)
-        if self.skipped_updates:
-            self.skipped_updates = {s: c for s, c in self.skipped_updates.items() if s >= step}
-        if self.origin is not None and getattr(self.detectors["plateau"], "progress", 0.0) >= RESTART_PROGRESS:
+        if self._skipped_updates:
+            self._skipped_updates = {s: c for s, c in self._skipped_updates.items() if s >= step}
+        if self.origin is not None and self._progress is not None and self._progress.progress >= RESTART_PROGRESS:
             self.origin = None  # training got going: no restart from scratch any more
         if not events:
             self.calm_steps += 1
@@ -200,49 +258,63 @@ class GuardPolicy:
         calm_before, self.calm_steps = self.calm_steps, 0
         intents = []
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
-            self.counts[event.kind.value] += 1
+            self.counts[kind_name(event.kind)] += 1
             intent = self._decide(event, calm_before)
             intents.append(intent)
             if intent.action in (Action.ROLLBACK, Action.STOP) or (
                 intent.action == Action.SKIP and event.kind == EventKind.DIVERGENCE
             ):
                 break
-        self.skipped_updates.pop(step, None)
+        self._skipped_updates.pop(step, None)
         return intents
 
     def _decide(self, event: Event, calm_before: int) -> Intent:
-        if event.step in self.skipped_updates and (
+        if event.step in self._skipped_updates and (
             event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
         ):
-            if not self.skipped_updates.pop(event.step):
+            if not self._skipped_updates.pop(event.step):
                 self.counts["skipped_batches"] += 1
             return Intent(event, Action.SKIP, reason="its update was not applied")
-        if event.kind == EventKind.DIVERGENCE and self.rollback and self.good is not None:
-            good = self.good
-            self._restore_detectors(good)
-            if self.incident_rollbacks >= self.max_rollbacks:
-                self.stopped = True
-                return Intent(event, Action.STOP, rollback_to=good.step)
-            bad_batch = (
-                self.keep_lr_on_bad_batch
-                and event.sudden
-                and self.incident_rollbacks == 0
-                and calm_before >= self.confirm_steps
-                and not self.lr_rising
-            )
-            self.incident_rollbacks += 1
-            if bad_batch:  # the data stream moves on past it: the LR was not to blame
-                return self._rollback(event, good.step, self.skip_batches, factor=1.0, reason=BAD_BATCH)
-            return self._rollback(event, good.step, self.skip_batches)
-        factor = {EventKind.PLATEAU: self.plateau_factor, EventKind.OSCILLATION: self.oscillation_factor}.get(
-            event.kind
+        response = self.responses.get(kind_name(event.kind))
+        if response is None:
+            return Intent(event, Action.NONE, reason="logged")
+        return response(event, calm_before)
+
+    def _on_divergence(self, event: Event, calm_before: int) -> Intent:
+        config = self.config
+        if not config.rollback or self.good is None:
+            return Intent(event, Action.NONE, reason="logged")
+        good = self.good
+        self._restore_detectors(good)
+        if self.incident_rollbacks >= config.max_rollbacks:
+            self.stopped = True
+            return Intent(event, Action.STOP, rollback_to=good.step)
+        bad_batch = (
+            config.keep_lr_on_bad_batch
+            and event.sudden
+            and self.incident_rollbacks == 0
+            and calm_before >= config.confirm_steps
+            and not self.lr_rising
         )
+        self.incident_rollbacks += 1
+        if bad_batch:  # the data stream moves on past it: the LR was not to blame
+            return self._rollback(event, good.step, config.skip_batches, factor=1.0, reason=BAD_BATCH)
+        return self._rollback(event, good.step, config.skip_batches)
+
+    def _on_oscillation(self, event: Event, calm_before: int) -> Intent:
+        factor = self.config.oscillation_factor
         if factor is None:
             return Intent(event, Action.NONE, reason="logged")
-        if event.kind == EventKind.PLATEAU and self.lr_rising:
+        return Intent(event, Action.LR_CUT, lr_factor=factor)
+
+    def _on_plateau(self, event: Event, calm_before: int) -> Intent:
+        factor = self.config.plateau_factor
+        if factor is None:
+            return Intent(event, Action.NONE, reason="logged")
+        if self.lr_rising:
             return Intent(event, Action.HELD, reason="no LR cut while the schedule's LR is still rising (warm-up)")
-        if event.kind == EventKind.PLATEAU and self.origin is not None:
-            progress = getattr(self.detectors["plateau"], "progress", math.nan)
+        if self.origin is not None:
+            progress = self._progress.progress if self._progress is not None else math.nan
             if progress < RESTART_PROGRESS:  # NaN (unknown): no restart
                 return self._restart(event, progress)
         return Intent(event, Action.LR_CUT, lr_factor=factor)
@@ -253,11 +325,11 @@ class GuardPolicy:
         self.restarts += 1
         self._restore_detectors(origin)
         self.good = origin  # the snapshots taken since hold the broken model
-        if self.restarts >= self.max_rollbacks:
+        if self.restarts >= self.config.max_rollbacks:
             self.origin = None  # the last restart: later plateaus get LR cuts
         reason = (
             f"a failed start: the loss has improved only {100 * progress:.1f}% on where training started "
-            f"(restart {self.restarts} of {self.max_rollbacks})"
+            f"(restart {self.restarts} of {self.config.max_rollbacks})"
         )
         return self._rollback(event, origin.step, 0, reason=reason)
 
@@ -266,7 +338,8 @@ class GuardPolicy:
     ) -> Intent:
         self.counts["rollbacks"] += 1
         self.calm_steps = 0
-        factor = self.rollback_factor if factor is None else factor
+        self.skip_left = skip_batches
+        factor = self.config.rollback_factor if factor is None else factor
         return Intent(event, Action.ROLLBACK, factor, step, skip_batches, reason)
 
     def _restore_detectors(self, mark: SnapshotMark) -> None:
@@ -275,16 +348,17 @@ class GuardPolicy:
                 detector.load_state_dict(mark.detectors[name])
         self.pending = None
 
-    # -- checkpoints -----------------------------------------------------------------------------------------------
+    # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "detectors": self.detector_state(),
             "counts": dict(self.counts),
             "incident_rollbacks": self.incident_rollbacks,
             "restarts": self.restarts,
+            "skip_left": self.skip_left,
         }
 
-    def load_state_dict(self, state: dict[str, Any], warn: Any = None) -> None:
+    def load_state_dict(self, state: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
         for name, saved in state.get("detectors", {}).items():
             detector = self.detectors.get(name)
             if detector is None or not detector.STATE_VERSION:
@@ -300,32 +374,4 @@ class GuardPolicy:
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
         self.incident_rollbacks = int(state.get("incident_rollbacks", 0))
         self.restarts = int(state.get("restarts", 0))
-
-
-def describe(
-    intent: Intent, lr_before: float, lr_after: float, max_rollbacks: int, incident: int, checkpoint: str | None = None
-) -> str:
-    """The sentence logged for an executed intent."""
-    event = intent.event
-    if intent.action == Action.ROLLBACK and event.kind == EventKind.PLATEAU:  # a failed start: a restart
-        return (
-            f"{event.message} -- {intent.reason}: restarted from step {intent.rollback_to}, "
-            f"lr {lr_before:.3g} -> {lr_after:.3g}"
-        )
-    if intent.action == Action.ROLLBACK:
-        skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
-        return (
-            f"{event.message} -- rolled back to step {intent.rollback_to}, lr {lr_before:.3g} -> {lr_after:.3g}"
-            f"{skip} (rollback {incident} of {max_rollbacks}{'; ' + intent.reason if intent.reason else ''})"
-        )
-    if intent.action == Action.STOP:
-        where = (
-            f" The last good state (step {intent.rollback_to}) is saved at {checkpoint}; resume with "
-            f"Trainer.fit(model, ckpt_path={checkpoint!r}) after changing what made it diverge"
-            if checkpoint
-            else f" The last good state is that of step {intent.rollback_to}."
-        )
-        return f"{event.message} -- still diverging after {incident} rollback(s); training stopped.{where}"
-    if intent.action == Action.LR_CUT:
-        return f"{event.message} -- lr {lr_before:.3g} -> {lr_after:.3g} (x{intent.lr_factor:g})"
-    return f"{event.message} -- {intent.reason}"
+        self.skip_left = int(state.get("skip_left", 0))

@@ -29,10 +29,13 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lr_guard.events import Decision
 
 __all__ = [
     "DEFAULT_TAGS",
@@ -217,17 +220,12 @@ def guard_settings(config: str | os.PathLike[str] | None = None, overrides: Sequ
             detector, _, arg = key.partition(".")
             spec = settings.get(detector)
             if not isinstance(spec, dict):
-                class_name = {
-                    "spike": "SpikeDetector",
-                    "oscillation": "OscillationDetector",
-                    "plateau": "PlateauDetector",
-                    "divergence": "DivergenceDetector",
-                }.get(detector)
-                if class_name is None:
-                    raise ReplayError(
-                        f"--set {item}: {detector!r} is not a detector (spike, oscillation, plateau, divergence)"
-                    )
-                spec = {"class_path": f"lr_guard.{class_name}", "init_args": {}}
+                from lr_guard.config import BUILT_IN_DETECTORS
+
+                cls = BUILT_IN_DETECTORS.get(detector)
+                if cls is None:
+                    raise ReplayError(f"--set {item}: {detector!r} is not a detector ({', '.join(BUILT_IN_DETECTORS)})")
+                spec = {"class_path": f"lr_guard.{cls.__name__}", "init_args": {}}
             spec.setdefault("init_args", {})[arg] = value
             settings[detector] = spec
         else:
@@ -255,6 +253,57 @@ class ReplayResult:
     lr_factor: float
     settings: dict[str, Any] = field(default_factory=dict)
     scalars: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    detectors: dict[str, Any] = field(default_factory=dict)
+
+
+class _PaperOptimizer:
+    """An optimizer on paper: one param group whose LR follows the logged LR (1.0, the factor alone, without
+    one), written by the same LR actions as a live optimizer's, so ``min_lr`` and ``eps`` hold offline too."""
+
+    def __init__(self, lr: float) -> None:
+        self.param_groups: list[dict[str, Any]] = [{"lr": lr}]
+
+
+class _PaperRun:
+    """A replay's :class:`~lr_guard.executor.RunState`: the log goes on as the run went without the guard, so a
+    restore puts back only what a snapshot holds of the LR (the guard's factors at its step), and no checkpoint
+    is written."""
+
+    def __init__(self, lr: float) -> None:
+        self.optimizers = [_PaperOptimizer(lr)]
+        self.step = 0
+        self._factors: dict[int, list[list[float]]] = {}
+
+    def snapshot(self, step: int) -> None:
+        from lr_guard.actions.lr import lr_factors
+
+        self._factors[step] = lr_factors(self.optimizers)
+
+    def restore(self, step: int) -> None:
+        from lr_guard.actions.lr import set_lr_factors
+
+        set_lr_factors(self.optimizers, self._factors[step])
+
+    def stop(self, step: int) -> str | None:
+        self.restore(step)
+        return None
+
+
+def _checks(
+    series: Iterator[tuple[int, float]], n: int, config: Any
+) -> Iterator[tuple[int, list[tuple[int, float]], int | None]]:
+    """The values in the batches the live guard checks them in: ``(i, batch, snapshot_step)`` after value ``i``,
+    where the guard checks every ``check_every_n_steps`` optimizer steps, every step with ``skip_spikes``, and
+    before each snapshot; ``snapshot_step`` is the step of the snapshot due then (else ``None``)."""
+    every = 1 if config.skip_spikes else config.check_every_n_steps
+    batch: list[tuple[int, float]] = []
+    for i, (step, value) in enumerate(series):
+        batch.append((step, value))
+        after = step + 1  # Lightning's global_step once this step has trained
+        snapshot_due = config.rollback and after % config.snapshot_every == 0
+        if snapshot_due or after % every == 0 or i == n - 1:
+            yield i, batch, after if snapshot_due else None
+            batch = []
 
 
 def replay(
@@ -262,73 +311,98 @@ def replay(
     settings: dict[str, Any] | None = None,
     log_every_n_steps: int = 1,
     lr: Sequence[tuple[int, float]] = (),
+    max_steps: int | None = None,
 ) -> ReplayResult:
     """Run the guard's rules over ``series``; return what it would have done, and its diagnostics' scalars.
 
-    ``lr``: the run's learning rate as ``(step, lr)`` pairs, sorted by step; where it rises, a warm-up is under
-    way (the policy's ``lr_rising``, as the live guard reads it from the optimizer)."""
-    from lr_guard.callbacks.core import GuardCore
+    The values go through the live guard's parts -- the policy built from the same validated settings and the
+    same executor of intents, in the same batches (``check_every_n_steps``; after a rollback the rest of a batch
+    is dropped, as the live guard drops values that describe discarded weights), with the same skipped updates
+    and snapshot steps. ``lr``: the run's learning rate as ``(step, lr)`` pairs, sorted by step; where it
+    rises, a warm-up is under way (the policy's ``lr_rising``, read at each check as the live guard reads the
+    optimizer), and the LR the decisions report is that LR with the guard's factor applied (``min_lr`` holds);
+    without it the LR is 1.0, so the decisions report the guard's factor. ``max_steps``: the Trainer's
+    ``max_steps`` of the run, to which ``plateau=True`` sizes the plateau detector as the live guard does (without
+    it, the default plateau detector)."""
+    from lr_guard.actions.lr import lr_factors, set_scheduled_lr
+    from lr_guard.config import BUILT_IN_DETECTORS, GuardConfig, build_detectors, run_sized_plateau
     from lr_guard.diagnostics import scalars
-    from lr_guard.events import Action
-    from lr_guard.policy import describe
+    from lr_guard.executor import ACTIONS, IntentExecutor
+    from lr_guard.policy import GuardPolicy
 
     settings = dict(settings or {})
     try:
-        guard = GuardCore(**{**settings, "verbose": False})
-    except (TypeError, ValueError) as err:
+        config = GuardConfig.from_settings(settings)
+        switches: dict[str, Any] = {k: settings[k] for k in BUILT_IN_DETECTORS if k in settings}
+        if max_steps is not None and switches.get("plateau", True) is True:  # as the live guard sizes it
+            switches["plateau"] = run_sized_plateau(max_steps)
+        detectors = build_detectors(switches, settings.get("detectors") or ())
+        unknown = set(settings) - set(GuardConfig.names()) - set(BUILT_IN_DETECTORS)
+        if unknown - {"detectors"}:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown - {'detectors'}))}")
+    except (TypeError, ValueError, AttributeError) as err:
         raise ReplayError(f"invalid guard settings: {err}") from err
-    policy = guard.policy
+    policy = GuardPolicy(detectors, config)
+    executor = IntentExecutor(policy, config)
+    run = _PaperRun(lr[0][1] if lr else 1.0)
+    executor.prepare(run.optimizers)
     policy.start(series[0][0])
-    factor = 1.0
+    run.snapshot(series[0][0])
     rows: list[ReplayRow] = []
     logged: list[tuple[int, dict[str, float]]] = []
-    next_lr = 0
-    for step, value in series:
-        # each LR reading once, as the live guard reads the optimizer's: "rising" is against the reading before,
-        # and lasts until the next one (a monitor logs the LR every log_every_n_steps, not at every loss value)
-        while next_lr < len(lr) and lr[next_lr][0] <= step:
-            policy.note_lr(lr[next_lr][1], lr[next_lr][0])
-            next_lr += 1
-        for intent in policy.observe(step, value):
-            before = factor
-            detail = ""
-            if intent.action in (Action.ROLLBACK, Action.LR_CUT):
-                factor *= intent.lr_factor
-                detail = f"LR x{intent.lr_factor:g} (cumulative x{factor:.3g})"
-                if intent.action == Action.ROLLBACK:
-                    detail = f"back to step {intent.rollback_to}, {detail}"
-                    if intent.skip_batches:
-                        detail += f", skip {intent.skip_batches} batches"
-            elif intent.action == Action.STOP:
-                detail = f"stop; checkpoint of step {intent.rollback_to}"
-            else:
-                detail = intent.reason
-            message = describe(intent, before, factor, guard.max_rollbacks, policy.incident_rollbacks)
-            event = intent.event
-            rows.append(
-                ReplayRow(
-                    step,
-                    event.kind.value,
-                    event.value,
-                    event.score,
-                    event.threshold,
-                    intent.action.value,
-                    detail,
-                    message,
-                )
-            )
-            if intent.action == Action.LR_CUT:
-                policy.counts["lr_cuts"] += 1
+
+    def report(decision: Decision) -> None:
+        event = decision.event
+        factor = lr_factors(run.optimizers)[0][0]
+        detail = ACTIONS[decision.action].detail(decision, factor)
+        row = ReplayRow(
+            event.step, str(event.kind), event.value, event.score, event.threshold, str(decision.action), detail, ""
+        )
+        row.message = decision.message
+        rows.append(row)
+
+    def log_value(step: int, value: float) -> None:
         if step % log_every_n_steps == 0:
-            groups = [("opt0_group0", {"lr": factor, "lr_guard_factor": factor})]
-            metrics = scalars(value, guard.detectors, groups, policy.counts)
-            metrics.pop("lr_guard/lr/opt0_group0", None)  # no learning rate is known offline, only the factor
+            groups = [(f"opt0_group{j}", g) for j, g in enumerate(run.optimizers[0].param_groups)]
+            metrics = scalars(value, detectors, groups, policy.counts)
+            if not lr:
+                metrics.pop("lr_guard/lr/opt0_group0", None)  # no learning rate is known offline, only the factor
             logged.append((step, metrics))
-        if policy.wants_snapshot(step + 1):
-            policy.snapshot_taken(step + 1)
+
+    next_lr = 0
+    for _, batch, snapshot_step in _checks(_with_skips(series, policy, config), len(series), config):
+        last = batch[-1][0]
+        # each LR reading once, as the live guard reads the optimizer's at a check: "rising" is against the
+        # reading before, and lasts until the next one (a monitor logs the LR every log_every_n_steps)
+        while next_lr < len(lr) and lr[next_lr][0] <= last:
+            policy.note_lr(lr[next_lr][1], lr[next_lr][0])
+            set_scheduled_lr(run.optimizers[0], [lr[next_lr][1]])
+            next_lr += 1
+        run.step = last + 1
+        executor.process(batch, run, report, log_value)
         if policy.stopped:
             break
-    return ReplayResult(rows, len(series), factor, guard.settings(), logged)
+        if snapshot_step is not None and policy.wants_snapshot(snapshot_step):
+            policy.snapshot_taken(snapshot_step)
+            run.snapshot(snapshot_step)
+    return ReplayResult(
+        rows, len(series), lr_factors(run.optimizers)[0][0], _settings(config, detectors), logged, detectors
+    )
+
+
+def _with_skips(series: Sequence[tuple[int, float]], policy: Any, config: Any) -> Iterator[tuple[int, float]]:
+    """The series, telling the policy of each update the live guard would skip before it is applied (after a
+    rollback, and with ``skip_spikes`` a spiking step), as the live guard does before each optimizer step."""
+    for step, value in series:
+        policy.should_skip(step, (lambda v=value: v) if config.skip_spikes else None)
+        yield step, value
+
+
+def _settings(config: Any, detectors: dict[str, Any]) -> dict[str, Any]:
+    """Every setting the replay ran with, as the configuration entry shows them (detectors as their repr)."""
+    shown: dict[str, Any] = {name: getattr(config, name) for name in type(config).names()}
+    shown.update({slot: repr(detector) for slot, detector in detectors.items()})
+    return shown
 
 
 def write_tensorboard(result: ReplayResult, out_dir: str | os.PathLike[str]) -> str:
@@ -339,7 +413,7 @@ def write_tensorboard(result: ReplayResult, out_dir: str | os.PathLike[str]) -> 
 
     writer = SummaryWriter(log_dir=str(out_dir))
     try:
-        writer.add_custom_scalars(layout())
+        writer.add_custom_scalars(layout(result.detectors))
         writer.add_text(CONFIG_TAG, config_markdown(result.settings), 0)
         for step, metrics in result.scalars:
             for tag, value in metrics.items():
@@ -396,6 +470,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write the guard's diagnostics as a TensorBoard run (default DIR: lr_guard_replay beside the input)",
     )
+    rp.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="the run's Trainer max_steps: the default plateau detector is sized to it, as the live guard sizes it",
+    )
     rp.add_argument("--json", action="store_true", help="print the events as JSON instead of a table")
     return parser
 
@@ -405,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         series, tag, source = load_series(args.path, args.tag)
         lr, lr_tag = load_lr_series(args.path, args.lr_tag)
-        result = replay(series, guard_settings(args.config, args.set), lr=lr)
+        result = replay(series, guard_settings(args.config, args.set), lr=lr, max_steps=args.max_steps)
     except ReplayError as err:
         print(f"lr-guard replay: error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from test_snapshot import model_and_optimizer
 from lr_guard import Action, LRGuard
 from lr_guard.actions.disk_snapshot import take_disk_snapshot
 from lr_guard.actions.snapshot import tree_nbytes
-from lr_guard.callbacks.core import _state_bytes
+from lr_guard.actions.state_io import state_nbytes as _state_bytes
 from lr_guard.testing import ScriptedLossModule
 
 

@@ -106,6 +106,7 @@ def test_a_second_blow_up_in_the_same_incident_cuts_the_lr():
 
 
 def _policy(**kwargs):
+    from lr_guard.config import GuardConfig
     from lr_guard.policy import GuardPolicy
 
     settings = dict(
@@ -119,7 +120,7 @@ def _policy(**kwargs):
         confirm_steps=5,
     )
     detectors = {"divergence": DivergenceDetector()}
-    policy = GuardPolicy(detectors, **{**settings, **kwargs})
+    policy = GuardPolicy(detectors, GuardConfig(**{**settings, **kwargs}))
     policy.start(0)
     return policy
 
@@ -186,7 +187,7 @@ def test_a_failed_start_restarts_from_the_initial_state_with_a_lower_lr():
         assert_same_tensors(recorder.at[0]["model"], after["model"])
         assert_same_tensors(recorder.at[0]["optimizer"]["state"], after["optimizer"]["state"])
     assert [d.lr_after for d in guard.decisions[:3]] == pytest.approx([0.005, 0.0025, 0.00125])
-    assert guard.policy.origin is None and len(guard._snapshots) <= 2
+    assert guard.policy.origin is None and len(guard._store) <= 2
 
 
 def test_progress_ends_the_failed_start_watch_and_frees_its_snapshot():
@@ -195,7 +196,7 @@ def test_progress_ends_the_failed_start_watch_and_frees_its_snapshot():
     script = decaying(n=30) + [decaying(n=30)[-1]] * 100  # a real fall, then flat
     make_trainer([guard], max_steps=80).fit(ScriptedLossModule(script, optimizer="adam", lr=0.01))
     assert {d.action for d in guard.decisions} == {Action.LR_CUT}  # plateaus after progress: plain cuts
-    assert guard.policy.origin is None and 0 not in guard._snapshots
+    assert guard.policy.origin is None and 0 not in guard._store
 
 
 def test_host_scalars_hand_out_batches_in_order():
@@ -695,6 +696,6 @@ def test_rollback_restores_the_random_number_generators():
 def test_settings_changed_after_construction_take_effect():
     guard = LRGuard(snapshot_every=10, confirm_steps=3)
     guard.max_rollbacks = 0  # one source of truth: the rules see the change
-    assert guard.policy.max_rollbacks == 0 and guard.settings()["max_rollbacks"] == 0
+    assert guard.policy.config.max_rollbacks == 0 and guard.settings()["max_rollbacks"] == 0
     make_trainer([guard], max_steps=40).fit(ScriptedLossModule(decaying(nan_at=[25]), optimizer="adam"))
     assert [d.action for d in guard.decisions] == [Action.STOP]

@@ -1,4 +1,5 @@
-"""Actions on a training run (torch only, no Lightning): LR cuts, snapshots and restore, skipped updates."""
+"""Actions on a training run (torch only, no Lightning): LR cuts, snapshots and restore (and the store that holds
+them), skipped updates, watched values brought to the host."""
 
 from lr_guard.actions.lr import (
     LRChange,
@@ -8,15 +9,22 @@ from lr_guard.actions.lr import (
     release_scheduler,
     set_lr_factors,
     set_min_lr,
+    set_scheduled_lr,
 )
 from lr_guard.actions.skip import drop_gradients, restore_buffers, save_buffers
 from lr_guard.actions.snapshot import Snapshot, capture_rng, restore_rng, take_snapshot
+from lr_guard.actions.snapshot_store import SnapshotStore, Targets
+from lr_guard.actions.state_io import FULL_STATE, StateIO
 from lr_guard.actions.transfer import HostScalars
 
 __all__ = [
+    "FULL_STATE",
     "HostScalars",
     "LRChange",
     "Snapshot",
+    "SnapshotStore",
+    "StateIO",
+    "Targets",
     "capture_rng",
     "compose_with_scheduler",
     "cut_lr",
@@ -28,5 +36,6 @@ __all__ = [
     "save_buffers",
     "set_lr_factors",
     "set_min_lr",
+    "set_scheduled_lr",
     "take_snapshot",
 ]

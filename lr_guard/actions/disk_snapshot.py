@@ -16,7 +16,7 @@ import os
 import pickle
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,95 +24,62 @@ import numpy as np
 import torch
 from torch import nn
 
-from lr_guard.actions.snapshot import (
-    capture_rng,
-    precision_state,
-    restore_optimizer_in_place,
-    restore_precision,
-    restore_rng,
-)
+from lr_guard.actions.snapshot import Snapshot, capture_rng, map_tree, precision_state
+from lr_guard.actions.state_io import FULL_STATE, StateIO
 
 __all__ = ["DiskSnapshot", "remove_snapshot_files", "take_disk_snapshot"]
 
 _TENSOR = "__lr_guard_tensor__"
 
 
-def _entry_meta(value: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """Shape and dtype of a tensor written to the file (from the manifest: nothing is read)."""
-    if isinstance(value, dict) and value.get(_TENSOR):
-        return tuple(value["shape"]), value["dtype"]
-    return None
-
-
 @dataclass
-class DiskSnapshot:
-    """A training state on disk (``path`` + ``path.manifest``); same interface as :class:`Snapshot`."""
+class DiskSnapshot(Snapshot):
+    """A training state on disk (``path`` + ``path.manifest``): a :class:`Snapshot` whose saved tensors are
+    entries of the manifest, read back from the memory-mapped file."""
 
-    step: int
-    path: str
-    manifest: dict[str, Any] = field(default_factory=dict)
-    nbytes: int = 0
+    path: str = ""
+    written: int = 0  # bytes in the file
     done: threading.Event = field(default_factory=threading.Event)
     error: list[BaseException] = field(default_factory=list)
+    _data: Any = field(default=None, init=False, repr=False)  # the file, memory-mapped while restoring
 
     @property
-    def ready(self) -> DiskSnapshot | None:
-        return None if self.done.is_set() else self
+    def nbytes(self) -> int:
+        return self.written
 
     def synchronize(self) -> None:
+        """Wait until the background writer has written the file; raise what made it fail."""
         self.done.wait()
         if self.error:
             raise RuntimeError(f"writing the snapshot of step {self.step} to {self.path} failed") from self.error[0]
 
-    def fence(self) -> None:
-        """Nothing to wait for: every tensor was copied to the host before :func:`take_disk_snapshot` returned."""
+    def _is_saved_tensor(self, leaf: Any) -> bool:
+        return isinstance(leaf, dict) and bool(leaf.get(_TENSOR))
 
-    def _load(self, tree: Any, data: Any, owned: bool = False) -> Any:
-        """The saved tree with its tensors read from ``data`` (the memory-mapped file): views of the read-only
-        mapping, to be copied from at once, or with ``owned`` tensors of their own, for a caller that keeps them
-        (an optimizer's ``load_state_dict`` keeps the tensors it is given, and writes into them at its next step)."""
-        if isinstance(tree, dict) and tree.get(_TENSOR):
-            offset, count = tree["offset"], tree["nbytes"]
-            raw = torch.from_numpy(np.asarray(data[offset : offset + count]))
-            tensor = raw.view(tree["dtype"]).reshape(tree["shape"])
-            return tensor.clone() if owned else tensor
-        if isinstance(tree, dict):
-            return {k: self._load(v, data, owned) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [self._load(v, data, owned) for v in tree]
-        if isinstance(tree, tuple):
-            return tuple(self._load(v, data, owned) for v in tree)
-        return tree
+    def _meta(self, leaf: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """Shape and dtype of a tensor written to the file (from the manifest: nothing is read)."""
+        if self._is_saved_tensor(leaf):
+            return tuple(leaf["shape"]), leaf["dtype"]
+        return None
 
-    def restore(
-        self,
-        model: nn.Module,
-        optimizers: Sequence[torch.optim.Optimizer],
-        schedulers: Sequence[Any],
-        precision: Any | None = None,
-        restore_rng_state: bool = True,
-    ) -> None:
-        """Write this state back into the live objects, in place, one tensor at a time from the file (the host
-        never holds more than one tensor of the state)."""
-        self.synchronize()
-        # copy-on-write: the file is never written through the mapping, and torch gets a writable array
-        data = np.memmap(self.path, dtype=np.uint8, mode="c") if self.nbytes else np.zeros(0, np.uint8)
-        manifest = self.manifest
-        live = model.state_dict()
-        if set(live) != set(manifest["model"]):
-            raise ValueError(f"snapshot of step {self.step} holds other model keys than the model now has")
-        with torch.no_grad():
-            for name, tensor in live.items():
-                tensor.copy_(self._load(manifest["model"][name], data))
-        for optimizer, entry in zip(optimizers, manifest["optimizers"], strict=True):
-            if not restore_optimizer_in_place(optimizer, entry, _entry_meta, lambda e: self._load(e, data)):
-                optimizer.load_state_dict(self._load(entry, data, owned=True))
-        for scheduler, saved in zip(schedulers, manifest["schedulers"], strict=True):
-            scheduler.load_state_dict(copy.deepcopy(saved))
-        if precision is not None and manifest["precision"]:
-            restore_precision(precision, self._load(manifest["precision"], data))
-        if restore_rng_state:
-            restore_rng(manifest["rng"])
+    def _read(self, leaf: Any) -> torch.Tensor:
+        """A view of the mapped file (copy-on-write: the file is never written through it), to copy from at once."""
+        offset, count = leaf["offset"], leaf["nbytes"]
+        raw = torch.from_numpy(np.asarray(self._data[offset : offset + count]))
+        return raw.view(leaf["dtype"]).reshape(leaf["shape"])
+
+    def _owned(self, tree: Any) -> Any:
+        """Tensors of their own: an optimizer's ``load_state_dict`` keeps the tensors it is given, and writes into
+        them at its next step (views of the file would change with the next snapshot into this slot)."""
+        return map_tree(tree, lambda leaf, _: self._read(leaf).clone(), is_leaf=self._is_saved_tensor)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="c") if self.written else np.zeros(0, np.uint8)
+        try:
+            yield
+        finally:
+            self._data = None
 
 
 # file path -> the snapshot whose writer thread is writing it: a slot is rewritten only once its last write ended
@@ -191,18 +158,6 @@ def remove_snapshot_files(path: str) -> None:
             os.remove(name)
 
 
-def _stream(tree: Any, writer: _Writer) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return writer.put(tree)
-    if isinstance(tree, dict):
-        return {k: _stream(v, writer) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_stream(v, writer) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_stream(v, writer) for v in tree)
-    return copy.deepcopy(tree)
-
-
 def take_disk_snapshot(
     step: int,
     model: nn.Module,
@@ -211,6 +166,7 @@ def take_disk_snapshot(
     directory: str,
     slot: str,
     precision: Any | None = None,
+    state_io: StateIO = FULL_STATE,
 ) -> DiskSnapshot:
     """Stream the full training state to ``directory/slot.bin`` (its manifest to ``slot.manifest``).
 
@@ -219,20 +175,21 @@ def take_disk_snapshot(
     """
     os.makedirs(directory, exist_ok=True)
     path = os.path.abspath(os.path.join(directory, f"{slot}.bin"))
-    snapshot = DiskSnapshot(step, path)
+    snapshot = DiskSnapshot(step, {}, [], [], None, {}, path=path)
     writer = _Writer(path, snapshot)
+
+    def stream(tree: Any) -> Any:
+        return map_tree(tree, lambda tensor, _: writer.put(tensor))
+
     try:
-        manifest = {
-            "model": _stream(model.state_dict(), writer),
-            "optimizers": [_stream(o.state_dict(), writer) for o in optimizers],
-            "schedulers": [copy.deepcopy(s.state_dict()) for s in schedulers],
-            "precision": _stream(precision_state(precision), writer) if precision is not None else None,
-            "rng": capture_rng(),
-        }
+        snapshot.model = stream(state_io.model_state(model))
+        snapshot.optimizers = [stream(state_io.optimizer_state(o)) for o in optimizers]
+        snapshot.schedulers = [copy.deepcopy(s.state_dict()) for s in schedulers]
+        snapshot.precision = stream(precision_state(precision)) if precision is not None else None
+        snapshot.rng = capture_rng()
     finally:
         writer.close()
-    snapshot.manifest = manifest
-    snapshot.nbytes = writer.offset
+    snapshot.written = writer.offset
     with open(path + ".manifest", "wb") as f:
         pickle.dump({"step": step, "nbytes": writer.offset}, f)
     return snapshot

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from torch.optim import Optimizer
+from typing import Any, Protocol
 
 __all__ = [
     "LRChange",
@@ -30,7 +28,15 @@ __all__ = [
     "release_scheduler",
     "set_lr_factors",
     "set_min_lr",
+    "set_scheduled_lr",
 ]
+
+
+class HasParamGroups(Protocol):
+    """An optimizer, or anything with its ``param_groups`` (a replay's optimizer on paper)."""
+
+    param_groups: list[dict[str, Any]]
+
 
 FACTOR = "lr_guard_factor"
 UNSCALED = "lr_guard_unscaled"
@@ -67,7 +73,7 @@ def _apply(group: dict[str, Any], unscaled: float) -> None:
     group["lr"] = effective
 
 
-def set_min_lr(optimizer: Optimizer, min_lr: float | Sequence[float]) -> None:
+def set_min_lr(optimizer: HasParamGroups, min_lr: float | Sequence[float]) -> None:
     """Record the floor below which cuts may not take each group's LR (one value, or one per group)."""
     groups = optimizer.param_groups
     floors = [float(min_lr)] * len(groups) if isinstance(min_lr, (int, float)) else [float(m) for m in min_lr]
@@ -80,7 +86,14 @@ def set_min_lr(optimizer: Optimizer, min_lr: float | Sequence[float]) -> None:
         group[MIN_LR] = floor
 
 
-def cut_lr(optimizers: Iterable[Optimizer], factor: float, eps: float = 1e-8) -> list[LRChange]:
+def set_scheduled_lr(optimizer: Any, lrs: Sequence[float]) -> None:
+    """Write the schedule's own LR of each param group, the guard's factor and floor applied (for a run that has
+    no scheduler object to wrap, e.g. a replay following a logged LR)."""
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        _apply(group, float(lr))
+
+
+def cut_lr(optimizers: Iterable[HasParamGroups], factor: float, eps: float = 1e-8) -> list[LRChange]:
     """Multiply every group's cumulative LR factor by ``factor`` (0 < factor < 1), honouring ``min_lr``.
 
     As torch's ``ReduceLROnPlateau``: a group whose LR would change by ``eps`` or less is left alone. Returns the
@@ -104,7 +117,7 @@ def cut_lr(optimizers: Iterable[Optimizer], factor: float, eps: float = 1e-8) ->
     return changes
 
 
-def set_lr_factors(optimizers: Iterable[Optimizer], factors: Sequence[Sequence[float]]) -> None:
+def set_lr_factors(optimizers: Iterable[HasParamGroups], factors: Sequence[Sequence[float]]) -> None:
     """Set every group's cumulative factor (as returned by :func:`lr_factors`) and its effective LR."""
     for optimizer, group_factors in zip(optimizers, factors, strict=True):
         for group, factor in zip(optimizer.param_groups, group_factors, strict=True):
@@ -113,7 +126,7 @@ def set_lr_factors(optimizers: Iterable[Optimizer], factors: Sequence[Sequence[f
             _apply(group, unscaled)
 
 
-def lr_factors(optimizers: Iterable[Optimizer]) -> list[list[float]]:
+def lr_factors(optimizers: Iterable[HasParamGroups]) -> list[list[float]]:
     """The cumulative factor of every param group of every optimizer (1.0 where no cut was made)."""
     return [[float(g.get(FACTOR, 1.0)) for g in opt.param_groups] for opt in optimizers]
 

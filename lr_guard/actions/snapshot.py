@@ -1,10 +1,13 @@
 """Snapshots of a training state and in-place restore: weights, buffers, optimizers, schedulers, AMP, RNG.
 
-A :class:`Snapshot` holds copies on the host (CPU) by default, so it costs no accelerator memory; ``device="same"``
-keeps them beside the originals (faster, doubles the memory held). Restoring writes into the existing tensors
-(``load_state_dict`` copies in place), so the optimizer's references to the parameters stay valid, and it hands
-copies to ``load_state_dict`` -- torch's optimizer keeps the tensors it is given, and a snapshot must survive
-being restored twice.
+One :class:`Snapshot` class holds a state wherever its tensors are kept -- host memory (``"cpu"``, the default:
+no accelerator memory), beside the originals (``"same"``: faster, doubles the memory held), or a file on disk
+(:class:`~lr_guard.actions.disk_snapshot.DiskSnapshot`, for states larger than host memory) -- and restores it by
+one path: the storage only says how a saved tensor is read back (``_meta``, ``_read``, ``_owned``). Restoring
+writes into the existing tensors (``load_state_dict`` copies in place), so the optimizer's references to the
+parameters stay valid, and hands copies to an optimizer's ``load_state_dict`` -- torch's optimizer keeps the
+tensors it is given, and a snapshot must survive being restored twice. Model and optimizer state are read and
+written through a :class:`~lr_guard.actions.state_io.StateIO`, the seam a sharded strategy replaces.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from lr_guard.actions.state_io import FULL_STATE, StateIO
+
 __all__ = [
     "Snapshot",
     "capture_rng",
+    "iter_tensors",
+    "map_tree",
     "precision_state",
     "restore_precision",
     "restore_rng",
@@ -30,34 +37,63 @@ __all__ = [
     "tree_nbytes",
 ]
 
+_IMMUTABLE = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
+_NOTHING: dict[Any, Any] = {}
 
-def _copy_tree(
-    obj: Any,
-    device: str | None,
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def map_tree(
+    tree: Any,
+    fn: Callable[[Any, Any], Any],
     reuse: Any = None,
-    non_blocking: bool = False,
-    into: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    is_leaf: Callable[[Any], bool] = _is_tensor,
 ) -> Any:
-    """Deep copy of a state tree; tensors are detached and copied (to ``device``, ``"cpu"`` or ``"cuda"``,
-    when given).
-
-    ``reuse`` is an earlier copy of a tree of the same structure: its tensors are written in place when shape,
-    dtype and device match, so a snapshot taken every N steps allocates nothing after the first two. With
-    ``into``, those in-place copies are not made but listed there as ``(destination, source)`` for one batched
-    copy (:func:`_copy_all`). Copies of accelerator tensors to the host go into pinned memory, so they can run
-    without blocking.
-    """
-    cls = type(obj)
-    if cls in _IMMUTABLE:  # most leaves of an optimizer's state (its hyperparameters): nothing to copy
-        return obj
-    if cls is dict or isinstance(obj, dict):
+    """The one walker over state trees (nested dicts, lists and tuples): a copy of ``tree`` with every leaf
+    (a tensor, by default) replaced by ``fn(leaf, earlier)``, where ``earlier`` is the leaf at the same place in
+    ``reuse`` (a tree of the same structure, or ``None``). Immutable values are shared; anything else is deep
+    copied."""
+    if type(tree) in _IMMUTABLE:  # most leaves of an optimizer's state (its hyperparameters): nothing to copy
+        return tree
+    if is_leaf(tree):
+        return fn(tree, reuse)
+    if isinstance(tree, dict):
         old_items = reuse if isinstance(reuse, dict) else _NOTHING
-        return {
-            k: v if type(v) in _IMMUTABLE else _copy_tree(v, device, old_items.get(k), non_blocking, into)
-            for k, v in obj.items()
-        }
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach() if obj.requires_grad else obj  # a state_dict's tensors are detached already
+        return {k: v if type(v) in _IMMUTABLE else map_tree(v, fn, old_items.get(k), is_leaf) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        if all(type(v) in _IMMUTABLE for v in tree):  # e.g. a param group's parameter ids
+            return list(tree) if isinstance(tree, list) else tree
+        old_seq = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(tree) else [None] * len(tree)
+        items = [map_tree(v, fn, r, is_leaf) for v, r in zip(tree, old_seq, strict=True)]
+        return items if isinstance(tree, list) else tuple(items)
+    return copy.deepcopy(tree)
+
+
+def iter_tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a state tree, in :func:`map_tree`'s order."""
+    found: list[torch.Tensor] = []
+    map_tree(tree, lambda t, _: found.append(t))
+    return iter(found)
+
+
+def tree_nbytes(obj: Any) -> int:
+    """Bytes held by the tensors of a state tree (nested dicts, lists and tuples)."""
+    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
+
+
+def _copier(
+    device: str | None, non_blocking: bool, into: list[tuple[torch.Tensor, torch.Tensor]]
+) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The leaf function that copies a tensor (to ``device``, ``"cpu"`` or ``"cuda"``, when given; beside it
+    when ``None``). An earlier copy of matching shape, dtype and place is written in place instead -- listed in
+    ``into`` as ``(destination, source)`` for one batched copy (:func:`_copy_all`) -- so a snapshot taken every N
+    steps allocates nothing after the first two. Copies of accelerator tensors to the host go into pinned
+    memory, so they can run without blocking."""
+
+    def copy_leaf(tensor: torch.Tensor, reuse: Any) -> torch.Tensor:
+        t = tensor.detach() if tensor.requires_grad else tensor  # a state_dict's tensors are detached already
         if (
             isinstance(reuse, torch.Tensor)
             and reuse.shape == t.shape
@@ -70,10 +106,7 @@ def _copy_tree(
                 else reuse.device.type == device
             )
         ):
-            if into is not None:
-                into.append((reuse, t))
-            else:
-                reuse.copy_(t, non_blocking=non_blocking)
+            into.append((reuse, t))
             return reuse
         if device is None:
             return t.clone()
@@ -82,21 +115,12 @@ def _copy_tree(
             out.copy_(t, non_blocking=non_blocking)
             return out
         return t.to(device, copy=True)
-    if isinstance(obj, (list, tuple)):
-        if all(type(v) in _IMMUTABLE for v in obj):  # e.g. a param group's parameter ids
-            return list(obj) if isinstance(obj, list) else obj
-        old_seq = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
-        items = [_copy_tree(v, device, r, non_blocking, into) for v, r in zip(obj, old_seq, strict=True)]
-        return items if isinstance(obj, list) else tuple(items)
-    return copy.deepcopy(obj)
 
-
-_IMMUTABLE = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
-_NOTHING: dict[Any, Any] = {}
+    return copy_leaf
 
 
 def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool = False) -> None:
-    """Make the in-place copies :func:`_copy_tree` listed: on the host, one batched call instead of one call per
+    """Make the in-place copies :func:`_copier` listed: on the host, one batched call instead of one call per
     tensor; with an accelerator involved, one ``copy_`` each (each is one asynchronous transfer anyway)."""
     if not pairs:
         return
@@ -108,15 +132,12 @@ def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool
     torch._foreach_copy_(list(destinations), list(sources))
 
 
-def tree_nbytes(obj: Any) -> int:
-    """Bytes held by the tensors of a state tree (nested dicts, lists and tuples)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tree_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tree_nbytes(v) for v in obj)
-    return 0
+def _copy_tree(tree: Any, device: str | None, reuse: Any = None, non_blocking: bool = False) -> Any:
+    """A copy of a state tree with every tensor copied (see :func:`_copier`)."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out = map_tree(tree, _copier(device, non_blocking, pairs), reuse)
+    _copy_all(pairs, non_blocking)
+    return out
 
 
 def _tensor_meta(value: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
@@ -165,6 +186,8 @@ def restore_optimizer_in_place(
                 else:
                     live[key] = copy.deepcopy(value)
     for group, saved_group in zip(groups, saved_groups, strict=True):
+        for key in [k for k in group if k not in saved_group]:  # as load_state_dict: the group is the saved one
+            del group[key]  # (e.g. the guard's LR factor of a cut made after the snapshot)
         for key, value in saved_group.items():
             if key != "params":
                 group[key] = copy.deepcopy(value)
@@ -251,22 +274,53 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 @dataclass
 class Snapshot:
-    """A training state at one step. Build it with :func:`take_snapshot`; apply it with :meth:`restore`."""
+    """A training state at one step, its tensors in memory. Build it with :func:`take_snapshot`; apply it with
+    :meth:`restore`. Subclasses keep the tensors elsewhere and override only how a saved tensor is read back."""
 
     step: int
-    model: dict[str, torch.Tensor]
+    model: dict[str, Any]
     optimizers: list[dict[str, Any]]
     schedulers: list[dict[str, Any]]
     precision: dict[str, Any] | None
     rng: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
-    ready: Any = None  # a CUDA event when the copy runs on a side stream; None when it is complete
+    ready: Any = None  # a CUDA event while the copy runs on a side stream; None when it is complete
+
+    # -- how saved tensors are read back (memory: they are the tensors) ----------------------------------------
+    def _meta(self, leaf: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+        return _tensor_meta(leaf)
+
+    def _read(self, leaf: Any) -> torch.Tensor:
+        """A saved tensor, to be copied from at once."""
+        return leaf
+
+    def _owned(self, tree: Any) -> Any:
+        """The tree with tensors of its own, for a caller that keeps them (an optimizer's ``load_state_dict``)."""
+        return _copy_tree(tree, None)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        yield
+
+    def _is_saved_tensor(self, leaf: Any) -> bool:
+        return isinstance(leaf, torch.Tensor)
+
+    # -- the snapshot ------------------------------------------------------------------------------------------
+    @property
+    def copying(self) -> bool:
+        """Its copies may still be running on a side stream (GPU only): :meth:`fence` before the sources change."""
+        return self.ready is not None
 
     def fence(self) -> None:
         """Make the compute stream wait (on the device, without a host sync) until this snapshot's copies are
-        done; call before anything may overwrite the copied tensors. A no-op on CPU."""
+        done; call before anything may overwrite the copied tensors. A no-op when nothing is copying."""
         if self.ready is not None:
             torch.cuda.current_stream().wait_event(self.ready)
+            self.ready = None
+
+    def synchronize(self) -> None:
+        """Wait on the host until the snapshot is complete (rare: a rollback right after it)."""
+        if self.ready is not None:
+            self.ready.synchronize()
             self.ready = None
 
     @property
@@ -280,28 +334,29 @@ class Snapshot:
         optimizers: Sequence[torch.optim.Optimizer],
         schedulers: Sequence[Any],
         precision: Any | None = None,
-        restore_rng_state: bool = True,
+        state_io: StateIO = FULL_STATE,
     ) -> None:
-        """Write this state back into the live objects, in place."""
-        if self.ready is not None:
-            self.ready.synchronize()  # a restore needs the copy finished (rare: a rollback right after it)
-            self.ready = None
+        """Write this state back into the live objects, in place (also the RNG states)."""
+        self.synchronize()
         if len(optimizers) != len(self.optimizers) or len(schedulers) != len(self.schedulers):
             raise ValueError(
                 f"snapshot of step {self.step} has {len(self.optimizers)} optimizer(s) and "
                 f"{len(self.schedulers)} scheduler(s); got {len(optimizers)} and {len(schedulers)}"
             )
-        with torch.no_grad():
-            model.load_state_dict(self.model, strict=True)
-        for optimizer, state in zip(optimizers, self.optimizers, strict=True):
-            if not restore_optimizer_in_place(optimizer, state):
-                optimizer.load_state_dict(_copy_tree(state, None))
-        for scheduler, state in zip(schedulers, self.schedulers, strict=True):
-            scheduler.load_state_dict(copy.deepcopy(state))
-        if precision is not None and self.precision is not None:
-            restore_precision(precision, self.precision)
-        if restore_rng_state:
+        with self._reading():
+            read = self._read_tree
+            state_io.load_model_state(model, read(self.model))
+            for optimizer, saved in zip(optimizers, self.optimizers, strict=True):
+                if not restore_optimizer_in_place(optimizer, saved, self._meta, self._read):
+                    state_io.load_optimizer_state(optimizer, self._owned(saved))
+            for scheduler, state in zip(schedulers, self.schedulers, strict=True):
+                scheduler.load_state_dict(copy.deepcopy(state))
+            if precision is not None and self.precision:
+                restore_precision(precision, read(self.precision))
             restore_rng(self.rng)
+
+    def _read_tree(self, tree: Any) -> Any:
+        return map_tree(tree, lambda leaf, _: self._read(leaf), is_leaf=self._is_saved_tensor)
 
 
 def take_snapshot(
@@ -310,55 +365,51 @@ def take_snapshot(
     optimizers: Sequence[torch.optim.Optimizer],
     schedulers: Sequence[Any],
     precision: Any | None = None,
-    extra: dict[str, Any] | None = None,
     device: str = "cpu",
     reuse: Snapshot | None = None,
+    state_io: StateIO = FULL_STATE,
 ) -> Snapshot:
-    """Copy the full training state. ``device="cpu"`` (default) or ``"same"`` (beside the originals).
+    """Copy the full training state into memory. ``device="cpu"`` (default) or ``"same"`` (beside the originals).
 
     ``reuse``: a snapshot no longer needed, whose buffers are overwritten instead of allocating new ones (never
-    the good one: the guard keeps two, the good one and the one being written). On an accelerator with
-    ``device="cpu"``, parameters and optimizer state are copied into pinned buffers on a side stream without
-    blocking the host; the snapshot's :attr:`Snapshot.ready` event completes when they are all on the host, and
-    :meth:`Snapshot.fence` makes the compute stream wait for it (on the GPU, no host sync) before anything may
-    overwrite the sources -- the guard calls it before the next optimizer step. Buffers (BatchNorm statistics)
-    change in the forward pass, so they are copied in order on the compute stream (also without blocking).
-    A ``GradScaler``'s (fp16 mixed precision) scale and growth tracker are copied from its own tensors the same
-    way: its ``state_dict`` would read them on the host.
+    the good one). On an accelerator with ``device="cpu"``, parameters and optimizer state are copied into pinned
+    buffers on a side stream without blocking the host; the snapshot's :attr:`Snapshot.ready` event completes
+    when they are all on the host, and :meth:`Snapshot.fence` makes the compute stream wait for it (on the GPU, no
+    host sync) before anything may overwrite the sources -- the guard calls it before the next optimizer step.
+    Buffers (BatchNorm statistics) change in the forward pass, so they are copied in order on the compute stream
+    (also without blocking). A ``GradScaler``'s (fp16 mixed precision) scale and growth tracker are copied from
+    its own tensors the same way: its ``state_dict`` would read them on the host.
     """
     target = None if device == "same" else device
     precision_tree = precision_state(precision) if precision is not None else None
-    model_state = model.state_dict()
+    model_state = state_io.model_state(model)
     side = None
     if target == "cpu" and torch.cuda.is_available() and any(t.is_cuda for t in model_state.values()):
         side = torch.cuda.Stream()
     non_blocking = side is not None
-    buffers = {name for name, _ in model.named_buffers()}
-    old = reuse if reuse is not None else None
+    buffers = state_io.buffer_names(model)
+    old = reuse.model if reuse is not None else None
     params = {k: v for k, v in model_state.items() if k not in buffers}
     bufs = {k: v for k, v in model_state.items() if k in buffers}
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     # buffers first, on the compute stream: in order with the forward passes that change them, and without
     # blocking the host; the side stream then waits for them, so the `ready` event covers their copies too
-    model_copy = _copy_tree(bufs, target, old.model if old else None, non_blocking, pairs)
-    _copy_all(pairs, non_blocking)
+    model_copy = _copy_tree(bufs, target, old, non_blocking)
     if side is not None:
         side.wait_stream(torch.cuda.current_stream())
-    pairs = []
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        model_copy.update(_copy_tree(params, target, old.model if old else None, non_blocking, pairs))
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        copy_leaf = _copier(target, non_blocking, pairs)
+        model_copy.update(map_tree(params, copy_leaf, old))
         optimizers_copy = [
-            _copy_tree(
-                o.state_dict(),
-                target,
-                old.optimizers[i] if old and i < len(old.optimizers) else None,
-                non_blocking,
-                pairs,
+            map_tree(
+                state_io.optimizer_state(o),
+                copy_leaf,
+                reuse.optimizers[i] if reuse is not None and i < len(reuse.optimizers) else None,
             )
             for i, o in enumerate(optimizers)
         ]
         precision_copy = (
-            _copy_tree(precision_tree, target, old.precision if old else None, non_blocking, pairs)
+            map_tree(precision_tree, copy_leaf, reuse.precision if reuse is not None else None)
             if precision_tree
             else None
         )
@@ -367,14 +418,12 @@ def take_snapshot(
         if side is not None:
             ready = torch.cuda.Event()
             ready.record(side)
-    snapshot = Snapshot(
+    return Snapshot(
         step=step,
         model={k: model_copy[k] for k in model_state},
         optimizers=optimizers_copy,
         schedulers=[copy.deepcopy(s.state_dict()) for s in schedulers],
         precision=precision_copy,
         rng=capture_rng(),
-        extra=copy.deepcopy(extra) if extra else {},
+        ready=ready,
     )
-    snapshot.ready = ready
-    return snapshot

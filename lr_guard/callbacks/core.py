@@ -1,99 +1,74 @@
-"""The guard's logic, written once for both Lightning namespaces.
+"""The guard's Lightning adapter, written once for both Lightning namespaces.
 
 ``pytorch_lightning`` and ``lightning.pytorch`` publish the same ``Trainer``, but each Trainer rejects callbacks
 that subclass the other's ``Callback``. The hooks here only use the Trainer's public API, so the public classes
 (``lr_guard.LRGuard`` for ``pytorch_lightning``, ``lr_guard.lightning.LRGuard`` for ``lightning.pytorch``) are
 this class plus the namespace's ``Callback`` base, and nothing else.
+
+The hooks are thin: they hand the Trainer's values to the parts that do the work, each with one job --
+:class:`~lr_guard.config.GuardConfig` (the validated settings), :class:`~lr_guard.callbacks.feed.ValueFeed` (the
+watched values, from the device to the host in batches), :class:`~lr_guard.policy.GuardPolicy` (the rules),
+:class:`~lr_guard.executor.IntentExecutor` (carrying out the rules' intents on a
+:class:`~lr_guard.callbacks.live_run.LiveRun`), :class:`~lr_guard.actions.snapshot_store.SnapshotStore` (the
+snapshots) and :class:`~lr_guard.diagnostics.Diagnostics` (what a person sees).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 
-from lr_guard.actions import (
-    HostScalars,
-    Snapshot,
-    compose_with_scheduler,
-    cut_lr,
-    drop_gradients,
-    lr_factors,
-    release_scheduler,
-    restore_buffers,
-    save_buffers,
-    set_lr_factors,
-    set_min_lr,
-    take_snapshot,
-)
-from lr_guard.actions.disk_snapshot import DiskSnapshot, remove_snapshot_files, take_disk_snapshot
+from lr_guard.actions import compose_with_scheduler, drop_gradients, release_scheduler, restore_buffers, save_buffers
 from lr_guard.actions.lr import UNSCALED
-from lr_guard.actions.snapshot import tree_nbytes
+from lr_guard.actions.snapshot_store import SnapshotStore
+from lr_guard.callbacks.feed import ValueFeed
+from lr_guard.callbacks.live_run import LiveRun, schedulers, targets
+from lr_guard.config import GuardConfig, build_detectors, run_sized_plateau
 from lr_guard.detectors import (
     Detector,
     DivergenceDetector,
-    NullDetector,
     OscillationDetector,
     PlateauDetector,
     SpikeDetector,
 )
-from lr_guard.detectors.base import check_choice, check_number
 from lr_guard.diagnostics import Diagnostics, scalars
 from lr_guard.events import Action, Decision
-from lr_guard.policy import GuardPolicy, Intent, describe
+from lr_guard.executor import IntentExecutor
+from lr_guard.policy import GuardPolicy
 
 __all__ = ["GuardCore"]
 
 log = logging.getLogger("lr_guard")
 
 STATE_VERSION = 1
-_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
-_KINDS = ("spike", "oscillation", "plateau", "divergence")
-_DEFAULTS: dict[str, type[Detector]] = {
-    "spike": SpikeDetector,
-    "oscillation": OscillationDetector,
-    "plateau": PlateauDetector,
-    "divergence": DivergenceDetector,
-}
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
-def _detector(name: str, value: Detector | bool) -> Detector:
-    if isinstance(value, bool):
-        return _DEFAULTS[name]() if value else NullDetector(name=f"{name} (off)")
-    if isinstance(value, Detector):
-        if not isinstance(value, (_DEFAULTS[name], NullDetector)):
-            raise TypeError(f"{name} must be a {_DEFAULTS[name].__name__}, True or False; got a {type(value).__name__}")
-        return value
-    raise TypeError(f"{name} must be a {_DEFAULTS[name].__name__}, True or False; got {value!r}")
+class Setting:
+    """A guard attribute that is a :class:`GuardConfig` setting (one source of truth: setting it is validated
+    and takes effect at once). ``name``: the config's field, when the attribute has another name."""
 
-
-def _check_factor(name: str, value: float | None, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    check_number(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
-
-
-def _state_bytes(model: Any, optimizers: Sequence[Any]) -> int:
-    return tree_nbytes(model.state_dict()) + sum(tree_nbytes(o.state_dict()) for o in optimizers)
-
-
-class _PolicySetting:
-    """A callback setting that is the policy's own attribute (one source of truth: changing it takes effect)."""
+    def __init__(self, name: str | None = None) -> None:
+        self.field = name
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+        self.field = self.field or name
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.policy, self.name)
+        return self if obj is None else getattr(obj.config, self.field or "")
 
     def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj.policy, self.name, value)
+        setattr(obj.config, self.field or "", value)
+
+
+class _CheckOn(Setting):
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else obj.config.watch_on
 
 
 class GuardCore:
@@ -129,7 +104,12 @@ class GuardCore:
             run). Defaults to ``"train_step"`` without ``monitor`` and ``"validation"`` with it.
         spike, oscillation, plateau, divergence: ``True`` for the default detector, ``False`` to switch it off,
             or a configured detector. ``plateau=True`` with a Trainer ``max_steps`` sizes the plateau detector to
-            the run: ``patience = max_steps // 10`` clamped to 100..1000 steps, ``window = patience // 10``.
+            the run: ``patience = max_steps // 10`` clamped to 100..1000 steps, ``window = min(100, patience)``.
+        detectors: More detectors, each any :class:`~lr_guard.Detector` (a user's own included), fed beside the
+            built-in ones and shown under its ``name`` in the counts, TensorBoard, the decision log and replay.
+            Its ``kind`` chooses the response: ``"divergence"`` rolls back, ``"plateau"`` / ``"oscillation"`` cut
+            the LR by ``plateau_factor`` / ``oscillation_factor``, any other kind is logged. Its ``signal``: the
+            ``"loss"`` (the watched value), or the name of a metric the module logs (read after every step).
         plateau_factor: LR factor on a plateau; ``None`` to only log plateaus.
         oscillation_factor: LR factor on oscillation; ``None`` to only log.
         rollback: Roll back on divergence (``False``: only log, and stop on exhaustion is never reached).
@@ -155,9 +135,10 @@ class GuardCore:
             ``<default_root_dir>/lr_guard_checkpoints``.
         snapshot_device: ``"cpu"`` (default, no accelerator memory), ``"same"`` (beside the weights) or
             ``"disk"`` (streamed to ``snapshot_dir`` by a background thread, for states larger than host memory).
-        snapshot_memory_budget: Bytes of host memory the snapshots may take (two copies; three until the loss is
-            5% below where it started), checked at every snapshot (an optimizer's state appears with its first
-            step); over it, ``"cpu"`` snapshots go to disk from then on, with a warning. ``None``: no limit.
+        snapshot_memory_budget: Bytes of host memory the snapshots may take (two copies; three while the starting
+            state is kept, until the loss is 5% below where it started), checked at every snapshot (an optimizer's
+            state appears with its first step); over it, ``"cpu"`` snapshots go to disk from then on, with a
+            warning. ``None``: no limit.
         snapshot_dir: Where disk snapshots go; default ``<default_root_dir>/lr_guard_snapshots``. Their files
             (up to three per rank) are scratch, removed when training ends.
         diagnostics: Send scalars, the decision log, the configuration and a dashboard layout to the Trainer's
@@ -166,15 +147,28 @@ class GuardCore:
         verbose: Log every decision through Python ``logging`` (logger ``"lr_guard"``) on rank zero.
     """
 
-    plateau_factor = _PolicySetting()
-    oscillation_factor = _PolicySetting()
-    rollback = _PolicySetting()
-    rollback_factor = _PolicySetting()
-    skip_batches = _PolicySetting()
-    max_rollbacks = _PolicySetting()
-    keep_lr_on_bad_batch = _PolicySetting()
-    snapshot_every = _PolicySetting()
-    confirm_steps = _PolicySetting()
+    monitor = Setting()
+    check_on = _CheckOn()
+    plateau_factor = Setting()
+    oscillation_factor = Setting()
+    rollback = Setting()
+    rollback_factor = Setting()
+    skip_batches = Setting()
+    max_rollbacks = Setting()
+    keep_lr_on_bad_batch = Setting()
+    skip_spikes = Setting()
+    snapshot_every = Setting()
+    confirm_steps = Setting()
+    check_every_n_steps = Setting()
+    min_lr = Setting()
+    eps = Setting()
+    checkpoint_dir = Setting()
+    snapshot_device = Setting()
+    snapshot_memory_budget = Setting()
+    snapshot_dir = Setting()
+    diagnostics = Setting()
+    log_every_n_steps = Setting()
+    verbose = Setting()
 
     def __init__(
         self,
@@ -184,6 +178,7 @@ class GuardCore:
         oscillation: OscillationDetector | bool = True,
         plateau: PlateauDetector | bool = True,
         divergence: DivergenceDetector | bool = True,
+        detectors: Sequence[Detector] = (),
         plateau_factor: float | None = 0.5,
         oscillation_factor: float | None = 0.5,
         rollback: bool = True,
@@ -205,111 +200,57 @@ class GuardCore:
         log_every_n_steps: int | None = None,
         verbose: bool = True,
     ) -> None:
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"monitor must be None (the training loss) or a metric name, got {monitor!r}")
-        if check_on is not None:
-            check_choice("check_on", check_on, ("train_step", "validation"))
-        _check_factor("plateau_factor", plateau_factor)
-        _check_factor("oscillation_factor", oscillation_factor)
-        _check_factor("rollback_factor", rollback_factor, allow_none=False)
-        if not isinstance(rollback, bool):
-            raise TypeError(f"rollback must be True or False, got {rollback!r}")
-        if not isinstance(keep_lr_on_bad_batch, bool):
-            raise TypeError(f"keep_lr_on_bad_batch must be True or False, got {keep_lr_on_bad_batch!r}")
-        if not isinstance(skip_spikes, bool):
-            raise TypeError(f"skip_spikes must be True or False, got {skip_spikes!r}")
-        check_number("skip_batches", skip_batches, low=0, integer=True)
-        check_number("max_rollbacks", max_rollbacks, low=0, integer=True)
-        check_number("snapshot_every", snapshot_every, low=1, integer=True)
-        check_number("confirm_steps", confirm_steps, low=1, integer=True)
-        check_number("check_every_n_steps", check_every_n_steps, low=1, integer=True)
-        if isinstance(min_lr, (list, tuple)):
-            for i, m in enumerate(min_lr):
-                check_number(f"min_lr[{i}]", m, low=0.0)
-        else:
-            check_number("min_lr", min_lr, low=0.0)
-        check_number("eps", eps, low=0.0)
-        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_dir must be a path or None, got {checkpoint_dir!r}")
-        check_choice("snapshot_device", snapshot_device, ("cpu", "same", "disk"))
-        if snapshot_memory_budget is not None:
-            check_number("snapshot_memory_budget", snapshot_memory_budget, low=0, integer=True)
-        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
-            raise TypeError(f"snapshot_dir must be a path or None, got {snapshot_dir!r}")
-        if not isinstance(diagnostics, bool):
-            raise TypeError(f"diagnostics must be True or False, got {diagnostics!r}")
-        if log_every_n_steps is not None:
-            check_number("log_every_n_steps", log_every_n_steps, low=1, integer=True)
-        self.monitor = monitor
-        self.check_on = check_on if check_on is not None else ("train_step" if monitor is None else "validation")
-        self._auto_plateau = plateau is True
-        self.detectors: dict[str, Detector] = {
-            "spike": _detector("spike", spike),
-            "oscillation": _detector("oscillation", oscillation),
-            "plateau": _detector("plateau", plateau),
-            "divergence": _detector("divergence", divergence),
-        }
-        self.policy = GuardPolicy(
-            self.detectors,
-            plateau_factor=plateau_factor,
-            oscillation_factor=oscillation_factor,
-            rollback=rollback,
-            rollback_factor=rollback_factor,
-            skip_batches=skip_batches,
-            max_rollbacks=max_rollbacks,
-            snapshot_every=snapshot_every,
-            confirm_steps=confirm_steps,
-            keep_lr_on_bad_batch=keep_lr_on_bad_batch,
-        )
-        self.skip_spikes = skip_spikes
-        self.check_every_n_steps = check_every_n_steps
+        arguments = {k: v for k, v in locals().items() if k in GuardConfig.names()}
+        self.config = GuardConfig(**arguments)
+        switches = {"spike": spike, "oscillation": oscillation, "plateau": plateau, "divergence": divergence}
+        self.extra_detectors = list(_as_list(detectors))
+        self.policy = GuardPolicy(build_detectors(switches, self.extra_detectors), self.config)
         if skip_spikes and not isinstance(self.detectors["spike"], SpikeDetector):
             raise ValueError("skip_spikes=True needs the spike detector: leave spike=True or pass a SpikeDetector")
-        self.min_lr: float | list[float] = (
-            [float(m) for m in min_lr] if isinstance(min_lr, (list, tuple)) else float(min_lr)  # type: ignore[arg-type]
-        )
-        self.eps = float(eps)
-        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
-        self.snapshot_device = snapshot_device
-        self.snapshot_memory_budget = snapshot_memory_budget
-        self.snapshot_dir = None if snapshot_dir is None else os.fspath(snapshot_dir)
-        self._storage = snapshot_device  # may become "disk" when the host copies would exceed the budget
-        self.diagnostics = diagnostics
-        self.log_every_n_steps = log_every_n_steps
-        self.verbose = verbose
+        if self.config.watch_on == "validation" and monitor is None:
+            raise ValueError(
+                "check_on='validation' needs monitor=, the name of the metric to read after each validation "
+                "(e.g. monitor='val_loss'); or leave check_on unset to watch the training loss"
+            )
+        self._auto_plateau = plateau is True
+        self.executor = IntentExecutor(self.policy, self.config)
+        self.feed = ValueFeed(monitor, self.policy.signals, type(self).__name__)
         self._diagnostics = Diagnostics()
         self._log_every = 50
         self.decisions: list[Decision] = []
-        self._skip_left = 0
-        self._world_size = 1
-        self._disk_files: set[str] = set()  # disk snapshots' files written since setup: removed at teardown
+        self._store = SnapshotStore()
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
     def _reset_run_state(self) -> None:
         self.policy.reset_run()
-        self._host = HostScalars()
-        self._accumulated: torch.Tensor | None = None
-        self._unread: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet sent to the host
+        self.feed.reset()
         self._last_global_step = -1
-        self._snapshots: dict[int, Any] = {}  # Snapshot or DiskSnapshot behind the policy's good/pending marks
-        self._spare: Any = None
-        self._unfenced: list[Snapshot] = []  # snapshots whose copies may still be running on a side stream
         self._skip_buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
+        self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
 
     @property
+    def detectors(self) -> dict[str, Detector]:
+        """The detectors by slot name: ``spike``, ``oscillation``, ``plateau``, ``divergence``, then those of
+        ``detectors=[...]`` under their names."""
+        return self.policy.detectors
+
+    @property
     def counts(self) -> dict[str, int]:
-        """Events seen and actions taken so far: spike, oscillation, plateau, divergence, lr_cuts, rollbacks,
-        skipped_batches, snapshots."""
+        """Events seen by kind (spike, oscillation, plateau, divergence, and any other kind a detector reports)
+        and actions taken so far: lr_cuts, rollbacks, skipped_batches, snapshots."""
         return self.policy.counts
 
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments (detectors as their repr), as recorded in the configuration entry."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        out = {}
+        out: dict[str, Any] = {}
         for name in names:
+            if name == "detectors":
+                out[name] = [repr(d) for d in self.extra_detectors]
+                continue
             value = self.detectors[name] if name in self.detectors else getattr(self, name, None)
             out[name] = repr(value) if isinstance(value, Detector) else value
         return out
@@ -324,45 +265,27 @@ class GuardCore:
         return key
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, **self.policy.state_dict(), "skip_left": self._skip_left}
+        return {"version": STATE_VERSION, **self.policy.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.policy.load_state_dict(state_dict, warn=lambda text: log.warning("lr_guard: %s", text))
-        self._skip_left = int(state_dict.get("skip_left", 0))
-
-    # ------------------------------------------------------------------ trainer access
-    @staticmethod
-    def _schedulers(trainer: Any) -> list[Any]:
-        return [config.scheduler for config in trainer.lr_scheduler_configs]
-
-    def _lr(self, trainer: Any) -> float:
-        optimizers = trainer.optimizers
-        return float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
-
-    def _all_groups(self, trainer: Any) -> list[dict[str, Any]]:
-        return [g for opt in trainer.optimizers for g in opt.param_groups]
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
         max_steps = int(getattr(trainer, "max_steps", -1) or -1)
-        if stage == "fit" and self._auto_plateau and max_steps > 0:
+        if self._auto_plateau and max_steps > 0:
             # plateau=True sizes the detector to the run (before Lightning restores a checkpoint's state into it)
-            patience = min(1000, max(100, max_steps // 10))
-            self.detectors["plateau"] = PlateauDetector(patience=patience, window=min(100, patience))
-            self.policy.refresh()
-        strategy = type(trainer.strategy).__name__
-        if stage == "fit" and any(name in strategy for name in _SHARDED):
+            self.policy.replace_detector("plateau", run_sized_plateau(max_steps))
+        strategy = {cls.__name__ for cls in type(trainer.strategy).__mro__} & set(_SHARDED)
+        if strategy:
             raise ValueError(
-                f"{type(self).__name__} does not support the {strategy} strategy yet: its snapshots "
-                "would gather the full sharded model on every rank. Supported: single-device and "
+                f"{type(self).__name__} does not support the {type(trainer.strategy).__name__} strategy yet: its "
+                "snapshots would gather the full sharded model on every rank. Supported: single-device and "
                 "DDP strategies (ddp, ddp_spawn, ddp_find_unused_parameters_true, ...)"
             )
-        if (
-            stage == "fit"
-            and self.check_on == "train_step"
-            and self.monitor is None
-            and not pl_module.automatic_optimization
-        ):
+        if self.check_on == "train_step" and self.monitor is None and not pl_module.automatic_optimization:
             raise ValueError(
                 f"{type(self).__name__}: with manual optimization the guard cannot see the loss "
                 "training_step returns; log it (self.log('train_loss', loss)) and pass "
@@ -371,56 +294,39 @@ class GuardCore:
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
-        self._world_size = int(getattr(trainer, "world_size", 1) or 1)
-        if self._world_size > 1:
-            self._host = HostScalars(fixed_lag=1)  # every rank acts on the same step
-        groups_per_optimizer = [len(opt.param_groups) for opt in trainer.optimizers]
-        if isinstance(self.min_lr, list):
-            if len(self.min_lr) != sum(groups_per_optimizer):
-                raise ValueError(
-                    f"min_lr has {len(self.min_lr)} values but the optimizers have "
-                    f"{sum(groups_per_optimizer)} param groups in all; give one value, or one per group"
-                )
-            floors = iter(self.min_lr)
-            for opt, n in zip(trainer.optimizers, groups_per_optimizer, strict=True):
-                set_min_lr(opt, [next(floors) for _ in range(n)])
-        else:
-            for opt in trainer.optimizers:
-                set_min_lr(opt, self.min_lr)
-        for scheduler in self._schedulers(trainer):
+        self.feed.reset(world_size=int(getattr(trainer, "world_size", 1) or 1))
+        self.executor.prepare(trainer.optimizers)
+        for scheduler in schedulers(trainer):
             compose_with_scheduler(scheduler)
         self._last_global_step = trainer.global_step
-        self._storage = self.snapshot_device
+        self._store = SnapshotStore(
+            self.snapshot_device,
+            self.snapshot_memory_budget,
+            self.snapshot_dir or os.path.join(trainer.default_root_dir, "lr_guard_snapshots"),
+            rank=trainer.global_rank,
+        )
+        self._run = LiveRun(trainer, pl_module, self._store, self.feed, self.checkpoint_dir)
         self.policy.start(trainer.global_step)
         if self.diagnostics:
             self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
-            self._diagnostics.attach(trainer, self.settings())
+            self._diagnostics.attach(trainer, self.settings(), self.detectors)
         if self.rollback:
-            self._snapshots[trainer.global_step] = self._snapshot(trainer, pl_module)
+            self._store.take(trainer.global_step, targets(trainer, pl_module), self._copies())
 
-    def _next_disk_slot(self) -> int:
-        in_use = {os.path.basename(s.path) for s in self._snapshots.values() if isinstance(s, DiskSnapshot)}
-        for slot in range(3):
-            if not any(name.endswith(f"_slot{slot}.bin") for name in in_use):
-                return slot
-        return 3  # pragma: no cover - at most two snapshots are held
+    def _copies(self) -> int:
+        return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        for scheduler in self._schedulers(trainer):
+        for scheduler in schedulers(trainer):
             release_scheduler(scheduler)
-        self._snapshots = {}
-        self._spare = None
-        self._unfenced = []
-        for path in sorted(self._disk_files):  # scratch as large as the training state: not left behind
-            remove_snapshot_files(path)
-        self._disk_files = set()
+        self._store.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning does not call callbacks' teardown when training raises: leave the schedulers as they were.
         self.teardown(trainer, pl_module, "fit")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if (self._skip_left > 0 or self.skip_spikes) and self._skip_buffers is None:
+        if (self.policy.skip_left > 0 or self.skip_spikes) and self._skip_buffers is None:
             self._skip_buffers = save_buffers(pl_module)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
@@ -429,26 +335,12 @@ class GuardCore:
             self._step_loss = loss if self._step_loss is None else self._step_loss + loss
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self._unfenced:  # the step overwrites what a snapshot may still be copying (GPU only)
-            for snapshot in self._unfenced:
-                snapshot.fence()
-            self._unfenced = []
+        self._store.fence()  # the step overwrites what a snapshot may still be copying (GPU only)
         step_loss, self._step_loss = self._step_loss, None
-        skip = False
-        if self._skip_left > 0:
-            self._skip_left -= 1
-            self.counts["skipped_batches"] += 1
-            # its loss is still watched, but a NaN or spike in a batch whose update is dropped needs no rollback
-            self.policy.skipped_updates[trainer.global_step] = True  # counted just above
-            skip = True
-        elif self.skip_spikes and step_loss is not None:
-            value = float(self._agreed(trainer, step_loss))  # the one host sync per step that skip_spikes costs
-            spike = self.detectors["spike"]
-            assert isinstance(spike, SpikeDetector)
-            if not math.isfinite(value) or spike.peek(value) >= spike.threshold:
-                self.policy.skipped_updates[trainer.global_step] = False  # counted when its event arrives
-                skip = True
-        if skip:
+        read = None
+        if step_loss is not None:  # skip_spikes: the one host sync per step that it costs
+            read = lambda: float(self.feed.agreed(trainer, step_loss))  # noqa: E731
+        if self.policy.should_skip(trainer.global_step, read):
             drop_gradients(optimizer)
             if self._skip_buffers is not None:
                 restore_buffers(pl_module, self._skip_buffers)
@@ -458,70 +350,40 @@ class GuardCore:
         if self.policy.stopped:
             return
         global_step = trainer.global_step  # a computed property in Lightning: read it once
-        if self.check_on == "train_step" and self.monitor is None:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, torch.Tensor):  # Lightning hands a detached copy: no graph is kept
-                self._accumulated = loss if self._accumulated is None else self._accumulated + loss
+        every_step = self.check_on == "train_step"
+        if every_step and self.monitor is None:
+            self.feed.add_micro_batch(outputs)
         if global_step == self._last_global_step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
         step, self._last_global_step = self._last_global_step, global_step  # the step this batch trained
-        if self.check_on == "train_step":
-            value = self._accumulated if self.monitor is None else self._metric(trainer)
-            self._accumulated = None
-            if value is not None:
-                self._unread.append((step, value))  # a tensor, possibly on the device: not read here
-        snapshot_due = self.policy.rollback and global_step % self.policy.snapshot_every == 0
+        self.feed.end_step(step, trainer, read_loss=every_step)
+        snapshot_due = self.rollback and global_step % self.snapshot_every == 0
         if snapshot_due or global_step % (1 if self.skip_spikes else self.check_every_n_steps) == 0:
-            self._check(trainer, pl_module)
+            self._check(trainer)
         if snapshot_due and self.policy.wants_snapshot(global_step):
-            self._snapshots[global_step] = self._snapshot(trainer, pl_module)
+            self._store.take(global_step, targets(trainer, pl_module), self._copies())
             self.policy.snapshot_taken(global_step)
 
-    def _check(self, trainer: Any, pl_module: Any, wait: bool = False) -> None:
+    def _check(self, trainer: Any, wait: bool = False) -> None:
         """Send the values gathered since the last check on their way to the host (one batch: one copy, and
         under DDP one collective), and run the policy on every value that has arrived (all of them with
         ``wait``)."""
         self._note_schedule(trainer)
-        if self._unread:
-            unread, self._unread = self._unread, []
-            steps = [s for s, _ in unread]
-            if self._world_size > 1 or unread[0][1].is_cuda:
-                values = [v.reshape(()) if v.numel() == 1 else v.sum() for _, v in unread]
-                self._host.push(steps, self._agreed(trainer, torch.stack(values).float()))
-            else:  # on the host already: reading a value costs no more than a Python float
-                self._host.push(steps, [float(v) if v.numel() == 1 else float(v.sum()) for _, v in unread])
-        ready = self._host.drain() if wait else self._host.ready()
-        if ready:
-            self._process(trainer, pl_module, ready)
+        self.feed.send(trainer)
+        arrived = self.feed.arrived(wait)
+        if arrived:
+            self._process(trainer, arrived)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.policy.stopped:
-            self._check(trainer, pl_module, wait=True)
+            self._check(trainer, wait=True)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.check_on != "validation" or trainer.sanity_checking or self.policy.stopped:
             return
-        self._host.push([trainer.global_step], self._agreed(trainer, self._metric(trainer)).reshape(1))
-        self._process(trainer, pl_module, self._host.drain())
-
-    def _agreed(self, trainer: Any, value: torch.Tensor) -> torch.Tensor:
-        """The value every rank sees: the mean over ranks (one scalar all-reduce; a NaN anywhere is a NaN
-        everywhere), so all ranks' detectors hold the same state and take the same decisions on the same step."""
-        if self._world_size <= 1:
-            return value
-        return trainer.strategy.reduce(value.detach().float(), reduce_op="mean")
-
-    def _metric(self, trainer: Any) -> torch.Tensor:
-        assert self.monitor is not None
-        metrics = trainer.callback_metrics
-        if self.monitor not in metrics:
-            raise RuntimeError(
-                f"{type(self).__name__} is watching monitor={self.monitor!r}, which is not among the "
-                f"logged metrics. Log it with self.log({self.monitor!r}, ...) or pass one of: "
-                f"{', '.join(sorted(metrics)) or '(no metric is logged yet)'}"
-            )
-        value = metrics[self.monitor]
-        return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        assert self.monitor is not None  # checked at construction
+        self.feed.push_now(trainer, trainer.global_step, self.feed.metric(trainer, self.monitor))
+        self._process(trainer, self.feed.arrived(wait=True))
 
     def _note_schedule(self, trainer: Any) -> None:
         """Is the user's schedule raising the LR (a warm-up)? Read on the first param group's unscaled LR."""
@@ -532,15 +394,11 @@ class GuardCore:
         self.policy.note_lr(group.get(UNSCALED, group["lr"]), trainer.global_step)
 
     # ------------------------------------------------------------------ carrying out the policy
-    def _process(self, trainer: Any, pl_module: Any, values: list[tuple[int, float]]) -> None:
-        observe = self.policy.observe
+    def _process(self, trainer: Any, values: list[tuple[int, Any]]) -> None:
+        assert self._run is not None
         log_every = self._log_every if self.diagnostics and self._diagnostics.active else 0
-        for step, value in values:
-            intents = observe(step, value)
-            rolled_back = False
-            for intent in intents:
-                self._execute(trainer, pl_module, intent)
-                rolled_back = rolled_back or intent.action == Action.ROLLBACK
+
+        def log_scalars(step: int, value: Any) -> None:
             if log_every and step % log_every == 0:
                 groups = [
                     (f"opt{i}_group{j}", g)
@@ -548,114 +406,25 @@ class GuardCore:
                     for j, g in enumerate(opt.param_groups)
                 ]
                 self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
-            if rolled_back or self.policy.stopped:
-                break  # the values after a rollback describe weights that are gone
-        if len(self._snapshots) > 1:  # free what the rules can no longer restore; its buffers are reused
-            keep = self.policy.kept_steps()
-            for s in [s for s in self._snapshots if s not in keep]:
-                self._spare = self._snapshots.pop(s)
 
-    def _execute(self, trainer: Any, pl_module: Any, intent: Intent) -> None:
-        lr = self._lr(trainer)
-        checkpoint = None
-        if intent.action == Action.ROLLBACK:
-            factors = lr_factors(trainer.optimizers)
-            self._restore(trainer, pl_module, intent)
-            set_lr_factors(trainer.optimizers, [[f * intent.lr_factor for f in fs] for fs in factors])
-            self._skip_left = intent.skip_batches
-        elif intent.action == Action.STOP:
-            self._restore(trainer, pl_module, intent)
-            directory = self.checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard_checkpoints")
-            checkpoint = os.path.join(directory, f"last_good_step{intent.rollback_to}.ckpt")
-            trainer.save_checkpoint(checkpoint)
-            trainer.should_stop = True
-            self.checkpoint_path = checkpoint
-        elif intent.action == Action.LR_CUT:
-            if cut_lr(trainer.optimizers, intent.lr_factor, eps=self.eps):
-                self.counts["lr_cuts"] += 1
-            else:
-                intent = Intent(
-                    intent.event, Action.HELD, reason="no LR cut: every group is at min_lr or the change is below eps"
-                )
-        message = describe(
-            intent, lr, self._lr(trainer), self.max_rollbacks, self.policy.incident_rollbacks, checkpoint
-        )
-        decision = Decision(
-            intent.event,
-            intent.action,
-            trainer.global_step,
-            lr,
-            self._lr(trainer),
-            intent.rollback_to,
-            intent.skip_batches,
-            checkpoint,
-            message,
-        )
+        self.executor.process(values, self._run, self._report, log_scalars if log_every else None)
+        self.checkpoint_path = self._run.checkpoint_path
+        self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
+
+    def _report(self, decision: Decision) -> None:
         self.decisions.append(decision)
         if self.diagnostics:
             self._diagnostics.log_decision(decision, self.counts)
-        if self.verbose and trainer.is_global_zero:
-            level = logging.WARNING if intent.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
-            log.log(level, "lr_guard: %s", message)
+        if self.verbose and self._run is not None and self._run.trainer.is_global_zero:
+            level = logging.WARNING if decision.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
+            log.log(level, "lr_guard: %s", decision.message)
 
-    def _restore(self, trainer: Any, pl_module: Any, intent: Intent) -> None:
-        assert intent.rollback_to is not None
-        snapshot = self._snapshots[intent.rollback_to]
-        snapshot.restore(pl_module, trainer.optimizers, self._schedulers(trainer), precision=trainer.precision_plugin)
-        self._snapshots = {intent.rollback_to: snapshot}
-        self._host.clear()
-        self._unread = []
-        self._accumulated = None
 
-    def _snapshot_dir(self, trainer: Any) -> str:
-        return self.snapshot_dir or os.path.join(trainer.default_root_dir, "lr_guard_snapshots")
-
-    def _check_budget(self, trainer: Any, pl_module: Any) -> None:
-        """Send snapshots to disk once the host copies the rules keep would exceed ``snapshot_memory_budget``.
-        Checked at every snapshot, not once at the start: an optimizer's state (Adam's moments) only appears with
-        its first step."""
-        if self._storage != "cpu" or self.snapshot_memory_budget is None:
-            return
-        copies = 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
-        needed = copies * _state_bytes(pl_module, trainer.optimizers)
-        if needed > self.snapshot_memory_budget:
-            self._storage = "disk"
-            warnings.warn(
-                f"{type(self).__name__}: {copies} snapshots of this training state need {needed / 1e9:.2f} GB of "
-                f"host memory, over snapshot_memory_budget={self.snapshot_memory_budget / 1e9:.2f} GB; writing "
-                f"them to disk instead ({self._snapshot_dir(trainer)})",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    def _snapshot(self, trainer: Any, pl_module: Any) -> Any:
-        self._check_budget(trainer, pl_module)
-        spare, self._spare = self._spare, None  # a snapshot no longer needed: its buffers (or file) are reused
-        if self._storage == "disk":
-            if isinstance(spare, DiskSnapshot):
-                slot = os.path.basename(spare.path)[: -len(".bin")]
-            else:
-                slot = f"rank{trainer.global_rank}_slot{self._next_disk_slot()}"
-            written = take_disk_snapshot(
-                trainer.global_step,
-                pl_module,
-                trainer.optimizers,
-                self._schedulers(trainer),
-                self._snapshot_dir(trainer),
-                slot,
-                precision=trainer.precision_plugin,
-            )
-            self._disk_files.add(written.path)
-            return written
-        snapshot = take_snapshot(
-            trainer.global_step,
-            pl_module,
-            trainer.optimizers,
-            self._schedulers(trainer),
-            precision=trainer.precision_plugin,
-            device=self._storage,
-            reuse=spare if isinstance(spare, Snapshot) else None,
-        )
-        if snapshot.ready is not None:
-            self._unfenced.append(snapshot)
-        return snapshot
+def _as_list(detectors: Detector | Iterable[Detector] | None) -> Iterable[Detector]:
+    if detectors is None:
+        return []
+    if isinstance(detectors, Detector):
+        return [detectors]
+    if isinstance(detectors, (str, bytes)) or not isinstance(detectors, Iterable):
+        raise TypeError(f"detectors must be a list of lr_guard Detector instances, got {detectors!r}")
+    return detectors

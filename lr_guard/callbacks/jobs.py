@@ -1,4 +1,5 @@
-"""The single-job guards: the same logic as ``LRGuard``, with only one policy switched on."""
+"""The single-job guards: presets of ``LRGuard``'s settings with one policy switched on (the same logic, the same
+validated configuration; ``factor`` is the setting of that job, read and written through to the policy)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from lr_guard.callbacks.core import GuardCore
-from lr_guard.detectors import DivergenceDetector, PlateauDetector
+from lr_guard.callbacks.core import GuardCore, Setting
+from lr_guard.detectors import DivergenceDetector, PlateauDetector, SpikeDetector
 
 __all__ = ["DivergenceRollbackCore", "PlateauLRReducerCore"]
 
@@ -19,12 +20,14 @@ class PlateauLRReducerCore(GuardCore):
     Args:
         monitor: ``None`` for the training loss, or a logged metric's name.
         check_on: ``"train_step"`` or ``"validation"`` (default: by ``monitor``, as ``LRGuard``).
-        plateau: A configured ``PlateauDetector``, or ``True`` for the default one.
-        factor: LR factor per plateau, in (0, 1).
+        plateau: A configured ``PlateauDetector``, or ``True`` for the default one (sized to ``max_steps``).
+        factor: LR factor per plateau, in (0, 1) (``LRGuard``'s ``plateau_factor``).
         min_lr: Floor of the cuts, one value or one per param group.
         eps: Smallest LR change made.
-        verbose: Log every cut.
+        check_every_n_steps, diagnostics, log_every_n_steps, verbose: as ``LRGuard``.
     """
+
+    factor = Setting("plateau_factor")
 
     def __init__(
         self,
@@ -34,10 +37,15 @@ class PlateauLRReducerCore(GuardCore):
         factor: float = 0.5,
         min_lr: float | Sequence[float] = 0.0,
         eps: float = 1e-8,
+        check_every_n_steps: int = 8,
+        diagnostics: bool = True,
+        log_every_n_steps: int | None = None,
         verbose: bool = True,
     ) -> None:
         if plateau is False:
             raise ValueError("plateau must be a PlateauDetector or True: a plateau LR reducer needs its detector")
+        if factor is None:
+            raise ValueError("factor must be a number in (0, 1): a plateau LR reducer that never cuts does nothing")
         super().__init__(
             monitor=monitor,
             check_on=check_on,
@@ -50,9 +58,11 @@ class PlateauLRReducerCore(GuardCore):
             rollback=False,
             min_lr=min_lr,
             eps=eps,
+            check_every_n_steps=check_every_n_steps,
+            diagnostics=diagnostics,
+            log_every_n_steps=log_every_n_steps,
             verbose=verbose,
         )
-        self.factor = factor
 
 
 class DivergenceRollbackCore(GuardCore):
@@ -63,21 +73,30 @@ class DivergenceRollbackCore(GuardCore):
     Args: as ``LRGuard``; ``factor`` is its ``rollback_factor``.
     """
 
+    factor = Setting("rollback_factor")
+
     def __init__(
         self,
         monitor: str | None = None,
         check_on: Literal["train_step", "validation"] | None = None,
         divergence: DivergenceDetector | bool = True,
+        spike: SpikeDetector | bool = True,
         factor: float = 0.5,
         skip_batches: int = 0,
         max_rollbacks: int = 3,
         keep_lr_on_bad_batch: bool = True,
+        skip_spikes: bool = False,
         snapshot_every: int = 50,
         confirm_steps: int = 10,
         check_every_n_steps: int = 8,
         min_lr: float | Sequence[float] = 0.0,
+        eps: float = 1e-8,
         checkpoint_dir: str | os.PathLike[str] | None = None,
-        snapshot_device: Literal["cpu", "same"] = "cpu",
+        snapshot_device: Literal["cpu", "same", "disk"] = "cpu",
+        snapshot_memory_budget: int | None = None,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        diagnostics: bool = True,
+        log_every_n_steps: int | None = None,
         verbose: bool = True,
     ) -> None:
         if divergence is False:
@@ -85,7 +104,7 @@ class DivergenceRollbackCore(GuardCore):
         super().__init__(
             monitor=monitor,
             check_on=check_on,
-            spike=True,
+            spike=spike,
             oscillation=False,
             plateau=False,
             divergence=divergence,
@@ -96,12 +115,17 @@ class DivergenceRollbackCore(GuardCore):
             skip_batches=skip_batches,
             max_rollbacks=max_rollbacks,
             keep_lr_on_bad_batch=keep_lr_on_bad_batch,
+            skip_spikes=skip_spikes,
             snapshot_every=snapshot_every,
             confirm_steps=confirm_steps,
             check_every_n_steps=check_every_n_steps,
             min_lr=min_lr,
+            eps=eps,
             checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
             snapshot_device=snapshot_device,
+            snapshot_memory_budget=snapshot_memory_budget,
+            snapshot_dir=None if snapshot_dir is None else os.fspath(snapshot_dir),
+            diagnostics=diagnostics,
+            log_every_n_steps=log_every_n_steps,
             verbose=verbose,
         )
-        self.factor = factor

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from lr_guard.events import Event, EventKind
+from lr_guard.events import Event
 
 __all__ = ["Detector", "NullDetector"]
 
@@ -71,18 +71,35 @@ def _init_arguments(cls: type) -> tuple[str, ...]:
 class Detector(abc.ABC):
     """Base class: a streaming detector fed ``update(value, step)``, returning an :class:`Event` or ``None``.
 
+    A detector declares what it is and what it reads, so the guard can use any detector without knowing it:
+
+    * ``kind`` (a class attribute): the kind of trouble it reports, which chooses the guard's response. The
+      built-in kinds are the :class:`EventKind` members: ``"divergence"`` rolls back, ``"plateau"`` and
+      ``"oscillation"`` cut the LR, ``"spike"`` is logged; any other string is a new kind, counted and logged.
+    * ``name``: which detector it is (in events, counts of the decision log and diagnostics' tags).
+    * ``signal``: the named signal it is fed, ``"loss"`` (the watched loss or metric) by default.
+    * :meth:`diagnostics` / :meth:`signal_diagnostics` / :meth:`charts`: the scalars it reports to TensorBoard
+      and the dashboard charts that show them.
+
     Non-finite values (NaN, +-inf) follow one policy everywhere: the divergence detector reports them; every
     other detector ignores them (its statistics are left untouched) and counts them in ``n_nonfinite``.
     """
 
-    kind: ClassVar[EventKind]
+    kind: ClassVar[str]
+    tracks_progress: ClassVar[bool] = False  # True: ``progress`` says how far training got (see the policy)
     STATE_VERSION: ClassVar[int] = 1
     _STATE_FIELDS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, signal: str = "loss") -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty string or None, got {name!r}")
+        if not isinstance(signal, str) or not signal or "/" in signal:
+            raise ValueError(f"signal must be a non-empty name without '/', e.g. 'loss'; got {signal!r}")
+        kind = getattr(type(self), "kind", None)
+        if not isinstance(kind, str) or not kind:
+            raise TypeError(f"{type(self).__name__} must set the class attribute kind to a string, e.g. 'spike'")
         self.name = name if name is not None else type(self).__name__
+        self.signal = signal
         self._reset()
 
     # -- the contract -------------------------------------------------------------------------------------------
@@ -103,6 +120,30 @@ class Detector(abc.ABC):
         """``True`` unless something is building up or under way (an excursion, a count towards an alarm, a
         latched alarm). A training state taken while every detector is quiet is a candidate "good" state."""
         return True
+
+    @property
+    def progress(self) -> float:
+        """How far the watched value has improved on its first value, relative to it (0.3: 30% better); NaN
+        when unknown. Read only from a detector whose class sets ``tracks_progress = True``."""
+        return math.nan
+
+    # -- what it reports -----------------------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars about the detector itself, logged as ``lr_guard/<name>/<key>`` (its slot name in the guard)."""
+        return {}
+
+    def signal_diagnostics(self) -> dict[str, float]:
+        """Scalars about the signal it reads (e.g. its trend), logged as ``lr_guard/<signal>/<key>``."""
+        return {}
+
+    def charts(self) -> dict[str, list[str]]:
+        """Dashboard charts: title -> tags below ``lr_guard/``, with ``{slot}`` and ``{signal}`` filled in; a list
+        starting with ``"Margin"`` is a band chart (value, lower, upper). By default a score/threshold chart when
+        :meth:`diagnostics` reports both."""
+        keys = self.diagnostics()
+        if "score" in keys and "threshold" in keys:
+            return {"{slot}: score vs threshold": ["{slot}/score", "{slot}/threshold"]}
+        return {}
 
     @property
     def n_updates(self) -> int:
@@ -196,7 +237,7 @@ class Detector(abc.ABC):
 class NullDetector(Detector):
     """A detector that never reports anything: the stand-in when a kind of detection is switched off."""
 
-    kind = EventKind.SPIKE  # never used: it raises no events
+    kind = "off"  # it raises no events
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)

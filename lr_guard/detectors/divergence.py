@@ -57,6 +57,7 @@ class DivergenceDetector(Detector):
         warmup_steps: Values to see before the smoothed and trend rules are armed.
         space: ``"log"`` (default) or ``"linear"``.
         name: Name used in events.
+        signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
 
     Example:
         >>> det = DivergenceDetector()
@@ -94,6 +95,7 @@ class DivergenceDetector(Detector):
         warmup_steps: int = 10,
         space: str = "log",
         name: str | None = None,
+        signal: str = "loss",
     ) -> None:
         check_number("factor", factor, low=1.0, low_open=True)
         check_number("instant_factor", instant_factor, low=float(factor) if isinstance(factor, (int, float)) else 1)
@@ -117,7 +119,7 @@ class DivergenceDetector(Detector):
         self.noise_sigmas = float(noise_sigmas)
         self.warmup_steps = warmup_steps
         self.space = space
-        super().__init__(name)
+        super().__init__(name, signal)
 
     def _reset(self) -> None:
         self._to_y = LogOrLinear(self.space, self.name)
@@ -148,6 +150,12 @@ class DivergenceDetector(Detector):
     def score(self) -> float:
         """Smoothed loss over its best, as a ratio (log space) or a difference (linear space)."""
         return self._to_y.ratio(self._over_best)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"score": self.score, "threshold": self.factor}
+
+    def charts(self) -> dict[str, list[str]]:
+        return {"{slot}: loss over its best vs factor": ["{slot}/score", "{slot}/threshold"]}
 
     def _event(self, step: int, value: float, score: float, threshold: float, text: str, sudden: bool = False) -> Event:
         self._latched = True

@@ -46,6 +46,7 @@ class OscillationDetector(Detector):
         warmup_steps: Values to see before any event (at least ``window``).
         space: ``"log"`` (default) or ``"linear"``.
         name: Name used in events.
+        signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
 
     Example:
         >>> import math, random
@@ -69,6 +70,7 @@ class OscillationDetector(Detector):
         warmup_steps: int = 100,
         space: str = "log",
         name: str | None = None,
+        signal: str = "loss",
     ) -> None:
         check_number("window", window, low=10, integer=True)
         check_number("threshold", threshold, low=1.0, low_open=True)
@@ -82,7 +84,7 @@ class OscillationDetector(Detector):
         self.stride = stride
         self.warmup_steps = warmup_steps
         self.space = space
-        super().__init__(name)
+        super().__init__(name, signal)
 
     def _reset(self) -> None:
         self._to_y = LogOrLinear(self.space, self.name)
@@ -107,6 +109,12 @@ class OscillationDetector(Detector):
     def score(self) -> float:
         """The last evaluated swing-to-noise ratio (NaN before the first full window)."""
         return self._score
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"score": self._score, "threshold": self.threshold}
+
+    def charts(self) -> dict[str, list[str]]:
+        return {"{slot} ratio vs threshold": ["{slot}/score", "{slot}/threshold"]}
 
     def _structure(self, centred: list[float]) -> tuple[float, int]:
         """Largest absolute autocorrelation of the residuals over lags 1..max_lag, and its lag (signed value)."""

@@ -42,6 +42,7 @@ class PlateauDetector(Detector):
         noise_sigmas: Improvement needed, in standard errors of the windowed mean.
         warmup_steps: Values to see before any event.
         name: Name used in events.
+        signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
 
     Example:
         >>> det = PlateauDetector(patience=5, window=1, noise_sigmas=0.0, threshold=0.01, warmup_steps=0)
@@ -51,6 +52,7 @@ class PlateauDetector(Detector):
     """
 
     kind = EventKind.PLATEAU
+    tracks_progress = True
     _STATE_FIELDS = (
         "_n",
         "_n_nonfinite",
@@ -75,6 +77,7 @@ class PlateauDetector(Detector):
         noise_sigmas: float = 2.0,
         warmup_steps: int = 100,
         name: str | None = None,
+        signal: str = "loss",
     ) -> None:
         check_choice("mode", mode, ("min", "max"))
         check_number("patience", patience, low=0, integer=True)
@@ -92,7 +95,7 @@ class PlateauDetector(Detector):
         self.window = window
         self.noise_sigmas = float(noise_sigmas)
         self.warmup_steps = warmup_steps
-        super().__init__(name)
+        super().__init__(name, signal)
 
     def _reset(self) -> None:
         self._sign = 1.0 if self.mode == "min" else -1.0  # compare sign * value, smaller is better
@@ -124,6 +127,12 @@ class PlateauDetector(Detector):
     def num_bad_steps(self) -> int:
         """Updates since the last improvement (torch's ``num_bad_epochs``)."""
         return self._bad
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"bad_steps": float(self._bad), "patience": float(self.patience)}
+
+    def charts(self) -> dict[str, list[str]]:
+        return {"{slot}: steps without improvement vs patience": ["{slot}/bad_steps", "{slot}/patience"]}
 
     def _margin(self) -> float:
         torch_margin = abs(self._best) * self.threshold if self.threshold_mode == "rel" else self.threshold

@@ -37,6 +37,7 @@ class SpikeDetector(Detector):
         rebase_steps: Values an excursion may last before its level is taken as the new trend.
         space: ``"log"`` (default) or ``"linear"``.
         name: Name used in events; defaults to the class name.
+        signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
 
     Example:
         >>> det = SpikeDetector(warmup_steps=20)
@@ -59,6 +60,7 @@ class SpikeDetector(Detector):
         rebase_steps: int = 10,
         space: str = "log",
         name: str | None = None,
+        signal: str = "loss",
     ) -> None:
         check_number("threshold", threshold, low=0.0, low_open=True)
         check_number("trend_alpha", trend_alpha, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -74,7 +76,7 @@ class SpikeDetector(Detector):
         self.clip = float(clip)
         self.rebase_steps = rebase_steps
         self.space = space
-        super().__init__(name)
+        super().__init__(name, signal)
 
     def _reset(self) -> None:
         self._to_y = LogOrLinear(self.space, self.name)
@@ -106,6 +108,24 @@ class SpikeDetector(Detector):
     def trend(self) -> float:
         """The current trend, in the loss's own units."""
         return self._to_y.inverse(self._trend) if self._n else math.nan
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"score": self._score, "threshold": self.threshold}
+
+    def signal_diagnostics(self) -> dict[str, float]:
+        return {"trend": self.trend, "spike_level": self.alarm_level}
+
+    def charts(self) -> dict[str, list[str]]:
+        return {
+            "{signal}, its trend and the spike alarm level": ["{signal}/raw", "{signal}/trend", "{signal}/spike_level"],
+            "{signal} trend, with the band up to the spike alarm level": [
+                "Margin",
+                "{signal}/trend",
+                "{signal}/trend",
+                "{signal}/spike_level",
+            ],
+            "{slot} score vs threshold": ["{slot}/score", "{slot}/threshold"],
+        }
 
     def peek(self, value: float) -> float:
         """The score ``value`` would get now, without taking it in (NaN while warming up or for non-finite

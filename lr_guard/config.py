@@ -1,0 +1,240 @@
+"""The guard's settings, validated in one place, and the detectors they name (pure Python).
+
+``LRGuard``, the single-job callbacks (presets of the same settings) and ``lr-guard replay`` all build their
+:class:`~lr_guard.policy.GuardPolicy` from one :class:`GuardConfig` and one :func:`build_detectors`, so a setting
+means the same everywhere and is checked the same way. A ``GuardConfig`` validates every assignment, not only
+the constructor's: ``guard.rollback_factor = 2.0`` raises as ``LRGuard(rollback_factor=2.0)`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lr_guard.detectors.base import Detector, NullDetector, check_choice, check_number
+from lr_guard.detectors.divergence import DivergenceDetector
+from lr_guard.detectors.oscillation import OscillationDetector
+from lr_guard.detectors.plateau import PlateauDetector
+from lr_guard.detectors.spike import SpikeDetector
+
+__all__ = ["BUILT_IN_DETECTORS", "GuardConfig", "build_detectors", "per_group_floors", "run_sized_plateau"]
+
+# The detectors LRGuard's keyword switches name, in the order they are fed (and logged)
+BUILT_IN_DETECTORS: dict[str, type[Detector]] = {
+    "spike": SpikeDetector,
+    "oscillation": OscillationDetector,
+    "plateau": PlateauDetector,
+    "divergence": DivergenceDetector,
+}
+
+
+def _factor(name: str, allow_none: bool) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is None and allow_none:
+            return None
+        check_number(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
+        return float(value)
+
+    return check
+
+
+def _flag(name: str) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+        return value
+
+    return check
+
+
+def _count(name: str, low: int, optional: bool = False) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is None and optional:
+            return None
+        check_number(name, value, low=low, integer=True)
+        return value
+
+    return check
+
+
+def _choice(name: str, choices: tuple[str, ...], optional: bool = False) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is None and optional:
+            return None
+        check_choice(name, value, choices)
+        return value
+
+    return check
+
+
+def _path(name: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path or None, got {value!r}")
+        return os.fspath(value)
+
+    return check
+
+
+def _min_lr(value: Any) -> float | list[float]:
+    if isinstance(value, (list, tuple)):
+        for i, m in enumerate(value):
+            check_number(f"min_lr[{i}]", m, low=0.0)
+        return [float(m) for m in value]
+    check_number("min_lr", value, low=0.0)
+    return float(value)
+
+
+def _eps(value: Any) -> float:
+    check_number("eps", value, low=0.0)
+    return float(value)
+
+
+def _monitor(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"monitor must be None (the training loss) or a metric name, got {value!r}")
+    return value
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "monitor": _monitor,
+    "check_on": _choice("check_on", ("train_step", "validation"), optional=True),
+    "plateau_factor": _factor("plateau_factor", allow_none=True),
+    "oscillation_factor": _factor("oscillation_factor", allow_none=True),
+    "rollback": _flag("rollback"),
+    "rollback_factor": _factor("rollback_factor", allow_none=False),
+    "skip_batches": _count("skip_batches", 0),
+    "max_rollbacks": _count("max_rollbacks", 0),
+    "keep_lr_on_bad_batch": _flag("keep_lr_on_bad_batch"),
+    "skip_spikes": _flag("skip_spikes"),
+    "snapshot_every": _count("snapshot_every", 1),
+    "confirm_steps": _count("confirm_steps", 1),
+    "check_every_n_steps": _count("check_every_n_steps", 1),
+    "min_lr": _min_lr,
+    "eps": _eps,
+    "checkpoint_dir": _path("checkpoint_dir"),
+    "snapshot_device": _choice("snapshot_device", ("cpu", "same", "disk")),
+    "snapshot_memory_budget": _count("snapshot_memory_budget", 0, optional=True),
+    "snapshot_dir": _path("snapshot_dir"),
+    "diagnostics": _flag("diagnostics"),
+    "log_every_n_steps": _count("log_every_n_steps", 1, optional=True),
+    "verbose": _flag("verbose"),
+}
+
+
+@dataclass
+class GuardConfig:
+    """Every setting of the guard except its detectors; the meaning of each is documented on ``LRGuard``.
+
+    Each value is checked when it is set (also after construction), with an error naming the setting, what it
+    may be and what it got. ``check_on=None`` resolves to ``"train_step"`` without ``monitor`` and
+    ``"validation"`` with it (:attr:`watch_on`).
+    """
+
+    monitor: str | None = None
+    check_on: str | None = None
+    plateau_factor: float | None = 0.5
+    oscillation_factor: float | None = 0.5
+    rollback: bool = True
+    rollback_factor: float = 0.5
+    skip_batches: int = 0
+    max_rollbacks: int = 3
+    keep_lr_on_bad_batch: bool = True
+    skip_spikes: bool = False
+    snapshot_every: int = 50
+    confirm_steps: int = 10
+    check_every_n_steps: int = 8
+    min_lr: float | list[float] = 0.0
+    eps: float = 1e-8
+    checkpoint_dir: str | None = None
+    snapshot_device: str = "cpu"
+    snapshot_memory_budget: int | None = None
+    snapshot_dir: str | None = None
+    diagnostics: bool = True
+    log_every_n_steps: int | None = None
+    verbose: bool = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _CHECKS.get(name)
+        if check is None:
+            raise AttributeError(f"GuardConfig has no setting {name!r}; the settings are: {', '.join(_CHECKS)}")
+        object.__setattr__(self, name, check(value))
+
+    @property
+    def watch_on(self) -> str:
+        """Where the watched value is read: ``check_on``, or its default for ``monitor``."""
+        if self.check_on is not None:
+            return self.check_on
+        return "train_step" if self.monitor is None else "validation"
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> GuardConfig:
+        """The config of the ``GuardConfig`` fields in ``settings`` (other keys are ignored)."""
+        known = set(cls.names())
+        return cls(**{k: v for k, v in settings.items() if k in known})
+
+
+def _switch(slot: str, value: Detector | bool) -> Detector:
+    cls = BUILT_IN_DETECTORS[slot]
+    if isinstance(value, bool):
+        return cls() if value else NullDetector(name=f"{slot} (off)")
+    if isinstance(value, (cls, NullDetector)):
+        return value
+    if isinstance(value, Detector):
+        raise TypeError(
+            f"{slot} must be a {cls.__name__}, True or False; got a {type(value).__name__}. Pass a detector of "
+            f"another class in detectors=[...]: its kind ({value.kind!r}) chooses what the guard does about it"
+        )
+    raise TypeError(f"{slot} must be a {cls.__name__}, True or False; got {value!r}")
+
+
+def build_detectors(switches: Mapping[str, Detector | bool], extra: Iterable[Detector] = ()) -> dict[str, Detector]:
+    """The guard's detectors by slot name: the built-in ones from their keyword switches (``True`` for the
+    default, ``False`` off, or a configured instance), then each of ``extra`` under its own ``name``."""
+    detectors = {slot: _switch(slot, switches.get(slot, True)) for slot in BUILT_IN_DETECTORS}
+    if isinstance(extra, Detector):
+        extra = [extra]
+    for detector in extra:
+        if not isinstance(detector, Detector):
+            raise TypeError(
+                f"detectors must hold lr_guard Detector instances (subclass lr_guard.Detector); got {detector!r}"
+            )
+        if detector.name in detectors:
+            raise ValueError(
+                f"two detectors are named {detector.name!r}; give each of detectors=[...] its own name= "
+                f"(the names in use: {', '.join(detectors)})"
+            )
+        if any(detector is d for d in detectors.values()):
+            raise ValueError(f"the detector {detector!r} is passed twice; each detector object is used once")
+        detectors[detector.name] = detector
+    return detectors
+
+
+def run_sized_plateau(max_steps: int) -> PlateauDetector:
+    """The default plateau detector sized to a run of ``max_steps`` optimizer steps: patience a tenth of the run,
+    clamped to 100..1000 steps, and a window of ``min(100, patience)`` values."""
+    patience = min(1000, max(100, max_steps // 10))
+    return PlateauDetector(patience=patience, window=min(100, patience))
+
+
+def per_group_floors(min_lr: float | Sequence[float], groups_per_optimizer: Sequence[int]) -> list[Any]:
+    """``min_lr`` split per optimizer (one value for all, or one per param group of every optimizer in order)."""
+    if not isinstance(min_lr, list):
+        return [min_lr] * len(groups_per_optimizer)
+    if len(min_lr) != sum(groups_per_optimizer):
+        raise ValueError(
+            f"min_lr has {len(min_lr)} values but the optimizers have {sum(groups_per_optimizer)} param groups "
+            "in all; give one value, or one per group"
+        )
+    floors, out = iter(min_lr), []
+    for n in groups_per_optimizer:
+        out.append([next(floors) for _ in range(n)])
+    return out

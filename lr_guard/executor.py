@@ -1,0 +1,213 @@
+"""Carrying out the policy's intents, on a live run or on paper -- one table maps each action to what is done and
+how it reads.
+
+:class:`IntentExecutor` takes an :class:`~lr_guard.policy.Intent` and a :class:`RunState` -- the training run it
+acts on: the live Trainer (``lr_guard.callbacks.live_run``) or a replay's paper run (``lr_guard.replay``) -- and
+returns the :class:`~lr_guard.events.Decision` it made. The LR is changed through :mod:`lr_guard.actions.lr`, the
+one writer of param groups, on whatever ``param_groups`` the run has, so ``min_lr`` and ``eps`` hold offline too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from lr_guard.actions.lr import cut_lr, lr_factors, set_lr_factors, set_min_lr
+from lr_guard.config import GuardConfig, per_group_floors
+from lr_guard.events import Action, Decision, EventKind
+from lr_guard.policy import GuardPolicy, Intent
+
+__all__ = ["ACTIONS", "ActionSpec", "IntentExecutor", "RunState", "describe"]
+
+NO_CUT = "no LR cut: every group is at min_lr or the change is below eps"
+
+
+class RunState(Protocol):
+    """What intents act on: a training run's optimizers (anything with ``param_groups``), its current step, and
+    the means to restore a snapshot's step and to stop."""
+
+    @property
+    def optimizers(self) -> Sequence[Any]: ...
+
+    @property
+    def step(self) -> int: ...
+
+    def restore(self, step: int) -> None:
+        """Put the training state of the snapshot at ``step`` back; forget values read since."""
+
+    def stop(self, step: int) -> str | None:
+        """Stop training with the state of ``step`` restored; the path of the checkpoint written, if any."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a message may say about an executed intent."""
+
+    lr_before: float
+    lr_after: float
+    max_rollbacks: int
+    incident: int
+    checkpoint: str | None
+
+
+def _rollback_message(intent: Intent, c: _Context) -> str:
+    event = intent.event
+    if event.kind == EventKind.PLATEAU:  # a failed start: a restart
+        return (
+            f"{event.message} -- {intent.reason}: restarted from step {intent.rollback_to}, "
+            f"lr {c.lr_before:.3g} -> {c.lr_after:.3g}"
+        )
+    skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
+    return (
+        f"{event.message} -- rolled back to step {intent.rollback_to}, lr {c.lr_before:.3g} -> {c.lr_after:.3g}"
+        f"{skip} (rollback {c.incident} of {c.max_rollbacks}{'; ' + intent.reason if intent.reason else ''})"
+    )
+
+
+def _stop_message(intent: Intent, c: _Context) -> str:
+    where = (
+        f" The last good state (step {intent.rollback_to}) is saved at {c.checkpoint}; resume with "
+        f"Trainer.fit(model, ckpt_path={c.checkpoint!r}) after changing what made it diverge"
+        if c.checkpoint
+        else f" The last good state is that of step {intent.rollback_to}."
+    )
+    return f"{intent.event.message} -- still diverging after {c.incident} rollback(s); training stopped.{where}"
+
+
+def _cut_message(intent: Intent, c: _Context) -> str:
+    return f"{intent.event.message} -- lr {c.lr_before:.3g} -> {c.lr_after:.3g} (x{intent.lr_factor:g})"
+
+
+def _reason_message(intent: Intent, c: _Context) -> str:
+    return f"{intent.event.message} -- {intent.reason}"
+
+
+def _rollback_detail(decision: Decision, factor: float) -> str:
+    detail = f"back to step {decision.rollback_to}, LR x{decision.lr_factor:g} (cumulative x{factor:.3g})"
+    return detail + (f", skip {decision.skip_batches} batches" if decision.skip_batches else "")
+
+
+def _rollback_done(decision: Decision) -> str:
+    skip = f", skipping the next {decision.skip_batches} batches" if decision.skip_batches else ""
+    return f"rolled back to step {decision.rollback_to}{skip}"
+
+
+def _stop_done(decision: Decision) -> str:
+    if not decision.checkpoint:
+        return "stopped training"
+    return f"stopped training; last good state (step {decision.rollback_to}) saved at `{decision.checkpoint}`"
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """One action: what is done (a method of :class:`IntentExecutor`), the sentence logged, what was done in
+    the decision log's table, and the short detail of a replay's table (given the cumulative LR factor)."""
+
+    handler: str
+    message: Callable[[Intent, _Context], str]
+    done_text: Callable[[Decision], str]
+    detail: Callable[[Decision, float], str]
+
+
+ACTIONS: dict[Action, ActionSpec] = {
+    Action.ROLLBACK: ActionSpec("_rollback", _rollback_message, _rollback_done, _rollback_detail),
+    Action.STOP: ActionSpec(
+        "_stop", _stop_message, _stop_done, lambda d, f: f"stop; checkpoint of step {d.rollback_to}"
+    ),
+    Action.LR_CUT: ActionSpec(
+        "_cut", _cut_message, lambda d: "cut the LR", lambda d, f: f"LR x{d.lr_factor:g} (cumulative x{f:.3g})"
+    ),
+    Action.SKIP: ActionSpec("_nothing", _reason_message, lambda d: "skipped the update", lambda d, f: d.reason),
+    Action.HELD: ActionSpec("_nothing", _reason_message, lambda d: "held back", lambda d, f: d.reason),
+    Action.NONE: ActionSpec("_nothing", _reason_message, lambda d: "logged it", lambda d, f: d.reason),
+}
+
+
+def describe(
+    intent: Intent, lr_before: float, lr_after: float, max_rollbacks: int, incident: int, checkpoint: str | None = None
+) -> str:
+    """The sentence logged for an executed intent."""
+    context = _Context(lr_before, lr_after, max_rollbacks, incident, checkpoint)
+    return ACTIONS[intent.action].message(intent, context)
+
+
+class IntentExecutor:
+    """Carries out a policy's intents on a :class:`RunState`, and tells the policy what came of them."""
+
+    def __init__(self, policy: GuardPolicy, config: GuardConfig) -> None:
+        self.policy = policy
+        self.config = config
+
+    def prepare(self, optimizers: Sequence[Any]) -> None:
+        """Record ``min_lr`` in the optimizers' param groups (one value, or one per group of all optimizers)."""
+        floors = per_group_floors(self.config.min_lr, [len(opt.param_groups) for opt in optimizers])
+        for optimizer, floor in zip(optimizers, floors, strict=True):
+            set_min_lr(optimizer, floor)
+
+    def process(
+        self,
+        values: Iterable[tuple[int, Any]],
+        run: RunState,
+        report: Callable[[Decision], None],
+        after_value: Callable[[int, Any], None] | None = None,
+    ) -> None:
+        """Feed ``(step, value)`` pairs, oldest first, to the policy and carry out what it asks, handing each
+        decision to ``report`` and each value to ``after_value`` once it is dealt with. Ends at a rollback or a
+        stop: the values after it describe weights that are gone."""
+        observe = self.policy.observe
+        for step, value in values:
+            rolled_back = False
+            for intent in observe(step, value):
+                report(self.execute(intent, run))
+                rolled_back = rolled_back or intent.action == Action.ROLLBACK
+            if after_value is not None:
+                after_value(step, value)
+            if rolled_back or self.policy.stopped:
+                return
+
+    def execute(self, intent: Intent, run: RunState) -> Decision:
+        lr_before = _first_lr(run.optimizers)
+        spec = ACTIONS[intent.action]
+        intent, checkpoint = getattr(self, spec.handler)(intent, run)
+        spec = ACTIONS[intent.action]  # a cut that could not be made is held
+        lr_after = _first_lr(run.optimizers)
+        context = _Context(lr_before, lr_after, self.config.max_rollbacks, self.policy.incident_rollbacks, checkpoint)
+        return Decision(
+            intent.event,
+            intent.action,
+            run.step,
+            lr_before,
+            lr_after,
+            intent.rollback_to,
+            intent.skip_batches,
+            checkpoint,
+            spec.message(intent, context),
+            intent.lr_factor,
+            intent.reason,
+        )
+
+    def _rollback(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
+        assert intent.rollback_to is not None
+        factors = lr_factors(run.optimizers)
+        run.restore(intent.rollback_to)
+        set_lr_factors(run.optimizers, [[f * intent.lr_factor for f in fs] for fs in factors])
+        return intent, None
+
+    def _stop(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
+        assert intent.rollback_to is not None
+        return intent, run.stop(intent.rollback_to)
+
+    def _cut(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
+        if cut_lr(run.optimizers, intent.lr_factor, eps=self.config.eps):
+            self.policy.lr_cut_made()
+            return intent, None
+        return replace(intent, action=Action.HELD, lr_factor=1.0, reason=NO_CUT), None
+
+    def _nothing(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
+        return intent, None
+
+
+def _first_lr(optimizers: Sequence[Any]) -> float:
+    """The first param group's LR of the first optimizer (what a decision reports)."""
+    return float(optimizers[0].param_groups[0]["lr"]) if optimizers else float("nan")
