@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lr_guard.detectors import Detector, NullDetector, SpikeDetector
 from lr_guard.events import Action, Event, EventKind, kind_name
+from lr_guard.skips import SkipLedger
 
 if TYPE_CHECKING:
     from lr_guard.config import GuardConfig
@@ -82,10 +83,7 @@ class GuardPolicy:
     The response to an event is chosen by its kind alone (:attr:`responses`), so a user's detector of kind
     ``"divergence"`` rolls back like the built-in one, and a detector of a new kind is counted and logged.
 
-    Args:
-        detectors: The detectors by slot name (fed in this order; their state is saved and restored with the
-            snapshots).
-        config: The settings (``plateau_factor``, ``rollback``, ``snapshot_every``... of :class:`GuardConfig`).
+    ``detectors``: by slot name, fed in this order; ``config``: a :class:`~lr_guard.config.GuardConfig`.
     """
 
     def __init__(self, detectors: Mapping[str, Detector], config: GuardConfig) -> None:
@@ -101,7 +99,7 @@ class GuardPolicy:
         }
         self.incident_rollbacks = 0
         self.restarts = 0  # failed starts restarted (kept across a resume, like the counters)
-        self.skip_left = 0  # updates still to skip after a rollback (kept across a resume)
+        self.skips = SkipLedger()
         self._index_detectors()
         self.reset_run()
 
@@ -127,7 +125,7 @@ class GuardPolicy:
         self.pending: SnapshotMark | None = None
         self.origin: SnapshotMark | None = None  # where training started, kept for a restart until progress
         self.healthy_after_pending = 0
-        self._skipped_updates: dict[int, bool] = {}  # steps whose update was not applied -> counted already
+        self.skips.reset_run()
         self.lr_rising = False  # the schedule's LR is rising (a warm-up): see note_lr
         self._last_lr: float | None = None
         self._last_lr_step: int | None = None
@@ -145,13 +143,16 @@ class GuardPolicy:
         self._last_lr, self._last_lr_step = lr, step
 
     # -- outcomes ----------------------------------------------------------------------------------------------
+    @property
+    def skip_left(self) -> int:
+        """Updates still to skip after a rollback."""
+        return self.skips.left
+
     def take_skip(self, step: int) -> bool:
         """Should the update of ``step`` be skipped (one of the ``skip_batches`` after a rollback)? Counts it."""
-        if self.skip_left <= 0:
+        if not self.skips.take(step):
             return False
-        self.skip_left -= 1
         self.counts["skipped_batches"] += 1
-        self._skipped_updates[step] = True
         return True
 
     def should_skip(self, step: int, read_value: Callable[[], float] | None = None) -> bool:
@@ -160,16 +161,10 @@ class GuardPolicy:
         (``read_value()``, read only then) is non-finite or scores as a spike (counted when its event arrives)."""
         if self.take_skip(step):
             return True
-        if not self.config.skip_spikes or read_value is None:
-            return False
         spike = self.detectors.get("spike")
-        if not isinstance(spike, SpikeDetector):
+        if not self.config.skip_spikes or read_value is None or not isinstance(spike, SpikeDetector):
             return False
-        value = read_value()
-        if math.isfinite(value) and not spike.peek(value) >= spike.threshold:
-            return False
-        self._skipped_updates[step] = False  # counted when its event arrives
-        return True
+        return self.skips.spike(step, read_value(), spike)
 
     def lr_cut_made(self) -> None:
         """An LR cut asked for was made (it is not when every group is at ``min_lr``)."""
@@ -248,8 +243,7 @@ class GuardPolicy:
                 and not (events and any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events))
             )
             self._confirm(step, healthy)
-        if self._skipped_updates:
-            self._skipped_updates = {s: c for s, c in self._skipped_updates.items() if s >= step}
+        self.skips.observing(step)
         if self.origin is not None and self._progress is not None and self._progress.progress >= RESTART_PROGRESS:
             self.origin = None  # training got going: no restart from scratch any more
         if not events:
@@ -265,14 +259,14 @@ class GuardPolicy:
                 intent.action == Action.SKIP and event.kind == EventKind.DIVERGENCE
             ):
                 break
-        self._skipped_updates.pop(step, None)
+        self.skips.done(step)
         return intents
 
     def _decide(self, event: Event, calm_before: int) -> Intent:
-        if event.step in self._skipped_updates and (
+        if event.step in self.skips and (
             event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
         ):
-            if not self._skipped_updates.pop(event.step):
+            if not self.skips.claim(event.step):
                 self.counts["skipped_batches"] += 1
             return Intent(event, Action.SKIP, reason="its update was not applied")
         response = self.responses.get(kind_name(event.kind))
@@ -338,7 +332,7 @@ class GuardPolicy:
     ) -> Intent:
         self.counts["rollbacks"] += 1
         self.calm_steps = 0
-        self.skip_left = skip_batches
+        self.skips.left = skip_batches
         factor = self.config.rollback_factor if factor is None else factor
         return Intent(event, Action.ROLLBACK, factor, step, skip_batches, reason)
 
@@ -355,23 +349,31 @@ class GuardPolicy:
             "counts": dict(self.counts),
             "incident_rollbacks": self.incident_rollbacks,
             "restarts": self.restarts,
-            "skip_left": self.skip_left,
+            "skip_left": self.skips.left,
         }
 
     def load_state_dict(self, state: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
-        for name, saved in state.get("detectors", {}).items():
-            detector = self.detectors.get(name)
-            if detector is None or not detector.STATE_VERSION:
-                continue
-            if saved.get("detector") != type(detector).__name__:
-                if warn is not None:
-                    warn(
-                        f"checkpoint holds {saved.get('detector')} state for {name!r}; keeping a fresh "
-                        f"{type(detector).__name__}"
-                    )
-                continue
-            detector.load_state_dict(copy.deepcopy(saved))
+        load_detector_states(self.detectors, state.get("detectors", {}), warn)
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
         self.incident_rollbacks = int(state.get("incident_rollbacks", 0))
         self.restarts = int(state.get("restarts", 0))
-        self.skip_left = int(state.get("skip_left", 0))
+        self.skips.left = int(state.get("skip_left", 0))
+
+
+def load_detector_states(
+    detectors: Mapping[str, Detector], saved: Mapping[str, Any], warn: Callable[[str], None] | None = None
+) -> None:
+    """Load each saved detector state into the detector of its slot; a state written by another class is
+    skipped (with a warning: the detector stays fresh), as is a slot that is not there any more."""
+    for name, state in saved.items():
+        detector = detectors.get(name)
+        if detector is None or not detector.STATE_VERSION:
+            continue
+        if state.get("detector") != type(detector).__name__:
+            if warn is not None:
+                warn(
+                    f"checkpoint holds {state.get('detector')} state for {name!r}; keeping a fresh "
+                    f"{type(detector).__name__}"
+                )
+            continue
+        detector.load_state_dict(copy.deepcopy(state))

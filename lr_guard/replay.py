@@ -173,9 +173,18 @@ def load_series(path: str | os.PathLike[str], tag: str | None = None) -> tuple[l
 
 # ---------------------------------------------------------------------------------------------- settings
 def _instantiate(spec: Any) -> Any:
+    """A LightningCLI ``class_path``/``init_args`` entry as the object it names (lists of them too)."""
+    if isinstance(spec, list):
+        return [_instantiate(item) for item in spec]
     if isinstance(spec, dict) and "class_path" in spec:
         module_name, _, name = str(spec["class_path"]).rpartition(".")
-        cls = getattr(importlib.import_module(module_name), name)
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise ReplayError(
+                f"cannot import {spec['class_path']!r} ({err}); a detector of your own must be importable, "
+                "e.g. run lr-guard from the folder of its module or put that folder on PYTHONPATH"
+            ) from err
         return cls(**{k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
     return spec
 
@@ -291,10 +300,10 @@ class _PaperRun:
 
 def _checks(
     series: Iterator[tuple[int, float]], n: int, config: Any
-) -> Iterator[tuple[int, list[tuple[int, float]], int | None]]:
-    """The values in the batches the live guard checks them in: ``(i, batch, snapshot_step)`` after value ``i``,
-    where the guard checks every ``check_every_n_steps`` optimizer steps, every step with ``skip_spikes``, and
-    before each snapshot; ``snapshot_step`` is the step of the snapshot due then (else ``None``)."""
+) -> Iterator[tuple[list[tuple[int, float]], int | None]]:
+    """The values in the batches the live guard checks them in, each with the step of the snapshot due after it
+    (else ``None``): it checks every ``check_every_n_steps`` optimizer steps (every step with ``skip_spikes``)
+    and before each snapshot."""
     every = 1 if config.skip_spikes else config.check_every_n_steps
     batch: list[tuple[int, float]] = []
     for i, (step, value) in enumerate(series):
@@ -302,7 +311,7 @@ def _checks(
         after = step + 1  # Lightning's global_step once this step has trained
         snapshot_due = config.rollback and after % config.snapshot_every == 0
         if snapshot_due or after % every == 0 or i == n - 1:
-            yield i, batch, after if snapshot_due else None
+            yield batch, after if snapshot_due else None
             batch = []
 
 
@@ -324,11 +333,7 @@ def replay(
     without it the LR is 1.0, so the decisions report the guard's factor. ``max_steps``: the Trainer's
     ``max_steps`` of the run, to which ``plateau=True`` sizes the plateau detector as the live guard does (without
     it, the default plateau detector)."""
-    from lr_guard.actions.lr import lr_factors, set_scheduled_lr
     from lr_guard.config import BUILT_IN_DETECTORS, GuardConfig, build_detectors, run_sized_plateau
-    from lr_guard.diagnostics import scalars
-    from lr_guard.executor import ACTIONS, IntentExecutor
-    from lr_guard.policy import GuardPolicy
 
     settings = dict(settings or {})
     try:
@@ -337,57 +342,81 @@ def replay(
         if max_steps is not None and switches.get("plateau", True) is True:  # as the live guard sizes it
             switches["plateau"] = run_sized_plateau(max_steps)
         detectors = build_detectors(switches, settings.get("detectors") or ())
-        unknown = set(settings) - set(GuardConfig.names()) - set(BUILT_IN_DETECTORS)
-        if unknown - {"detectors"}:
-            raise ValueError(f"unknown settings: {', '.join(sorted(unknown - {'detectors'}))}")
+        unknown = set(settings) - set(GuardConfig.names()) - set(BUILT_IN_DETECTORS) - {"detectors"}
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
     except (TypeError, ValueError, AttributeError) as err:
         raise ReplayError(f"invalid guard settings: {err}") from err
-    policy = GuardPolicy(detectors, config)
-    executor = IntentExecutor(policy, config)
-    run = _PaperRun(lr[0][1] if lr else 1.0)
-    executor.prepare(run.optimizers)
-    policy.start(series[0][0])
-    run.snapshot(series[0][0])
-    rows: list[ReplayRow] = []
-    logged: list[tuple[int, dict[str, float]]] = []
+    paper = _PaperGuard(config, detectors, lr, log_every_n_steps)
+    paper.run(series)
+    return ReplayResult(paper.rows, len(series), paper.factor, _settings(config, detectors), paper.logged, detectors)
 
-    def report(decision: Decision) -> None:
+
+class _PaperGuard:
+    """The guard's policy and executor over a logged series, on a :class:`_PaperRun`."""
+
+    def __init__(self, config: Any, detectors: dict[str, Any], lr: Sequence[tuple[int, float]], every: int) -> None:
+        from lr_guard.executor import IntentExecutor
+        from lr_guard.policy import GuardPolicy
+
+        self.config, self.detectors, self.lr, self.every = config, detectors, lr, every
+        self.policy = GuardPolicy(detectors, config)
+        self.executor = IntentExecutor(self.policy, config)
+        self.paper = _PaperRun(lr[0][1] if lr else 1.0)
+        self.executor.prepare(self.paper.optimizers)
+        self.rows: list[ReplayRow] = []
+        self.logged: list[tuple[int, dict[str, float]]] = []
+        self._next_lr = 0
+
+    @property
+    def factor(self) -> float:
+        from lr_guard.actions.lr import lr_factors
+
+        return lr_factors(self.paper.optimizers)[0][0]
+
+    def run(self, series: Sequence[tuple[int, float]]) -> None:
+        policy = self.policy
+        policy.start(series[0][0])
+        self.paper.snapshot(series[0][0])
+        for batch, snapshot_step in _checks(_with_skips(series, policy, self.config), len(series), self.config):
+            self._follow_lr(batch[-1][0])
+            self.paper.step = batch[-1][0] + 1
+            self.executor.process(batch, self.paper, self._report, self._log_value)
+            if policy.stopped:
+                break
+            if snapshot_step is not None and policy.wants_snapshot(snapshot_step):
+                policy.snapshot_taken(snapshot_step)
+                self.paper.snapshot(snapshot_step)
+
+    def _follow_lr(self, step: int) -> None:
+        """Each LR reading up to ``step`` once, as the live guard reads the optimizer's at a check: "rising" is
+        against the reading before, and lasts until the next one (a monitor logs the LR every few steps)."""
+        from lr_guard.actions.lr import set_scheduled_lr
+
+        lr = self.lr
+        while self._next_lr < len(lr) and lr[self._next_lr][0] <= step:
+            reading_step, rate = lr[self._next_lr]
+            self.policy.note_lr(rate, reading_step)
+            set_scheduled_lr(self.paper.optimizers[0], [rate])
+            self._next_lr += 1
+
+    def _report(self, decision: Decision) -> None:
+        from lr_guard.executor import ACTIONS
+
         event = decision.event
-        factor = lr_factors(run.optimizers)[0][0]
-        detail = ACTIONS[decision.action].detail(decision, factor)
-        row = ReplayRow(
-            event.step, str(event.kind), event.value, event.score, event.threshold, str(decision.action), detail, ""
-        )
-        row.message = decision.message
-        rows.append(row)
+        detail = ACTIONS[decision.action].detail(decision, self.factor)
+        row = (event.step, str(event.kind), event.value, event.score, event.threshold, str(decision.action))
+        self.rows.append(ReplayRow(*row, detail, decision.message))
 
-    def log_value(step: int, value: float) -> None:
-        if step % log_every_n_steps == 0:
-            groups = [(f"opt0_group{j}", g) for j, g in enumerate(run.optimizers[0].param_groups)]
-            metrics = scalars(value, detectors, groups, policy.counts)
-            if not lr:
+    def _log_value(self, step: int, value: float) -> None:
+        from lr_guard.diagnostics import scalars
+
+        if step % self.every == 0:
+            groups = [(f"opt0_group{j}", g) for j, g in enumerate(self.paper.optimizers[0].param_groups)]
+            metrics = scalars(value, self.detectors, groups, self.policy.counts)
+            if not self.lr:
                 metrics.pop("lr_guard/lr/opt0_group0", None)  # no learning rate is known offline, only the factor
-            logged.append((step, metrics))
-
-    next_lr = 0
-    for _, batch, snapshot_step in _checks(_with_skips(series, policy, config), len(series), config):
-        last = batch[-1][0]
-        # each LR reading once, as the live guard reads the optimizer's at a check: "rising" is against the
-        # reading before, and lasts until the next one (a monitor logs the LR every log_every_n_steps)
-        while next_lr < len(lr) and lr[next_lr][0] <= last:
-            policy.note_lr(lr[next_lr][1], lr[next_lr][0])
-            set_scheduled_lr(run.optimizers[0], [lr[next_lr][1]])
-            next_lr += 1
-        run.step = last + 1
-        executor.process(batch, run, report, log_value)
-        if policy.stopped:
-            break
-        if snapshot_step is not None and policy.wants_snapshot(snapshot_step):
-            policy.snapshot_taken(snapshot_step)
-            run.snapshot(snapshot_step)
-    return ReplayResult(
-        rows, len(series), lr_factors(run.optimizers)[0][0], _settings(config, detectors), logged, detectors
-    )
+            self.logged.append((step, metrics))
 
 
 def _with_skips(series: Sequence[tuple[int, float]], policy: Any, config: Any) -> Iterator[tuple[int, float]]:

@@ -70,6 +70,69 @@ def _lr_schedule(rng: np.random.Generator, n: int, schedule: str, warmup: int) -
     return lr
 
 
+def _stop_progress(
+    rng: np.random.Generator,
+    inject: str,
+    lr: np.ndarray,
+    progress: np.ndarray,
+    swing: np.ndarray,
+    start_min: int,
+    sigma0: float,
+) -> TrueEvent:
+    """Make progress stop (in place): a plateau, or an oscillation swinging far beyond the noise."""
+    n_steps = len(lr)
+    if inject == "plateau":  # progress stops for 1600..2400 steps at a constant LR, then resumes
+        start = int(rng.integers(start_min, max(start_min + 1, n_steps // 3)))
+        end = min(n_steps - 1, start + int(rng.integers(1600, 2400)))
+        progress[start:end] = 0.0
+        lr[start:end] = lr[start]  # real plateaus sit at a constant LR (between a step schedule's drops)
+        return TrueEvent(EventKind.PLATEAU, start, end, "progress stops")
+    # oscillation: LR too high, no progress, swings far beyond the noise
+    start = int(rng.integers(start_min, n_steps - 500))
+    length = int(rng.integers(200, 400))
+    end = min(n_steps - 1, start + length)
+    period = float(rng.choice([2.0, 3.0, 4.0, 6.0, 8.0, 12.0]))
+    amplitude = min(sigma0 * float(rng.uniform(5.0, 12.0)), math.log(1.25))  # 5-12 sigma, at most +-25%
+    tt = np.arange(end - start)
+    swing[start:end] = amplitude * np.cos(2.0 * np.pi * tt / period + float(rng.uniform(0, 2 * np.pi)))
+    progress[start:end] = 0.0
+    return TrueEvent(EventKind.OSCILLATION, start, end, f"period {period:g}, amplitude {amplitude:.3g}")
+
+
+def _add_trouble(
+    rng: np.random.Generator, inject: str, extra: np.ndarray, noise_scale: np.ndarray, start_min: int
+) -> list[TrueEvent]:
+    """Add spikes or a divergence to the log-loss (in place, in ``extra``)."""
+    n_steps = len(extra)
+    events = []
+    if inject == "spike":  # 1..4 spikes of 10..40 noise sigmas lasting 1..3 steps, >= 100 steps apart
+        steps = np.arange(start_min, n_steps - 60, 100)
+        for s in sorted(rng.choice(steps, size=min(len(steps), int(rng.integers(1, 5))), replace=False)):
+            s = int(s + rng.integers(0, 50))
+            height = float(rng.uniform(10.0, 40.0)) * noise_scale[s]
+            duration = int(rng.integers(1, 4))
+            for i in range(duration):
+                extra[s + i] = height * 0.5**i
+            events.append(TrueEvent(EventKind.SPIKE, s, s + duration - 1, f"+{height:.3g} nats"))
+        return events
+    s = int(rng.integers(start_min, n_steps - 400))
+    how = str(rng.choice(["nan", "explode", "rise"]))
+    t_after = np.arange(n_steps - s, dtype=float)
+    if how == "nan":
+        extra[s:] = np.nan
+    elif how == "explode":  # exponential blow-up, then inf, then NaN (as the criteo log)
+        rate = float(rng.uniform(0.05, 0.5))
+        with np.errstate(over="ignore"):
+            extra[s:] = np.expm1(rate * t_after)
+        blow = s + int(np.argmax(extra[s:] > 50.0)) if (extra[s:] > 50.0).any() else n_steps
+        extra[blow:] = np.inf
+        extra[blow + 1 :] = np.nan
+    else:  # slow sustained rise: loss doubles to quadruples over 100-400 steps
+        rate = math.log(float(rng.uniform(2.0, 4.0))) / float(rng.uniform(100.0, 400.0))
+        extra[s:] = rate * t_after
+    return [TrueEvent(EventKind.DIVERGENCE, s, n_steps - 1, how)]
+
+
 def make_stream(
     seed: int,
     n_steps: int = 3000,
@@ -109,22 +172,8 @@ def make_stream(
     extra = np.zeros(n_steps)
     start_min = warmup + 200
 
-    if inject == "plateau":  # progress stops for 1600..2400 steps at a constant LR, then resumes
-        start = int(rng.integers(start_min, max(start_min + 1, n_steps // 3)))
-        end = min(n_steps - 1, start + int(rng.integers(1600, 2400)))
-        progress[start:end] = 0.0
-        lr[start:end] = lr[start]  # real plateaus sit at a constant LR (between a step schedule's drops)
-        events.append(TrueEvent(EventKind.PLATEAU, start, end, "progress stops"))
-    elif inject == "oscillation":  # LR too high: no progress, swings far beyond the noise
-        start = int(rng.integers(start_min, n_steps - 500))
-        length = int(rng.integers(200, 400))
-        end = min(n_steps - 1, start + length)
-        period = float(rng.choice([2.0, 3.0, 4.0, 6.0, 8.0, 12.0]))
-        amplitude = min(sigma0 * float(rng.uniform(5.0, 12.0)), math.log(1.25))  # 5-12 sigma, at most +-25%
-        tt = np.arange(end - start)
-        swing[start:end] = amplitude * np.cos(2.0 * np.pi * tt / period + float(rng.uniform(0, 2 * np.pi)))
-        progress[start:end] = 0.0
-        events.append(TrueEvent(EventKind.OSCILLATION, start, end, f"period {period:g}, amplitude {amplitude:.3g}"))
+    if inject in ("plateau", "oscillation"):
+        events.append(_stop_progress(rng, inject, lr, progress, swing, start_min, sigma0))
 
     tau = np.cumsum(progress)
     clean = np.log(c + a * (tau + t0) ** (-b) + k * lr / lr.max())
@@ -134,32 +183,8 @@ def make_stream(
         noise /= math.sqrt(noise_df / (noise_df - 2.0))
     y = clean + noise_scale * noise + swing
 
-    if inject == "spike":  # 1..4 spikes of 10..40 noise sigmas lasting 1..3 steps, >= 100 steps apart
-        steps = np.arange(start_min, n_steps - 60, 100)
-        for s in sorted(rng.choice(steps, size=min(len(steps), int(rng.integers(1, 5))), replace=False)):
-            s = int(s + rng.integers(0, 50))
-            height = float(rng.uniform(10.0, 40.0)) * noise_scale[s]
-            duration = int(rng.integers(1, 4))
-            for i in range(duration):
-                extra[s + i] = height * 0.5**i
-            events.append(TrueEvent(EventKind.SPIKE, s, s + duration - 1, f"+{height:.3g} nats"))
-    elif inject == "divergence":
-        s = int(rng.integers(start_min, n_steps - 400))
-        how = str(rng.choice(["nan", "explode", "rise"]))
-        t_after = np.arange(n_steps - s, dtype=float)
-        if how == "nan":
-            extra[s:] = np.nan
-        elif how == "explode":  # exponential blow-up, then inf, then NaN (as the criteo log)
-            rate = float(rng.uniform(0.05, 0.5))
-            with np.errstate(over="ignore"):
-                extra[s:] = np.expm1(rate * t_after)
-            blow = s + int(np.argmax(extra[s:] > 50.0)) if (extra[s:] > 50.0).any() else n_steps
-            extra[blow:] = np.inf
-            extra[blow + 1 :] = np.nan
-        else:  # slow sustained rise: loss doubles to quadruples over 100-400 steps
-            rate = math.log(float(rng.uniform(2.0, 4.0))) / float(rng.uniform(100.0, 400.0))
-            extra[s:] = rate * t_after
-        events.append(TrueEvent(EventKind.DIVERGENCE, s, n_steps - 1, how))
+    if inject in ("spike", "divergence"):
+        events.extend(_add_trouble(rng, inject, extra, noise_scale, start_min))
 
     events.extend(_natural_plateaus(clean, noise_scale, events))
     with np.errstate(over="ignore", invalid="ignore"):

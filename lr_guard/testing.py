@@ -89,14 +89,7 @@ def check_detector(factory: Callable[[], Detector], stream: Sequence[float] | No
     """
     detector = factory()
     text = repr(detector)
-    assert text.startswith(type(detector).__name__ + "("), f"repr should start with the class name: {text}"
-    for key, value in detector.settings().items():
-        assert f"{key}={value!r}" in text, f"repr should show {key}={value!r}: {text}"
-
-    assert isinstance(detector.kind, str) and detector.kind, f"{text}: kind must be a non-empty string"
-    assert isinstance(detector.signal, str) and detector.signal, f"{text}: signal must be a non-empty string"
-    for method in (detector.diagnostics, detector.signal_diagnostics):
-        assert all(isinstance(k, str) and "/" not in k for k in method()), f"{text}: {method.__name__} keys"
+    _check_declarations(detector, text)
     stream = list(stream) if stream is not None else contract_stream(detector.kind)
     if len(stream) < 2300:
         raise ValueError(f"check_detector needs a stream of at least 2300 values, got {len(stream)}")
@@ -108,7 +101,23 @@ def check_detector(factory: Callable[[], Detector], stream: Sequence[float] | No
     )
     assert all(e.kind == detector.kind and e.detector == detector.name for e in events)
     assert all(isinstance(e.message, str) and str(e.step) in e.message for e in events)
+    _check_copies(factory, stream, events, text)
+    _check_non_finite(factory, stream, detector.kind == EventKind.DIVERGENCE, text)
 
+
+def _check_declarations(detector: Detector, text: str) -> None:
+    """The repr shows every setting; kind, signal and the diagnostics' keys are well formed."""
+    assert text.startswith(type(detector).__name__ + "("), f"repr should start with the class name: {text}"
+    for key, value in detector.settings().items():
+        assert f"{key}={value!r}" in text, f"repr should show {key}={value!r}: {text}"
+    assert isinstance(detector.kind, str) and detector.kind, f"{text}: kind must be a non-empty string"
+    assert isinstance(detector.signal, str) and detector.signal, f"{text}: signal must be a non-empty string"
+    for method in (detector.diagnostics, detector.signal_diagnostics):
+        assert all(isinstance(k, str) and "/" not in k for k in method()), f"{text}: {method.__name__} keys"
+
+
+def _check_copies(factory: Callable[[], Detector], stream: list[float], events: list[Event], text: str) -> None:
+    """reset(), pickle, deepcopy and a state_dict round trip (at three points) change no event."""
     used = factory()
     feed(used, stream[:1500])
     used.reset()
@@ -133,12 +142,15 @@ def check_detector(factory: Callable[[], Detector], stream: Sequence[float] | No
             f"{text}: events differ after a state_dict round trip at value {cut}"
         )
 
+
+def _check_non_finite(factory: Callable[[], Detector], stream: list[float], reports_them: bool, text: str) -> None:
+    """NaN, +inf and -inf never raise; a divergence detector reports them at once, any other ignores them."""
     poisoned = list(stream)
     bad_at = (1200, 1201, 1202)
     for i, bad in zip(bad_at, (math.nan, math.inf, -math.inf), strict=True):
         poisoned[i] = bad
     poisoned_events = feed(factory(), poisoned)
-    if detector.kind != EventKind.DIVERGENCE:
+    if not reports_them:
         assert not any(e.step in bad_at for e in poisoned_events), f"{text} raised an event on a non-finite value"
         clean_stream = [v for i, v in enumerate(stream) if i not in bad_at]
         expected = [e.step for e in feed(factory(), clean_stream)]

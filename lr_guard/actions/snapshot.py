@@ -381,49 +381,36 @@ def take_snapshot(
     its own tensors the same way: its ``state_dict`` would read them on the host.
     """
     target = None if device == "same" else device
-    precision_tree = precision_state(precision) if precision is not None else None
     model_state = state_io.model_state(model)
     side = None
     if target == "cpu" and torch.cuda.is_available() and any(t.is_cuda for t in model_state.values()):
         side = torch.cuda.Stream()
-    non_blocking = side is not None
     buffers = state_io.buffer_names(model)
     old = reuse.model if reuse is not None else None
-    params = {k: v for k, v in model_state.items() if k not in buffers}
-    bufs = {k: v for k, v in model_state.items() if k in buffers}
     # buffers first, on the compute stream: in order with the forward passes that change them, and without
     # blocking the host; the side stream then waits for them, so the `ready` event covers their copies too
-    model_copy = _copy_tree(bufs, target, old, non_blocking)
+    model_copy = _copy_tree({k: v for k, v in model_state.items() if k in buffers}, target, old, side is not None)
     if side is not None:
         side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        copy_leaf = _copier(target, non_blocking, pairs)
-        model_copy.update(map_tree(params, copy_leaf, old))
-        optimizers_copy = [
-            map_tree(
-                state_io.optimizer_state(o),
-                copy_leaf,
-                reuse.optimizers[i] if reuse is not None and i < len(reuse.optimizers) else None,
-            )
-            for i, o in enumerate(optimizers)
-        ]
-        precision_copy = (
-            map_tree(precision_tree, copy_leaf, reuse.precision if reuse is not None else None)
-            if precision_tree
-            else None
-        )
-        _copy_all(pairs, non_blocking)
+        trees = {
+            "params": {k: v for k, v in model_state.items() if k not in buffers},
+            "optimizers": [state_io.optimizer_state(o) for o in optimizers],
+            "precision": (precision_state(precision) if precision is not None else None) or None,
+        }
+        earlier = {"params": old, **({"optimizers": reuse.optimizers, "precision": reuse.precision} if reuse else {})}
+        copies = _copy_tree(trees, target, earlier, side is not None)
         ready = None
         if side is not None:
             ready = torch.cuda.Event()
             ready.record(side)
+    model_copy.update(copies["params"])
     return Snapshot(
         step=step,
         model={k: model_copy[k] for k in model_state},
-        optimizers=optimizers_copy,
+        optimizers=copies["optimizers"],
         schedulers=[copy.deepcopy(s.state_dict()) for s in schedulers],
-        precision=precision_copy,
+        precision=copies["precision"],
         rng=capture_rng(),
         ready=ready,
     )

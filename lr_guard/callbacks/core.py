@@ -23,11 +23,14 @@ from typing import Any, Literal
 
 import torch
 
-from lr_guard.actions import compose_with_scheduler, drop_gradients, release_scheduler, restore_buffers, save_buffers
+from lr_guard.actions import compose_with_scheduler, release_scheduler
 from lr_guard.actions.lr import UNSCALED
 from lr_guard.actions.snapshot_store import SnapshotStore
 from lr_guard.callbacks.feed import ValueFeed
 from lr_guard.callbacks.live_run import LiveRun, schedulers, targets
+from lr_guard.callbacks.reporter import Reporter
+from lr_guard.callbacks.settings import GuardSettings
+from lr_guard.callbacks.skipper import UpdateSkipper
 from lr_guard.config import GuardConfig, build_detectors, run_sized_plateau
 from lr_guard.detectors import (
     Detector,
@@ -36,8 +39,7 @@ from lr_guard.detectors import (
     PlateauDetector,
     SpikeDetector,
 )
-from lr_guard.diagnostics import Diagnostics, scalars
-from lr_guard.events import Action, Decision
+from lr_guard.events import Decision
 from lr_guard.executor import IntentExecutor
 from lr_guard.policy import GuardPolicy
 
@@ -49,29 +51,7 @@ STATE_VERSION = 1
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
-class Setting:
-    """A guard attribute that is a :class:`GuardConfig` setting (one source of truth: setting it is validated
-    and takes effect at once). ``name``: the config's field, when the attribute has another name."""
-
-    def __init__(self, name: str | None = None) -> None:
-        self.field = name
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.field = self.field or name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.config, self.field or "")
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj.config, self.field or "", value)
-
-
-class _CheckOn(Setting):
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else obj.config.watch_on
-
-
-class GuardCore:
+class GuardCore(GuardSettings):
     """Watches the training loss (or a logged metric) and keeps the run healthy.
 
     * **Divergence** (NaN/inf, blow-up, sustained rise): roll back in place to the last snapshot confirmed
@@ -147,29 +127,6 @@ class GuardCore:
         verbose: Log every decision through Python ``logging`` (logger ``"lr_guard"``) on rank zero.
     """
 
-    monitor = Setting()
-    check_on = _CheckOn()
-    plateau_factor = Setting()
-    oscillation_factor = Setting()
-    rollback = Setting()
-    rollback_factor = Setting()
-    skip_batches = Setting()
-    max_rollbacks = Setting()
-    keep_lr_on_bad_batch = Setting()
-    skip_spikes = Setting()
-    snapshot_every = Setting()
-    confirm_steps = Setting()
-    check_every_n_steps = Setting()
-    min_lr = Setting()
-    eps = Setting()
-    checkpoint_dir = Setting()
-    snapshot_device = Setting()
-    snapshot_memory_budget = Setting()
-    snapshot_dir = Setting()
-    diagnostics = Setting()
-    log_every_n_steps = Setting()
-    verbose = Setting()
-
     def __init__(
         self,
         monitor: str | None = None,
@@ -215,9 +172,8 @@ class GuardCore:
         self._auto_plateau = plateau is True
         self.executor = IntentExecutor(self.policy, self.config)
         self.feed = ValueFeed(monitor, self.policy.signals, type(self).__name__)
-        self._diagnostics = Diagnostics()
-        self._log_every = 50
-        self.decisions: list[Decision] = []
+        self._reporter = Reporter(self.config)
+        self._skipper = UpdateSkipper(self.policy, self.feed)
         self._store = SnapshotStore()
         self._reset_run_state()
 
@@ -226,10 +182,13 @@ class GuardCore:
         self.policy.reset_run()
         self.feed.reset()
         self._last_global_step = -1
-        self._skip_buffers: dict[str, torch.Tensor] | None = None
-        self._step_loss: torch.Tensor | None = None
         self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """Every decision taken, in order: what was seen and what was done, with the sentence logged."""
+        return self._reporter.decisions
 
     @property
     def detectors(self) -> dict[str, Detector]:
@@ -307,9 +266,8 @@ class GuardCore:
         )
         self._run = LiveRun(trainer, pl_module, self._store, self.feed, self.checkpoint_dir)
         self.policy.start(trainer.global_step)
-        if self.diagnostics:
-            self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
-            self._diagnostics.attach(trainer, self.settings(), self.detectors)
+        self._reporter.attach(trainer, self.settings(), self.detectors, self.counts)
+        self._skipper.reset()
         if self.rollback:
             self._store.take(trainer.global_step, targets(trainer, pl_module), self._copies())
 
@@ -326,25 +284,14 @@ class GuardCore:
         self.teardown(trainer, pl_module, "fit")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if (self.policy.skip_left > 0 or self.skip_spikes) and self._skip_buffers is None:
-            self._skip_buffers = save_buffers(pl_module)
+        self._skipper.batch_start(pl_module)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if self.skip_spikes:
-            loss = loss.detach()
-            self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        self._skipper.backward(loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._store.fence()  # the step overwrites what a snapshot may still be copying (GPU only)
-        step_loss, self._step_loss = self._step_loss, None
-        read = None
-        if step_loss is not None:  # skip_spikes: the one host sync per step that it costs
-            read = lambda: float(self.feed.agreed(trainer, step_loss))  # noqa: E731
-        if self.policy.should_skip(trainer.global_step, read):
-            drop_gradients(optimizer)
-            if self._skip_buffers is not None:
-                restore_buffers(pl_module, self._skip_buffers)
-        self._skip_buffers = None
+        self._skipper.before_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.policy.stopped:
@@ -396,28 +343,10 @@ class GuardCore:
     # ------------------------------------------------------------------ carrying out the policy
     def _process(self, trainer: Any, values: list[tuple[int, Any]]) -> None:
         assert self._run is not None
-        log_every = self._log_every if self.diagnostics and self._diagnostics.active else 0
-
-        def log_scalars(step: int, value: Any) -> None:
-            if log_every and step % log_every == 0:
-                groups = [
-                    (f"opt{i}_group{j}", g)
-                    for i, opt in enumerate(trainer.optimizers)
-                    for j, g in enumerate(opt.param_groups)
-                ]
-                self._diagnostics.log_scalars(scalars(value, self.detectors, groups, self.counts), step)
-
-        self.executor.process(values, self._run, self._report, log_scalars if log_every else None)
+        reporter = self._reporter
+        self.executor.process(values, self._run, reporter.decision, reporter.value if reporter.logs_values else None)
         self.checkpoint_path = self._run.checkpoint_path
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
-
-    def _report(self, decision: Decision) -> None:
-        self.decisions.append(decision)
-        if self.diagnostics:
-            self._diagnostics.log_decision(decision, self.counts)
-        if self.verbose and self._run is not None and self._run.trainer.is_global_zero:
-            level = logging.WARNING if decision.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
-            log.log(level, "lr_guard: %s", decision.message)
 
 
 def _as_list(detectors: Detector | Iterable[Detector] | None) -> Iterable[Detector]:

@@ -7,7 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from lr_guard.callbacks.core import GuardCore, Setting
+from lr_guard.callbacks.core import GuardCore
+from lr_guard.callbacks.settings import Setting
 from lr_guard.detectors import DivergenceDetector, PlateauDetector, SpikeDetector
 
 __all__ = ["DivergenceRollbackCore", "PlateauLRReducerCore"]

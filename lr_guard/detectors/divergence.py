@@ -197,29 +197,13 @@ class DivergenceDetector(Detector):
                 return None
 
         if y - best > max(self._log_instant, margin) and y > self._start:
-            ratio = y - best
-            return self._event(
-                step,
-                value,
-                to_y.ratio(ratio),
-                self.instant_factor,
-                f"loss {value:.4g} blew up to {self._ratio_text(ratio)} its best level "
-                f"{to_y.inverse(best):.4g}, above its starting level",
-                sudden=True,
-            )
+            return self._blow_up(step, value, y - best)
         armed = n >= self.warmup_steps
         if armed and over_best > margin:
             self._above += 1
             if self._above >= self.patience:
                 self._above = 0
-                return self._event(
-                    step,
-                    value,
-                    self.score,
-                    self.factor,
-                    f"smoothed loss {to_y.inverse(smoothed):.4g} is {self._ratio_text(over_best)} its best "
-                    f"{to_y.inverse(best):.4g} for {self.patience} steps (threshold {self.factor:g}x)",
-                )
+                return self._smoothed_rise(step, value, smoothed)
         else:
             self._above = 0
         if level < best:
@@ -230,6 +214,29 @@ class DivergenceDetector(Detector):
             if armed and n % self._tenth == 0 and len(trend) == self.trend_window:
                 return self._sustained_rise(step, value, margin)
         return None
+
+    def _blow_up(self, step: int, value: float, ratio: float) -> Event:
+        to_y = self._to_y
+        return self._event(
+            step,
+            value,
+            to_y.ratio(ratio),
+            self.instant_factor,
+            f"loss {value:.4g} blew up to {self._ratio_text(ratio)} its best level "
+            f"{to_y.inverse(self._best):.4g}, above its starting level",
+            sudden=True,
+        )
+
+    def _smoothed_rise(self, step: int, value: float, smoothed: float) -> Event:
+        to_y = self._to_y
+        return self._event(
+            step,
+            value,
+            self.score,
+            self.factor,
+            f"smoothed loss {to_y.inverse(smoothed):.4g} is {self._ratio_text(self._over_best)} its best "
+            f"{to_y.inverse(self._best):.4g} for {self.patience} steps (threshold {self.factor:g}x)",
+        )
 
     def _ratio_text(self, log_ratio: float) -> str:
         if self._to_y.log:

@@ -1,0 +1,76 @@
+"""What the guard tells a person about a live run: every decision (kept, logged to the Trainer's loggers and to
+Python logging on rank zero) and, at the logging cadence, the scalars of the watched values."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from lr_guard.config import GuardConfig
+from lr_guard.detectors import Detector
+from lr_guard.diagnostics import Diagnostics, scalars
+from lr_guard.events import Action, Decision
+
+__all__ = ["Reporter"]
+
+log = logging.getLogger("lr_guard")
+
+
+class Reporter:
+    """Keeps ``decisions`` and sends them, and the scalars, where a person sees them.
+
+    Args:
+        config: The guard's settings; of them ``diagnostics`` (send scalars, decisions, the configuration and the
+            dashboard layout to the loggers), ``log_every_n_steps`` and ``verbose`` (log every decision through
+            Python logging, logger ``"lr_guard"``, on rank zero).
+    """
+
+    def __init__(self, config: GuardConfig) -> None:
+        self.config = config
+        self.decisions: list[Decision] = []
+        self._loggers = Diagnostics()
+        self._log_every = 0
+        self._trainer: Any = None
+        self._detectors: Mapping[str, Detector] = {}
+        self._counts: Mapping[str, int] = {}
+
+    def attach(
+        self,
+        trainer: Any,
+        settings: dict[str, Any],
+        detectors: Mapping[str, Detector],
+        counts: Mapping[str, int],
+    ) -> None:
+        """A run starts: write the configuration and layout, and log scalars every ``log_every_n_steps`` (default:
+        the Trainer's)."""
+        self._trainer, self._detectors, self._counts = trainer, detectors, counts
+        self._log_every = 0
+        if self.config.diagnostics:
+            self._loggers.attach(trainer, settings, detectors)
+            if self._loggers.active:
+                every = self.config.log_every_n_steps
+                self._log_every = every or int(getattr(trainer, "log_every_n_steps", 50) or 50)
+
+    @property
+    def logs_values(self) -> bool:
+        """Some logger takes the scalars of the watched values."""
+        return self._log_every > 0
+
+    def value(self, step: int, value: Any) -> None:
+        """A watched value (or signals by name) has been dealt with: its scalars, at the logging cadence."""
+        if self._log_every and step % self._log_every == 0:
+            groups = [
+                (f"opt{i}_group{j}", g)
+                for i, opt in enumerate(self._trainer.optimizers)
+                for j, g in enumerate(opt.param_groups)
+            ]
+            self._loggers.log_scalars(scalars(value, self._detectors, groups, self._counts), step)
+
+    def decision(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        if self.config.diagnostics:
+            self._loggers.log_decision(decision, dict(self._counts))
+        if self.config.verbose and self._trainer is not None and self._trainer.is_global_zero:
+            level = logging.WARNING if decision.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
+            log.log(level, "lr_guard: %s", decision.message)

@@ -1,0 +1,60 @@
+"""Which optimizer updates were not applied, and how many are still to skip (pure Python; the policy's ledger)."""
+
+from __future__ import annotations
+
+import math
+
+from lr_guard.detectors import SpikeDetector
+
+__all__ = ["SkipLedger"]
+
+
+class SkipLedger:
+    """The updates skipped before they were applied, by step, and the ``left`` still to skip after a rollback.
+
+    Each skipped step records whether its skip was counted already (a skip after a rollback is counted when it is
+    made; a skipped spike when its event arrives). Steps older than the value being observed are forgotten.
+    """
+
+    def __init__(self) -> None:
+        self.left = 0  # kept across a resume (in the guard's state)
+        self.reset_run()
+
+    def reset_run(self) -> None:
+        self._steps: dict[int, bool] = {}  # step whose update was not applied -> its skip was counted already
+
+    def take(self, step: int) -> bool:
+        """Skip the update of ``step`` if skips are left (recorded as counted); whether it is skipped."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self._steps[step] = True
+        return True
+
+    def mark(self, step: int) -> None:
+        """The update of ``step`` was skipped for a reason its event will tell (not counted yet)."""
+        self._steps[step] = False
+
+    def spike(self, step: int, value: float, detector: SpikeDetector) -> bool:
+        """Skip the update of ``step`` if its ``value`` is non-finite or would score as a spike now (marked, to be
+        counted when its event arrives); whether it is skipped."""
+        if math.isfinite(value) and not detector.peek(value) >= detector.threshold:
+            return False
+        self.mark(step)
+        return True
+
+    def observing(self, step: int) -> None:
+        """The value of ``step`` is being observed: forget the skips of earlier steps."""
+        if self._steps:
+            self._steps = {s: c for s, c in self._steps.items() if s >= step}
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._steps
+
+    def claim(self, step: int) -> bool:
+        """The event of a skipped ``step`` is dealt with; whether its skip was counted already."""
+        return self._steps.pop(step)
+
+    def done(self, step: int) -> None:
+        """The value of ``step`` has been observed."""
+        self._steps.pop(step, None)
