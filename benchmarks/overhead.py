@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr_guard import LRGuard
+from lr_guard.actions import SnapshotStore
 from lr_guard.diagnostics import one_event_writer, scalars, write_one_event
 
 HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
@@ -381,15 +382,15 @@ def time_inside(make: Any, device: str, steps: int, warmup: int) -> dict[str, fl
     """Inside a guarded run: the policy's time per value (the first value of each checked batch apart: it meets
     caches the training step has cooled) and the time one snapshot takes."""
     guard = LRGuard()
-    observe, process, snapshot = guard.policy.observe, guard._process, guard._snapshot
+    observe, process, take = guard.policy.observe, guard._process, SnapshotStore.take
     first: list[float] = []
     others: list[float] = []
     snapshots: list[float] = []
     position = [0]
 
-    def timed_process(trainer: Any, module: Any, values: Any) -> None:
+    def timed_process(trainer: Any, values: Any) -> None:
         position[0] = 0
-        process(trainer, module, values)
+        process(trainer, values)
 
     def timed_observe(step: int, value: float) -> Any:
         start = time.perf_counter()
@@ -399,14 +400,18 @@ def time_inside(make: Any, device: str, steps: int, warmup: int) -> dict[str, fl
         position[0] += 1
         return intents
 
-    def timed_snapshot(trainer: Any, module: Any) -> Any:
+    def timed_take(store: SnapshotStore, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        taken = snapshot(trainer, module)
+        taken = take(store, *args, **kwargs)
         snapshots.append(time.perf_counter() - start)
         return taken
 
-    guard.policy.observe, guard._process, guard._snapshot = timed_observe, timed_process, timed_snapshot  # type: ignore[method-assign,assignment]
-    fit(make, [guard], steps, device)
+    guard.policy.observe, guard._process = timed_observe, timed_process  # type: ignore[method-assign,assignment]
+    SnapshotStore.take = timed_take  # type: ignore[method-assign]
+    try:
+        fit(make, [guard], steps, device)
+    finally:
+        SnapshotStore.take = take  # type: ignore[method-assign]
     return {
         "first_value_us": 1e6 * statistics.median(first),
         "other_values_us": 1e6 * statistics.median(others),

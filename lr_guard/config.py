@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from lr_guard.detectors.base import Detector, NullDetector, check_choice, check_number
 from lr_guard.detectors.divergence import DivergenceDetector
@@ -132,8 +132,10 @@ class GuardConfig:
 
     Each value is checked when it is set (also after construction), with an error naming the setting, what it
     may be and what it got. ``check_on=None`` resolves to ``"train_step"`` without ``monitor`` and
-    ``"validation"`` with it (:attr:`watch_on`).
+    ``"validation"`` with it (:attr:`watch_on`). ``version`` counts the changes made (for readers that cache).
     """
+
+    version: ClassVar[int] = 0  # per instance once a setting is set
 
     monitor: str | None = None
     check_on: str | None = None
@@ -163,6 +165,7 @@ class GuardConfig:
         if check is None:
             raise AttributeError(f"GuardConfig has no setting {name!r}; the settings are: {', '.join(_CHECKS)}")
         object.__setattr__(self, name, check(value))
+        object.__setattr__(self, "version", getattr(self, "version", 0) + 1)  # readers of settings see a change
 
     @property
     def watch_on(self) -> str:

@@ -3,8 +3,9 @@ how it reads.
 
 :class:`IntentExecutor` takes an :class:`~lr_guard.policy.Intent` and a :class:`RunState` -- the training run it
 acts on: the live Trainer (``lr_guard.callbacks.live_run``) or a replay's paper run (``lr_guard.replay``) -- and
-returns the :class:`~lr_guard.events.Decision` it made. The LR is changed through :mod:`lr_guard.actions.lr`, the
-one writer of param groups, on whatever ``param_groups`` the run has, so ``min_lr`` and ``eps`` hold offline too.
+returns the :class:`~lr_guard.events.Decision` it made. The LR is changed through :mod:`lr_guard.actions.lr` (every
+LR change the guard makes goes through it), on whatever ``param_groups`` the run has, so ``min_lr`` and ``eps``
+hold offline too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lr_guard.config import GuardConfig, per_group_floors
 from lr_guard.events import Action, Decision, EventKind
 from lr_guard.policy import GuardPolicy, Intent
 
-__all__ = ["ACTIONS", "ActionSpec", "IntentExecutor", "RunState", "describe"]
+__all__ = ["ACTIONS", "ActionSpec", "IntentExecutor", "RunState"]
 
 NO_CUT = "no LR cut: every group is at min_lr or the change is below eps"
 
@@ -122,14 +123,6 @@ ACTIONS: dict[Action, ActionSpec] = {
     Action.HELD: ActionSpec("_nothing", _reason_message, lambda d: "held back", lambda d, f: d.reason),
     Action.NONE: ActionSpec("_nothing", _reason_message, lambda d: "logged it", lambda d, f: d.reason),
 }
-
-
-def describe(
-    intent: Intent, lr_before: float, lr_after: float, max_rollbacks: int, incident: int, checkpoint: str | None = None
-) -> str:
-    """The sentence logged for an executed intent."""
-    context = _Context(lr_before, lr_after, max_rollbacks, incident, checkpoint)
-    return ACTIONS[intent.action].message(intent, context)
 
 
 class IntentExecutor:

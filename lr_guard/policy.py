@@ -23,7 +23,7 @@ from lr_guard.skips import SkipLedger
 if TYPE_CHECKING:
     from lr_guard.config import GuardConfig
 
-__all__ = ["COUNTS", "GuardPolicy", "Intent", "SnapshotMark"]
+__all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
 
 # A plateau before the loss has got this much (relative) below where training started is a failed start
 RESTART_PROGRESS = 0.05
@@ -33,7 +33,6 @@ BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batc
 
 KINDS = tuple(kind.value for kind in EventKind)  # counted even when no detector of the kind is on
 ACTIONS_COUNTED = ("lr_cuts", "rollbacks", "skipped_batches", "snapshots")
-COUNTS = KINDS + ACTIONS_COUNTED  # the counters of the built-in kinds; a detector of a new kind adds its own
 LOSS = "loss"  # the signal the built-in detectors read: the watched loss (or monitored metric)
 
 
@@ -214,28 +213,29 @@ class GuardPolicy:
             self.incident_rollbacks = 0
 
     # -- decisions ---------------------------------------------------------------------------------------------
-    def _update_detectors(self, step: int, values: float | Mapping[str, float]) -> tuple[list[Event] | None, float]:
+    def _update_signals(self, step: int, values: Mapping[str, float]) -> tuple[list[Event] | None, float]:
         events = None
-        if isinstance(values, Mapping):
-            loss = values.get(LOSS, 0.0)  # no loss at this step: only the other signals speak to its health
-            for detector in self._active:
-                if detector.signal in values:
-                    event = detector.update(values[detector.signal], step)
-                    if event is not None:
-                        events = [event] if events is None else [*events, event]
-            return events, loss
-        for detector in self._loss_active:
-            event = detector.update(values, step)
-            if event is not None:
-                events = [event] if events is None else [*events, event]
-        return events, values
+        for detector in self._active:
+            if detector.signal in values:
+                event = detector.update(values[detector.signal], step)
+                if event is not None:
+                    events = [event] if events is None else [*events, event]
+        return events, values.get(LOSS, 0.0)  # no loss at this step: only the other signals speak to its health
 
     def observe(self, step: int, values: float | Mapping[str, float]) -> list[Intent]:
         """Feed the values of one step -- the loss as a number, or several signals by name (``{"loss": ...}``)
         -- and return what should be done, in order (a rollback or stop ends the list)."""
         if self.stopped:
             return []
-        events, loss = self._update_detectors(step, values)
+        if values.__class__ is float or not isinstance(values, Mapping):  # the common case: the loss alone
+            loss = values
+            events = None
+            for detector in self._loss_active:
+                event = detector.update(values, step)
+                if event is not None:
+                    events = [event] if events is None else [*events, event]
+        else:
+            events, loss = self._update_signals(step, values)
         if self.pending is not None:
             healthy = (
                 math.isfinite(loss)
@@ -243,7 +243,8 @@ class GuardPolicy:
                 and not (events and any(e.kind in (EventKind.SPIKE, EventKind.DIVERGENCE) for e in events))
             )
             self._confirm(step, healthy)
-        self.skips.observing(step)
+        if self.skips.steps:
+            self.skips.observing(step)
         if self.origin is not None and self._progress is not None and self._progress.progress >= RESTART_PROGRESS:
             self.origin = None  # training got going: no restart from scratch any more
         if not events:
@@ -252,7 +253,8 @@ class GuardPolicy:
         calm_before, self.calm_steps = self.calm_steps, 0
         intents = []
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
-            self.counts[kind_name(event.kind)] += 1
+            kind = kind_name(event.kind)
+            self.counts[kind] = self.counts.get(kind, 0) + 1
             intent = self._decide(event, calm_before)
             intents.append(intent)
             if intent.action in (Action.ROLLBACK, Action.STOP) or (

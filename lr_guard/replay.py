@@ -299,18 +299,19 @@ class _PaperRun:
 
 
 def _checks(
-    series: Iterator[tuple[int, float]], n: int, config: Any
+    series: Iterator[tuple[int, float]], n: int, config: Any, steps_per_epoch: int | None
 ) -> Iterator[tuple[list[tuple[int, float]], int | None]]:
     """The values in the batches the live guard checks them in, each with the step of the snapshot due after it
-    (else ``None``): it checks every ``check_every_n_steps`` optimizer steps (every step with ``skip_spikes``)
-    and before each snapshot."""
+    (else ``None``): it checks every ``check_every_n_steps`` optimizer steps (every step with ``skip_spikes``),
+    before each snapshot and at the end of each epoch (of ``steps_per_epoch`` steps, when known)."""
     every = 1 if config.skip_spikes else config.check_every_n_steps
     batch: list[tuple[int, float]] = []
     for i, (step, value) in enumerate(series):
         batch.append((step, value))
         after = step + 1  # Lightning's global_step once this step has trained
         snapshot_due = config.rollback and after % config.snapshot_every == 0
-        if snapshot_due or after % every == 0 or i == n - 1:
+        epoch_end = steps_per_epoch is not None and after % steps_per_epoch == 0
+        if snapshot_due or after % every == 0 or epoch_end or i == n - 1:
             yield batch, after if snapshot_due else None
             batch = []
 
@@ -321,6 +322,7 @@ def replay(
     log_every_n_steps: int = 1,
     lr: Sequence[tuple[int, float]] = (),
     max_steps: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> ReplayResult:
     """Run the guard's rules over ``series``; return what it would have done, and its diagnostics' scalars.
 
@@ -332,9 +334,15 @@ def replay(
     optimizer), and the LR the decisions report is that LR with the guard's factor applied (``min_lr`` holds);
     without it the LR is 1.0, so the decisions report the guard's factor. ``max_steps``: the Trainer's
     ``max_steps`` of the run, to which ``plateau=True`` sizes the plateau detector as the live guard does (without
-    it, the default plateau detector)."""
+    it, the default plateau detector). ``steps_per_epoch``: the run's optimizer steps per epoch, at whose ends the
+    live guard checks too (without it, epoch ends are not known; where an epoch is not a multiple of the check
+    cadence, decisions after a rollback may then fall on other steps than the live guard's). On a GPU the live
+    guard's values arrive a check late or so, which a replay does not model."""
     from lr_guard.config import BUILT_IN_DETECTORS, GuardConfig, build_detectors, run_sized_plateau
 
+    for name, value in (("max_steps", max_steps), ("steps_per_epoch", steps_per_epoch)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ReplayError(f"{name} must be a positive number of steps, got {value!r}")
     settings = dict(settings or {})
     try:
         config = GuardConfig.from_settings(settings)
@@ -345,10 +353,16 @@ def replay(
         unknown = set(settings) - set(GuardConfig.names()) - set(BUILT_IN_DETECTORS) - {"detectors"}
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        other = sorted({f"{name} (signal={d.signal!r})" for name, d in detectors.items() if d.signal != "loss"})
+        if other:
+            raise ValueError(
+                f"a replay reads one series, the loss; these detectors read another signal: {', '.join(other)}. "
+                "Leave them out of the replay's settings"
+            )
     except (TypeError, ValueError, AttributeError) as err:
         raise ReplayError(f"invalid guard settings: {err}") from err
     paper = _PaperGuard(config, detectors, lr, log_every_n_steps)
-    paper.run(series)
+    paper.run(series, steps_per_epoch)
     return ReplayResult(paper.rows, len(series), paper.factor, _settings(config, detectors), paper.logged, detectors)
 
 
@@ -374,11 +388,12 @@ class _PaperGuard:
 
         return lr_factors(self.paper.optimizers)[0][0]
 
-    def run(self, series: Sequence[tuple[int, float]]) -> None:
+    def run(self, series: Sequence[tuple[int, float]], steps_per_epoch: int | None) -> None:
         policy = self.policy
         policy.start(series[0][0])
         self.paper.snapshot(series[0][0])
-        for batch, snapshot_step in _checks(_with_skips(series, policy, self.config), len(series), self.config):
+        values = _with_skips(series, policy, self.config)
+        for batch, snapshot_step in _checks(values, len(series), self.config, steps_per_epoch):
             self._follow_lr(batch[-1][0])
             self.paper.step = batch[-1][0] + 1
             self.executor.process(batch, self.paper, self._report, self._log_value)
@@ -505,6 +520,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the run's Trainer max_steps: the default plateau detector is sized to it, as the live guard sizes it",
     )
+    rp.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="the run's optimizer steps per epoch: the live guard also checks at each epoch's end",
+    )
     rp.add_argument("--json", action="store_true", help="print the events as JSON instead of a table")
     return parser
 
@@ -514,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         series, tag, source = load_series(args.path, args.tag)
         lr, lr_tag = load_lr_series(args.path, args.lr_tag)
-        result = replay(series, guard_settings(args.config, args.set), lr=lr, max_steps=args.max_steps)
+        settings = guard_settings(args.config, args.set)
+        result = replay(series, settings, lr=lr, max_steps=args.max_steps, steps_per_epoch=args.steps_per_epoch)
     except ReplayError as err:
         print(f"lr-guard replay: error: {err}", file=sys.stderr)
         return 2
@@ -532,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\n{len(result.rows)} event(s); {actions.count('rollback')} rollback(s), "
             f"{actions.count('lr_cut')} LR cut(s), stop: {'yes' if 'stop' in actions else 'no'}; "
             f"final LR factor x{result.lr_factor:.3g}"
+            + (" (a stop restores the last good state, with its LR)" if "stop" in actions else "")
         )
     if args.tensorboard is not None:
         base = Path(args.path)

@@ -21,19 +21,19 @@ class SkipLedger:
         self.reset_run()
 
     def reset_run(self) -> None:
-        self._steps: dict[int, bool] = {}  # step whose update was not applied -> its skip was counted already
+        self.steps: dict[int, bool] = {}  # step whose update was not applied -> its skip was counted already
 
     def take(self, step: int) -> bool:
         """Skip the update of ``step`` if skips are left (recorded as counted); whether it is skipped."""
         if self.left <= 0:
             return False
         self.left -= 1
-        self._steps[step] = True
+        self.steps[step] = True
         return True
 
     def mark(self, step: int) -> None:
         """The update of ``step`` was skipped for a reason its event will tell (not counted yet)."""
-        self._steps[step] = False
+        self.steps[step] = False
 
     def spike(self, step: int, value: float, detector: SpikeDetector) -> bool:
         """Skip the update of ``step`` if its ``value`` is non-finite or would score as a spike now (marked, to be
@@ -45,16 +45,16 @@ class SkipLedger:
 
     def observing(self, step: int) -> None:
         """The value of ``step`` is being observed: forget the skips of earlier steps."""
-        if self._steps:
-            self._steps = {s: c for s, c in self._steps.items() if s >= step}
+        if self.steps:
+            self.steps = {s: c for s, c in self.steps.items() if s >= step}
 
     def __contains__(self, step: object) -> bool:
-        return step in self._steps
+        return step in self.steps
 
     def claim(self, step: int) -> bool:
         """The event of a skipped ``step`` is dealt with; whether its skip was counted already."""
-        return self._steps.pop(step)
+        return self.steps.pop(step)
 
     def done(self, step: int) -> None:
         """The value of ``step`` has been observed."""
-        self._steps.pop(step, None)
+        self.steps.pop(step, None)

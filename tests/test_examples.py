@@ -191,3 +191,9 @@ def test_rescue_benchmark_smoke(capsys, tmp_path, monkeypatch):
     assert set(last) == {"healthy", "nan_inputs"} and math.isfinite(means["nan_inputs"]["lr_guard"])
     assert means["nan_inputs"]["none"] == math.inf
     assert list(tmp_path.iterdir()) == []  # nothing left in the working directory (no checkpoints, no logs)
+
+
+def test_overhead_benchmark_times_the_policy_and_the_snapshots_inside_a_run():
+    bench = _bench("overhead")
+    inside = bench.time_inside(bench.TinyMLP, "cpu", steps=120, warmup=10)
+    assert inside["first_value_us"] > 0 and inside["other_values_us"] > 0 and inside["snapshot_us"] > 0

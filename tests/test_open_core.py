@@ -177,3 +177,46 @@ def test_the_policy_counts_its_own_outcomes():
     assert policy.should_skip(21) and policy.should_skip(22) and not policy.should_skip(23)
     assert policy.counts["skipped_batches"] == 2 and policy.counts["rollbacks"] == 1
     assert policy.state_dict()["skip_left"] == 0
+
+
+def test_a_setting_changed_during_a_run_takes_effect_at_once():
+    import pytorch_lightning as pl
+
+    class TurnOnSkipping(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 20:
+                guard.skip_spikes = True
+
+    values = [2.0 / (1.0 + 0.02 * t) for t in range(80)]
+    values[50] *= 8.0
+    guard = LRGuard(verbose=False)
+    make_trainer([TurnOnSkipping(), guard], max_steps=len(values)).fit(
+        ScriptedLossModule(values, optimizer="adam", lr=0.01)
+    )
+    assert [(d.event.step, d.action.value) for d in guard.decisions] == [(50, "skip")]
+    assert guard.counts["skipped_batches"] == 1
+
+
+def test_skip_spikes_needs_the_spike_detector_on_the_loss():
+    with pytest.raises(ValueError, match="skip_spikes=True needs the spike detector on the loss"):
+        LRGuard(spike=SpikeDetector(signal="grad_norm"), skip_spikes=True)
+    with pytest.raises(ValueError, match="skip_spikes=True needs the spike detector"):
+        LRGuard(spike=False, skip_spikes=True)
+
+
+def test_the_policy_takes_any_number_for_the_loss():
+    import numpy as np
+
+    policy = GuardPolicy({"spike": SpikeDetector()}, GuardConfig())
+    policy.start(0)
+    assert policy.observe(0, np.float32(1.0)) == [] and policy.observe(1, 2) == []
+    assert policy.detectors["spike"].n_updates == 2
+
+
+def test_replay_refuses_detectors_of_another_signal():
+    from lr_guard.replay import ReplayError
+
+    with pytest.raises(ReplayError, match="a replay reads one series, the loss; .*signal='grad_norm'"):
+        replay([(0, 1.0), (1, 1.0)], {"detectors": [SpikeDetector(name="g", signal="grad_norm")]})
+    with pytest.raises(ReplayError, match="steps_per_epoch must be a positive number of steps, got 0"):
+        replay([(0, 1.0)], steps_per_epoch=0)

@@ -63,6 +63,10 @@ def _streams():
             {"skip_spikes": True, "snapshot_every": 20},
         ),
         "oscillation": ([1.0 + 0.3 * (t % 2) + 0.001 * t for t in range(300)], {"check_every_n_steps": 5}),
+        "NaNs, 13 steps an epoch (checked at each epoch's end too)": (
+            script()[:60] + [math.nan] * 60,
+            {"snapshot_every": 10, "confirm_steps": 3},
+        ),
     }
 
 
@@ -73,9 +77,10 @@ def test_replay_takes_every_decision_the_live_guard_takes(name):
     values, settings = _streams()[name]
     guard = LRGuard(**settings, verbose=False)
     trainer = make_trainer([guard], max_steps=len(values))
-    trainer.fit(ScriptedLossModule(values, optimizer="adam", lr=0.01))
+    per_epoch = 13 if "13 steps" in name else 16  # the module's data: n samples in batches of 16
+    trainer.fit(ScriptedLossModule(values, optimizer="adam", lr=0.01, n=16 * per_epoch))
     live = [(d.event.step, str(d.event.kind), str(d.action), d.rollback_to, d.lr_factor) for d in guard.decisions]
-    result = replay(list(enumerate(values)), settings, max_steps=len(values))
+    result = replay(list(enumerate(values)), settings, max_steps=len(values), steps_per_epoch=per_epoch)
     offline = [(r.step, r.kind, r.action) for r in result.rows]
     assert live, "the stream should make the guard act"
     assert offline == [d[:3] for d in live]

@@ -1,4 +1,4 @@
-"""Learning-rate cuts that persist whatever LR scheduler the user runs. The one writer of ``param_group["lr"]``.
+"""Learning-rate cuts that persist whatever LR scheduler the user runs: every LR change the guard makes goes here.
 
 The problem: ``group["lr"] *= 0.5`` is undone by the next ``scheduler.step()`` of every closed-form scheduler
 (``LambdaLR``, ``OneCycleLR``, ``CosineAnnealingWarmRestarts``...), and chainable schedulers would carry it

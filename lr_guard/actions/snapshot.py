@@ -89,7 +89,7 @@ def _copier(
     """The leaf function that copies a tensor (to ``device``, ``"cpu"`` or ``"cuda"``, when given; beside it
     when ``None``). An earlier copy of matching shape, dtype and place is written in place instead -- listed in
     ``into`` as ``(destination, source)`` for one batched copy (:func:`_copy_all`) -- so a snapshot taken every N
-    steps allocates nothing after the first two. Copies of accelerator tensors to the host go into pinned
+    steps allocates nothing once its slots exist. Copies of accelerator tensors to the host go into pinned
     memory, so they can run without blocking."""
 
     def copy_leaf(tensor: torch.Tensor, reuse: Any) -> torch.Tensor:

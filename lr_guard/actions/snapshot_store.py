@@ -63,7 +63,7 @@ class SnapshotStore:
         self.storage = device  # becomes "disk" when the host copies would exceed the budget
         self._held: dict[int, Snapshot] = {}
         self._spare: Snapshot | None = None  # a snapshot no longer needed: its buffers (or file) are reused
-        self._copying: list[Snapshot] = []  # snapshots whose copies may still be running on a side stream
+        self.copying: list[Snapshot] = []  # snapshots whose copies may still be running on a side stream (GPU)
         self._files: set[str] = set()  # disk files written: removed by close()
 
     def __contains__(self, step: object) -> bool:
@@ -95,7 +95,7 @@ class SnapshotStore:
                 state_io=self.state_io,
             )
         if snapshot.copying:
-            self._copying.append(snapshot)
+            self.copying.append(snapshot)
         self._held[step] = snapshot
         return snapshot
 
@@ -140,10 +140,10 @@ class SnapshotStore:
 
     def fence(self) -> None:
         """Before the weights change: the compute stream waits for copies still running (GPU; no host sync)."""
-        if self._copying:
-            for snapshot in self._copying:
+        if self.copying:
+            for snapshot in self.copying:
                 snapshot.fence()
-            self._copying = []
+            self.copying = []
 
     def restore(self, step: int, targets: Targets) -> None:
         """Write the snapshot of ``step`` back into the targets; every other snapshot is dropped (they hold
@@ -167,7 +167,7 @@ class SnapshotStore:
         unreadable once the process has ended), once their writers have finished."""
         self._held = {}
         self._spare = None
-        self._copying = []
+        self.copying = []
         for path in sorted(self._files):
             remove_snapshot_files(path)
         self._files = set()

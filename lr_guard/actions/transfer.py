@@ -19,7 +19,8 @@ __all__ = ["HostScalars"]
 
 
 class HostScalars:
-    """A FIFO of ``(step, value)`` pairs whose values become floats once they are on the host.
+    """A FIFO of ``(step, value)`` pairs whose values become floats once they are on the host (a "step" is any
+    key: a step number, or a ``(step, signal)`` pair).
 
     ``fixed_lag=None`` hands a device batch out as soon as its copy has completed (no waiting ever). With
     ``fixed_lag=k`` a device batch is handed out exactly ``k`` pushes later -- waiting on its copy's event then, by
@@ -27,13 +28,13 @@ class HostScalars:
     """
 
     def __init__(self, pool_size: int = 4, fixed_lag: int | None = None) -> None:
-        self._ready: deque[tuple[int, float]] = deque()
-        self._in_flight: deque[tuple[list[int], torch.Tensor, Any]] = deque()
+        self._ready: deque[tuple[Any, float]] = deque()
+        self._in_flight: deque[tuple[list[Any], torch.Tensor, Any]] = deque()
         self._free: dict[int, list[torch.Tensor]] = {}  # pinned buffers by length, reused
         self._pool_size = pool_size
         self.fixed_lag = fixed_lag
 
-    def push(self, steps: Sequence[int], values: torch.Tensor | Sequence[float]) -> None:
+    def push(self, steps: Sequence[Any], values: torch.Tensor | Sequence[float]) -> None:
         """Queue ``values[i]`` (one per step; a tensor is flattened to ``len(steps)`` values) for ``steps[i]``."""
         steps = list(steps)
         if not steps:
@@ -54,7 +55,7 @@ class HostScalars:
         event.record()
         self._in_flight.append((steps, buffer, event))
 
-    def ready(self) -> list[tuple[int, float]]:
+    def ready(self) -> list[tuple[Any, float]]:
         """Values that have arrived, oldest first; never waits for the device (except with ``fixed_lag``, on a
         copy ``fixed_lag`` pushes old)."""
         if self.fixed_lag is not None:
@@ -76,12 +77,12 @@ class HostScalars:
         if len(free) < self._pool_size:
             free.append(buffer)
 
-    def _take_ready(self) -> list[tuple[int, float]]:
+    def _take_ready(self) -> list[tuple[Any, float]]:
         out = list(self._ready)
         self._ready.clear()
         return out
 
-    def drain(self) -> list[tuple[int, float]]:
+    def drain(self) -> list[tuple[Any, float]]:
         """Everything pushed so far, waiting for it if needed (for the end of training)."""
         for _, _, event in self._in_flight:
             event.synchronize()

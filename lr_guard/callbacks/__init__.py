@@ -1,6 +1,7 @@
 """The Lightning callbacks for ``pytorch_lightning`` (``lr_guard.lightning`` has the same for ``lightning.pytorch``).
 
-Each is a thin class: the guard's logic lives once in :mod:`lr_guard.callbacks.core`.
+Each is a thin class: the Lightning adapter lives once in :mod:`lr_guard.callbacks.core`, over the parts it wires
+together (see its docstring).
 """
 
 from pytorch_lightning import Callback

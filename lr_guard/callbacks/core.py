@@ -162,8 +162,12 @@ class GuardCore(GuardSettings):
         switches = {"spike": spike, "oscillation": oscillation, "plateau": plateau, "divergence": divergence}
         self.extra_detectors = list(_as_list(detectors))
         self.policy = GuardPolicy(build_detectors(switches, self.extra_detectors), self.config)
-        if skip_spikes and not isinstance(self.detectors["spike"], SpikeDetector):
-            raise ValueError("skip_spikes=True needs the spike detector: leave spike=True or pass a SpikeDetector")
+        spike_detector = self.detectors["spike"]
+        if skip_spikes and not (isinstance(spike_detector, SpikeDetector) and spike_detector.signal == "loss"):
+            raise ValueError(
+                "skip_spikes=True needs the spike detector on the loss: leave spike=True or pass a SpikeDetector "
+                "with signal='loss'"
+            )
         if self.config.watch_on == "validation" and monitor is None:
             raise ValueError(
                 "check_on='validation' needs monitor=, the name of the metric to read after each validation "
@@ -171,9 +175,10 @@ class GuardCore(GuardSettings):
             )
         self._auto_plateau = plateau is True
         self.executor = IntentExecutor(self.policy, self.config)
-        self.feed = ValueFeed(monitor, self.policy.signals, type(self).__name__)
+        self.feed = ValueFeed(self.config, self.policy.signals, type(self).__name__)
         self._reporter = Reporter(self.config)
         self._skipper = UpdateSkipper(self.policy, self.feed)
+        self._skips = self.policy.skips
         self._store = SnapshotStore()
         self._reset_run_state()
 
@@ -182,6 +187,7 @@ class GuardCore(GuardSettings):
         self.policy.reset_run()
         self.feed.reset()
         self._last_global_step = -1
+        self._cadence = _Cadence(self.config)
         self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
 
@@ -265,6 +271,7 @@ class GuardCore(GuardSettings):
             rank=trainer.global_rank,
         )
         self._run = LiveRun(trainer, pl_module, self._store, self.feed, self.checkpoint_dir)
+        self._cadence = _Cadence(self.config)
         self.policy.start(trainer.global_step)
         self._reporter.attach(trainer, self.settings(), self.detectors, self.counts)
         self._skipper.reset()
@@ -283,29 +290,36 @@ class GuardCore(GuardSettings):
         # Lightning does not call callbacks' teardown when training raises: leave the schedulers as they were.
         self.teardown(trainer, pl_module, "fit")
 
+    # the hooks below run at every step: the common case (nothing to skip, no copy running) costs a test each
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._skipper.batch_start(pl_module)
+        if self._skips.left > 0 or self._cadence.spikes:
+            self._skipper.batch_start(pl_module)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        self._skipper.backward(loss)
+        if self._cadence.spikes:
+            self._skipper.backward(loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self._store.fence()  # the step overwrites what a snapshot may still be copying (GPU only)
-        self._skipper.before_step(trainer, pl_module, optimizer)
+        if self._store.copying:
+            self._store.fence()  # the step overwrites what a snapshot may still be copying (GPU only)
+        if self._skips.left > 0 or self._cadence.spikes:
+            self._skipper.before_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.policy.stopped:
             return
         global_step = trainer.global_step  # a computed property in Lightning: read it once
-        every_step = self.check_on == "train_step"
-        if every_step and self.monitor is None:
+        cadence = self._cadence
+        if cadence.version != self.config.version:  # a setting changed during the run: it takes effect now
+            cadence = self._cadence = _Cadence(self.config)
+        if cadence.loss_per_batch:
             self.feed.add_micro_batch(outputs)
         if global_step == self._last_global_step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
         step, self._last_global_step = self._last_global_step, global_step  # the step this batch trained
-        self.feed.end_step(step, trainer, read_loss=every_step)
-        snapshot_due = self.rollback and global_step % self.snapshot_every == 0
-        if snapshot_due or global_step % (1 if self.skip_spikes else self.check_every_n_steps) == 0:
+        self.feed.end_step(step, trainer, cadence.every_step)
+        snapshot_due = cadence.snapshot_every and global_step % cadence.snapshot_every == 0
+        if snapshot_due or global_step % cadence.check_every == 0:
             self._check(trainer)
         if snapshot_due and self.policy.wants_snapshot(global_step):
             self._store.take(global_step, targets(trainer, pl_module), self._copies())
@@ -347,6 +361,18 @@ class GuardCore(GuardSettings):
         self.executor.process(values, self._run, reporter.decision, reporter.value if reporter.logs_values else None)
         self.checkpoint_path = self._run.checkpoint_path
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
+
+
+class _Cadence:
+    """What the hooks do at every step, read from the settings once per run (the hooks run at every step)."""
+
+    def __init__(self, config: GuardConfig) -> None:
+        self.version = config.version
+        self.every_step = config.watch_on == "train_step"
+        self.loss_per_batch = self.every_step and config.monitor is None  # sum the micro-batches' losses
+        self.snapshot_every = config.snapshot_every if config.rollback else 0
+        self.check_every = 1 if config.skip_spikes else config.check_every_n_steps
+        self.spikes = config.skip_spikes  # the loss of every step is read before its update
 
 
 def _as_list(detectors: Detector | Iterable[Detector] | None) -> Iterable[Detector]:

@@ -3,7 +3,7 @@
 :class:`ValueFeed` collects, for every optimizer step, the values of the signals the detectors read -- the
 ``"loss"`` (the mean training loss of the step's micro-batches, or the monitored metric) and any other signal
 named after a metric the user logs -- as tensors, without reading them. At a check it sends them on their way to
-the host, one copy per signal (and under DDP one collective: the mean over ranks, so every rank's detectors hold
+the host, one copy for all of them (and under DDP one collective: the mean over ranks, so every rank's detectors hold
 the same state and take the same decisions on the same step), and hands out the values that have arrived.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lr_guard.actions import HostScalars
+from lr_guard.config import GuardConfig
 from lr_guard.policy import LOSS
 
 __all__ = ["ValueFeed"]
@@ -30,13 +31,14 @@ class ValueFeed:
     """Watched values by step, on their way from the device to the host.
 
     Args:
-        monitor: ``None`` to watch the training loss as the ``"loss"`` signal, or the name of a logged metric.
+        config: The guard's settings; its ``monitor`` is ``None`` to watch the training loss as the ``"loss"``
+            signal, or the name of a logged metric.
         signals: The other signals the detectors read, each a metric the user logs (read after every step).
         owner: The guard's class name, for error messages.
     """
 
-    def __init__(self, monitor: str | None, signals: set[str], owner: str) -> None:
-        self.monitor = monitor
+    def __init__(self, config: GuardConfig, signals: set[str], owner: str) -> None:
+        self.config = config
         self.extra = sorted(signals - {LOSS})
         self.owner = owner
         self.world_size = 1
@@ -45,9 +47,9 @@ class ValueFeed:
     def reset(self, world_size: int = 1) -> None:
         self.world_size = world_size
         lag = 1 if world_size > 1 else None  # under DDP every rank hands a batch out at the same step
-        self._hosts = {name: HostScalars(fixed_lag=lag) for name in (LOSS, *self.extra)}
+        self._host = HostScalars(fixed_lag=lag)  # one transfer per check for all signals
         self._accumulated: torch.Tensor | None = None
-        self._unread: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self._hosts}
+        self._unread: list[tuple[int, str, torch.Tensor]] = []  # (step, signal, value), not read yet
 
     # -- gathering ---------------------------------------------------------------------------------------------
     def add_micro_batch(self, outputs: Any) -> None:
@@ -56,57 +58,61 @@ class ValueFeed:
         if isinstance(loss, torch.Tensor):
             self._accumulated = loss if self._accumulated is None else self._accumulated + loss
 
-    def end_step(self, step: int, trainer: Any, read_loss: bool = True) -> None:
+    def end_step(self, step: int, trainer: Any, read_loss: bool) -> None:
         """Optimizer step ``step`` is done: keep its values (not read yet). ``read_loss=False``: the loss signal
         is read at validation instead."""
         if read_loss:
-            value = self._accumulated if self.monitor is None else self.metric(trainer, self.monitor)
+            monitor = self.config.monitor
+            value = self._accumulated if monitor is None else self.metric(trainer, monitor)
             if value is not None:
-                self._unread[LOSS].append((step, value))
+                self._unread.append((step, LOSS, value))
         self._accumulated = None
-        if not self.extra:
-            return
-        metrics = trainer.callback_metrics
-        for name in self.extra:
-            if name in metrics:
-                value = metrics[name]
-                self._unread[name].append((step, value if isinstance(value, torch.Tensor) else torch.tensor(value)))
+        if self.extra:
+            metrics = trainer.callback_metrics
+            for name in self.extra:
+                if name in metrics:
+                    value = metrics[name]
+                    tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                    self._unread.append((step, name, tensor))
 
     def metric(self, trainer: Any, name: str) -> torch.Tensor:
         metrics = trainer.callback_metrics
         if name not in metrics:
-            raise missing_metric(self.owner, "monitor" if name == self.monitor else "signal", name, metrics)
+            setting = "monitor" if name == self.config.monitor else "signal"
+            raise missing_metric(self.owner, setting, name, metrics)
         value = metrics[name]
         return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
 
     def push_now(self, trainer: Any, step: int, value: torch.Tensor) -> None:
         """A loss value read outside the step loop (after validation), sent at once."""
-        self._hosts[LOSS].push([step], self.agreed(trainer, value).reshape(1))
+        key: Any = (step, LOSS) if self.extra else step
+        self._host.push([key], self.agreed(trainer, value).reshape(1))
 
     # -- bringing to the host ----------------------------------------------------------------------------------
     def send(self, trainer: Any) -> None:
-        """Send the values gathered since the last check to the host (one batch per signal)."""
-        for name, unread in self._unread.items():
-            if not unread:
-                continue
-            self._unread[name] = []
-            steps = [s for s, _ in unread]
-            if self.world_size > 1 or unread[0][1].is_cuda:
-                values = [v.reshape(()) if v.numel() == 1 else v.sum() for _, v in unread]
-                self._hosts[name].push(steps, self.agreed(trainer, torch.stack(values).float()))
-            else:  # on the host already: reading a value costs no more than a Python float
-                self._hosts[name].push(steps, [float(v) if v.numel() == 1 else float(v.sum()) for _, v in unread])
+        """Send the values gathered since the last check to the host: one batch (one copy, under DDP one
+        collective) for every signal."""
+        unread, self._unread = self._unread, []
+        if not unread:
+            return
+        # the key of a value: its step, or with other signals (step, signal)
+        keys: list[Any] = [(s, n) for s, n, _ in unread] if self.extra else [s for s, _, _ in unread]
+        if self.world_size > 1 or unread[0][2].is_cuda:
+            values = [v.reshape(()) if v.numel() == 1 else v.sum() for _, _, v in unread]
+            self._host.push(keys, self.agreed(trainer, torch.stack(values).float()))
+        else:  # on the host already: reading a value costs no more than a Python float
+            self._host.push(keys, [float(v) if v.numel() == 1 else float(v.sum()) for _, _, v in unread])
 
     def arrived(self, wait: bool = False) -> list[tuple[int, Any]]:
         """``(step, value)`` for every step whose values have arrived, oldest first (all of them with ``wait``):
-        the loss as a float, or with other signals a mapping of signal name to value."""
-        loss = self._hosts[LOSS].drain() if wait else self._hosts[LOSS].ready()
+        the loss as a float, or with other signals a mapping of signal name to value. All signals of a step
+        travel in one batch, so they arrive together."""
+        ready = self._host.drain() if wait else self._host.ready()
         if not self.extra:
-            return loss
-        by_step: dict[int, dict[str, float]] = {step: {LOSS: value} for step, value in loss}
-        for name in self.extra:
-            for step, value in self._hosts[name].drain() if wait else self._hosts[name].ready():
-                by_step.setdefault(step, {})[name] = value
+            return ready
+        by_step: dict[int, dict[str, float]] = {}
+        for (step, name), value in ready:
+            by_step.setdefault(step, {})[name] = value
         return sorted(by_step.items())
 
     def agreed(self, trainer: Any, value: torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,6 @@ class ValueFeed:
 
     def clear(self) -> None:
         """Forget every value not yet handed out (after a rollback they describe discarded weights)."""
-        for host in self._hosts.values():
-            host.clear()
-        self._unread = {name: [] for name in self._hosts}
+        self._host.clear()
+        self._unread = []
         self._accumulated = None

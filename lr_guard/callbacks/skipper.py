@@ -15,7 +15,8 @@ __all__ = ["UpdateSkipper"]
 
 
 class UpdateSkipper:
-    """Asks the policy, before each optimizer step, whether its update is to be skipped, and skips it.
+    """Asks the policy, before an optimizer step, whether its update is to be skipped, and skips it. The guard
+    calls it only while a skip may come (skips left after a rollback, or ``skip_spikes``).
 
     With ``skip_spikes`` the step's loss is summed over its micro-batches as they are backpropagated and read
     before the step (one host sync per step; under DDP the mean over ranks, so every rank skips alike).
@@ -32,13 +33,13 @@ class UpdateSkipper:
 
     def batch_start(self, module: Any) -> None:
         """Keep the buffers while a skip may come (after a rollback, or with ``skip_spikes``)."""
-        if (self.policy.skip_left > 0 or self.policy.config.skip_spikes) and self._buffers is None:
+        if self._buffers is None:
             self._buffers = save_buffers(module)
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.policy.config.skip_spikes:
-            loss = loss.detach()
-            self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        """With ``skip_spikes``: sum the step's loss over its micro-batches."""
+        loss = loss.detach()
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
 
     def before_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
         step_loss, self._step_loss = self._step_loss, None
