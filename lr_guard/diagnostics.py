@@ -46,7 +46,7 @@ from torch.utils.tensorboard import SummaryWriter
 from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Decision, kind_name
 from lr_guard.executor import ACTIONS
-from lr_guard.policy import LOSS
+from lr_guard.policy import GATE, LOSS
 
 __all__ = ["CONFIG_TAG", "DECISIONS_TAG", "Diagnostics", "config_markdown", "decision_markdown", "layout", "scalars"]
 
@@ -68,7 +68,7 @@ def scalars(
     detector reports of itself (``lr_guard/<slot>/...``) and of its signal (``lr_guard/<signal>/...``). Non-finite
     entries are left out (a NaN loss shows in the text log)."""
     signals = values if isinstance(values, Mapping) else {LOSS: values}
-    out: dict[str, float] = {f"lr_guard/{name}/raw": value for name, value in signals.items()}
+    out: dict[str, float] = {f"lr_guard/{name}/raw": value for name, value in signals.items() if name != GATE}
     for slot, detector in detectors.items():
         if isinstance(detector, NullDetector):
             continue

@@ -60,6 +60,7 @@ class Action(str, enum.Enum):
     ROLLBACK = "rollback"
     STOP = "stop"
     SKIP = "skip"  # the offending update was not applied
+    CLIP = "clip"  # the offending update was scaled down (the update gate's "clip" mode)
     HELD = "held"  # an action was due but held back (warm-up, cooldown, switched off)
 
     def __str__(self) -> str:
@@ -82,6 +83,8 @@ class Decision:
         message: The full sentence for the log.
         lr_factor: The factor the action applied to the LR (1.0 when it changed none).
         reason: Why an action was held, skipped or only logged ("" otherwise).
+        epoch, batch_idx: Where the event's step was trained (the epoch and the batch index in it), where known:
+            a skipped update's batch can be found again.
     """
 
     event: Event
@@ -95,6 +98,8 @@ class Decision:
     message: str = ""
     lr_factor: float = 1.0
     reason: str = ""
+    epoch: int | None = None
+    batch_idx: int | None = None
 
     def __str__(self) -> str:
         return self.message

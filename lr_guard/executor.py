@@ -40,6 +40,9 @@ class RunState(Protocol):
     def stop(self, step: int) -> str | None:
         """Stop training with the state of ``step`` restored; the path of the checkpoint written, if any."""
 
+    def locate(self, step: int) -> tuple[int, int] | None:
+        """The epoch and batch index of step ``step``, where known."""
+
 
 @dataclass(frozen=True)
 class _Context:
@@ -120,6 +123,7 @@ ACTIONS: dict[Action, ActionSpec] = {
         "_cut", _cut_message, lambda d: "cut the LR", lambda d, f: f"LR x{d.lr_factor:g} (cumulative x{f:.3g})"
     ),
     Action.SKIP: ActionSpec("_nothing", _reason_message, lambda d: "skipped the update", lambda d, f: d.reason),
+    Action.CLIP: ActionSpec("_nothing", _reason_message, lambda d: "scaled the update down", lambda d, f: d.reason),
     Action.HELD: ActionSpec("_nothing", _reason_message, lambda d: "held back", lambda d, f: d.reason),
     Action.NONE: ActionSpec("_nothing", _reason_message, lambda d: "logged it", lambda d, f: d.reason),
 }
@@ -166,6 +170,7 @@ class IntentExecutor:
         spec = ACTIONS[intent.action]  # a cut that could not be made is held
         lr_after = _first_lr(run.optimizers)
         context = _Context(lr_before, lr_after, self.config.max_rollbacks, self.policy.incident_rollbacks, checkpoint)
+        where = run.locate(intent.event.step)
         return Decision(
             intent.event,
             intent.action,
@@ -178,6 +183,8 @@ class IntentExecutor:
             spec.message(intent, context),
             intent.lr_factor,
             intent.reason,
+            where[0] if where else None,
+            where[1] if where else None,
         )
 
     def _rollback(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:

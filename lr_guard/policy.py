@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lr_guard.detectors import Detector, NullDetector, SpikeDetector
 from lr_guard.events import Action, Event, EventKind, kind_name
-from lr_guard.skips import SkipLedger
+from lr_guard.skips import CLIPPED, GATE_REASONS, NON_FINITE, SKIPPED, SkipLedger
 
 if TYPE_CHECKING:
     from lr_guard.config import GuardConfig
@@ -34,6 +34,8 @@ BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batc
 KINDS = tuple(kind.value for kind in EventKind)  # counted even when no detector of the kind is on
 ACTIONS_COUNTED = ("lr_cuts", "rollbacks", "skipped_batches", "snapshots")
 LOSS = "loss"  # the signal the built-in detectors read: the watched loss (or monitored metric)
+GRAD_NORM = "grad_norm"  # the global gradient norm of each step (measured by the update gate)
+GATE = "gate"  # the update gate's verdict on each step (a code of lr_guard.skips)
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ class GuardPolicy:
         -- and return what should be done, in order (a rollback or stop ends the list)."""
         if self.stopped:
             return []
+        gated = None
         if values.__class__ is float or not isinstance(values, Mapping):  # the common case: the loss alone
             loss = values
             events = None
@@ -235,6 +238,11 @@ class GuardPolicy:
                 if event is not None:
                     events = [event] if events is None else [*events, event]
         else:
+            code = int(values.get(GATE, 0))
+            if code:
+                gated = self._gated(step, values, code)
+                if code in SKIPPED:  # not applied: its values describe a batch, not the model
+                    return [gated]
             events, loss = self._update_signals(step, values)
         if self.pending is not None:
             healthy = (
@@ -249,9 +257,9 @@ class GuardPolicy:
             self.origin = None  # training got going: no restart from scratch any more
         if not events:
             self.calm_steps += 1
-            return []
+            return [gated] if gated is not None else []
         calm_before, self.calm_steps = self.calm_steps, 0
-        intents = []
+        intents = [gated] if gated is not None else []
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
             kind = kind_name(event.kind)
             self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -263,6 +271,27 @@ class GuardPolicy:
                 break
         self.skips.done(step)
         return intents
+
+    def _gated(self, step: int, values: Mapping[str, float], code: int) -> Intent:
+        """The update gate skipped (or clipped) the update of ``step`` before it was applied."""
+        loss, norm = values.get(LOSS, math.nan), values.get(GRAD_NORM, math.nan)
+        kind = EventKind.DIVERGENCE if code == NON_FINITE else EventKind.SPIKE
+        reason = GATE_REASONS.get(code, f"gate verdict {code}")
+        event = Event(
+            kind,
+            step,
+            loss,
+            norm,
+            math.nan,
+            "gate",
+            f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: {reason}",
+            sudden=True,
+        )
+        self.counts[kind_name(kind)] += 1
+        if code == CLIPPED:
+            return Intent(event, Action.CLIP, reason="the update was scaled down before it was applied")
+        self.counts["skipped_batches"] += 1
+        return Intent(event, Action.SKIP, reason="its update was not applied")
 
     def _decide(self, event: Event, calm_before: int) -> Intent:
         if event.step in self.skips and (

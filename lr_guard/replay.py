@@ -297,6 +297,9 @@ class _PaperRun:
         self.restore(step)
         return None
 
+    def locate(self, step: int) -> tuple[int, int] | None:
+        return None
+
 
 def _checks(
     series: Iterator[tuple[int, float]], n: int, config: Any, steps_per_epoch: int | None

@@ -6,7 +6,17 @@ import math
 
 from lr_guard.detectors import SpikeDetector
 
-__all__ = ["SkipLedger"]
+__all__ = ["APPLIED", "CLIPPED", "GATE_REASONS", "GRAD_OUTLIER", "LOSS_OUTLIER", "NON_FINITE", "SKIPPED", "SkipLedger"]
+
+# The update gate's verdict on a step (lr_guard.actions.gate), handed to the policy with the step's values
+APPLIED, NON_FINITE, LOSS_OUTLIER, GRAD_OUTLIER, CLIPPED = 0, 1, 2, 3, 4
+SKIPPED = (NON_FINITE, LOSS_OUTLIER, GRAD_OUTLIER)
+GATE_REASONS = {
+    NON_FINITE: "its loss or gradient is not finite",
+    LOSS_OUTLIER: "its loss is an outlier",
+    GRAD_OUTLIER: "its gradient norm is an outlier",
+    CLIPPED: "its gradient norm is an outlier: the update was scaled down to the band's edge",
+}
 
 
 class SkipLedger:

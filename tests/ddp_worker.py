@@ -40,7 +40,9 @@ SCENARIOS = {
     "nan_on_rank1": {1: {25: math.nan}},
     "spike_on_rank0": {0: {30: 5000.0}},
     "always_nan_on_rank0": {0: {"start": 25, "from": math.nan}},
+    "gate_nan_on_rank1": {1: {25: math.nan}},
 }
+GATED = {"gate_nan_on_rank1"}  # scenarios run with the update gate
 
 
 def main():
@@ -48,7 +50,13 @@ def main():
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=os.path.join(out, "ckpt"))
+    guard = LRGuard(
+        snapshot_every=10,
+        confirm_steps=3,
+        max_rollbacks=2,
+        checkpoint_dir=os.path.join(out, "ckpt"),
+        gate=scenario in GATED,
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

@@ -63,3 +63,12 @@ def test_exhausted_rollbacks_stop_both_ranks_with_one_checkpoint(tmp_path):
     checkpoints = list((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(checkpoints) == 1 and r0["checkpoint"] == r1["checkpoint"] == str(checkpoints[0])
     assert r0["params_sha256"] == r1["params_sha256"] and r0["finite"]
+
+
+def test_the_gate_skips_a_nan_batch_of_one_rank_on_both_with_no_rollback(tmp_path):
+    """A NaN in one rank's batch makes the all-reduced gradient NaN on both: the gate skips the update on both
+    ranks at the same step (it scores the gradient norm, the same everywhere: no collective of its own), and the
+    parameters stay identical."""
+    ranks = run_ddp("gate_nan_on_rank1", tmp_path)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] == [[25, "skip", None]]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"] and all(r["finite"] for r in ranks)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from lr_guard.actions import compose_with_scheduler, release_scheduler
+from lr_guard.actions.gate import UpdateGate
 from lr_guard.actions.lr import UNSCALED
 from lr_guard.actions.snapshot_store import SnapshotStore
 from lr_guard.callbacks.feed import ValueFeed
@@ -41,7 +42,7 @@ from lr_guard.detectors import (
 )
 from lr_guard.events import Decision
 from lr_guard.executor import IntentExecutor
-from lr_guard.policy import GuardPolicy
+from lr_guard.policy import GATE, GRAD_NORM, GuardPolicy
 
 __all__ = ["GuardCore"]
 
@@ -136,6 +137,7 @@ class GuardCore(GuardSettings):
         plateau: PlateauDetector | bool = True,
         divergence: DivergenceDetector | bool = True,
         detectors: Sequence[Detector] = (),
+        gate: UpdateGate | bool = False,
         plateau_factor: float | None = 0.5,
         oscillation_factor: float | None = 0.5,
         rollback: bool = True,
@@ -174,11 +176,14 @@ class GuardCore(GuardSettings):
                 "(e.g. monitor='val_loss'); or leave check_on unset to watch the training loss"
             )
         self._auto_plateau = plateau is True
+        self.gate = _gate(gate)
         self.executor = IntentExecutor(self.policy, self.config)
-        self.feed = ValueFeed(self.config, self.policy.signals, type(self).__name__)
+        pushed = frozenset({GATE, GRAD_NORM}) if self.gate is not None else frozenset()
+        self.feed = ValueFeed(self.config, self.policy.signals, type(self).__name__, pushed)
         self._reporter = Reporter(self.config)
-        self._skipper = UpdateSkipper(self.policy, self.feed)
+        self._skipper = UpdateSkipper(self.policy, self.feed, self.gate)
         self._skips = self.policy.skips
+        self._gate_state: dict[str, Any] | None = None
         self._store = SnapshotStore()
         self._reset_run_state()
 
@@ -187,7 +192,7 @@ class GuardCore(GuardSettings):
         self.policy.reset_run()
         self.feed.reset()
         self._last_global_step = -1
-        self._cadence = _Cadence(self.config)
+        self._cadence = _Cadence(self.config, self._skipper)
         self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
 
@@ -230,10 +235,15 @@ class GuardCore(GuardSettings):
         return key
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, **self.policy.state_dict()}
+        state = {"version": STATE_VERSION, **self.policy.state_dict()}
+        if self.gate is not None:
+            state["gate"] = self.gate.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.policy.load_state_dict(state_dict, warn=lambda text: log.warning("lr_guard: %s", text))
+        if self.gate is not None and "gate" in state_dict:
+            self._gate_state = state_dict["gate"]  # loaded when the run starts (starting resets the gate)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -271,10 +281,13 @@ class GuardCore(GuardSettings):
             rank=trainer.global_rank,
         )
         self._run = LiveRun(trainer, pl_module, self._store, self.feed, self.checkpoint_dir)
-        self._cadence = _Cadence(self.config)
         self.policy.start(trainer.global_step)
-        self._reporter.attach(trainer, self.settings(), self.detectors, self.counts)
-        self._skipper.reset()
+        self._reporter.attach(trainer, self.settings(), self.detectors, self.counts, self._run.checkpoint_dir)
+        self._skipper.reset(self.feed.world_size)
+        if self.gate is not None and self._gate_state is not None:
+            self.gate.load_state_dict(self._gate_state)
+            self._gate_state = None
+        self._cadence = _Cadence(self.config, self._skipper)
         if self.rollback:
             self._store.take(trainer.global_step, targets(trainer, pl_module), self._copies())
 
@@ -292,17 +305,20 @@ class GuardCore(GuardSettings):
 
     # the hooks below run at every step: the common case (nothing to skip, no copy running) costs a test each
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._skips.left > 0 or self._cadence.spikes:
+        cadence = self._cadence
+        if cadence.gate:
+            self._run.where[trainer.global_step] = (trainer.current_epoch, batch_idx)  # type: ignore[union-attr]
+        if self._skips.left > 0 or cadence.skipper:
             self._skipper.batch_start(pl_module)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if self._cadence.spikes:
+        if self._cadence.step_loss:
             self._skipper.backward(loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self._store.copying:
             self._store.fence()  # the step overwrites what a snapshot may still be copying (GPU only)
-        if self._skips.left > 0 or self._cadence.spikes:
+        if self._skips.left > 0 or self._cadence.skipper:
             self._skipper.before_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -311,7 +327,7 @@ class GuardCore(GuardSettings):
         global_step = trainer.global_step  # a computed property in Lightning: read it once
         cadence = self._cadence
         if cadence.version != self.config.version:  # a setting changed during the run: it takes effect now
-            cadence = self._cadence = _Cadence(self.config)
+            cadence = self._cadence = _Cadence(self.config, self._skipper)
         if cadence.loss_per_batch:
             self.feed.add_micro_batch(outputs)
         if global_step == self._last_global_step:
@@ -359,20 +375,31 @@ class GuardCore(GuardSettings):
         assert self._run is not None
         reporter = self._reporter
         self.executor.process(values, self._run, reporter.decision, reporter.value if reporter.logs_values else None)
+        self._run.forget_before(values[-1][0])
         self.checkpoint_path = self._run.checkpoint_path
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
 
 
 class _Cadence:
-    """What the hooks do at every step, read from the settings once per run (the hooks run at every step)."""
+    """What the hooks do at every step, read from the settings when they change (the hooks run at every step)."""
 
-    def __init__(self, config: GuardConfig) -> None:
+    def __init__(self, config: GuardConfig, skipper: UpdateSkipper) -> None:
         self.version = config.version
+        self.gate = skipper.gate is not None
+        self.skipper = config.skip_spikes or self.gate  # a skip may come at any step
+        self.step_loss = skipper.needs_loss
         self.every_step = config.watch_on == "train_step"
         self.loss_per_batch = self.every_step and config.monitor is None  # sum the micro-batches' losses
         self.snapshot_every = config.snapshot_every if config.rollback else 0
         self.check_every = 1 if config.skip_spikes else config.check_every_n_steps
-        self.spikes = config.skip_spikes  # the loss of every step is read before its update
+
+
+def _gate(gate: UpdateGate | bool) -> UpdateGate | None:
+    if isinstance(gate, bool):
+        return UpdateGate() if gate else None
+    if isinstance(gate, UpdateGate):
+        return gate
+    raise TypeError(f"gate must be True, False or an lr_guard UpdateGate, got {gate!r}")
 
 
 def _as_list(detectors: Detector | Iterable[Detector] | None) -> Iterable[Detector]:

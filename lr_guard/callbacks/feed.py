@@ -37,9 +37,13 @@ class ValueFeed:
         owner: The guard's class name, for error messages.
     """
 
-    def __init__(self, config: GuardConfig, signals: set[str], owner: str) -> None:
+    def __init__(
+        self, config: GuardConfig, signals: set[str], owner: str, pushed: frozenset[str] = frozenset()
+    ) -> None:
         self.config = config
-        self.extra = sorted(signals - {LOSS})
+        self.pushed = set(pushed)  # signals handed in by the guard's own parts (the gate), not read from metrics
+        self.extra = sorted((set(signals) | self.pushed) - {LOSS})
+        self.read = [name for name in self.extra if name not in self.pushed]  # read from callback_metrics
         self.owner = owner
         self.world_size = 1
         self.reset()
@@ -49,7 +53,7 @@ class ValueFeed:
         lag = 1 if world_size > 1 else None  # under DDP every rank hands a batch out at the same step
         self._host = HostScalars(fixed_lag=lag)  # one transfer per check for all signals
         self._accumulated: torch.Tensor | None = None
-        self._unread: list[tuple[int, str, torch.Tensor]] = []  # (step, signal, value), not read yet
+        self._unread: list[tuple[int, str, Any]] = []  # (step, signal, value: a tensor or a float), not read yet
 
     # -- gathering ---------------------------------------------------------------------------------------------
     def add_micro_batch(self, outputs: Any) -> None:
@@ -67,13 +71,17 @@ class ValueFeed:
             if value is not None:
                 self._unread.append((step, LOSS, value))
         self._accumulated = None
-        if self.extra:
+        if self.read:
             metrics = trainer.callback_metrics
-            for name in self.extra:
+            for name in self.read:
                 if name in metrics:
                     value = metrics[name]
                     tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
                     self._unread.append((step, name, tensor))
+
+    def add(self, step: int, name: str, value: float | torch.Tensor) -> None:
+        """A value of a pushed signal at ``step`` (e.g. the gate's verdict and the gradient norm)."""
+        self._unread.append((step, name, value))
 
     def metric(self, trainer: Any, name: str) -> torch.Tensor:
         metrics = trainer.callback_metrics
@@ -97,11 +105,12 @@ class ValueFeed:
             return
         # the key of a value: its step, or with other signals (step, signal)
         keys: list[Any] = [(s, n) for s, n, _ in unread] if self.extra else [s for s, _, _ in unread]
-        if self.world_size > 1 or unread[0][2].is_cuda:
-            values = [v.reshape(()) if v.numel() == 1 else v.sum() for _, _, v in unread]
+        device = next((v.device for _, _, v in unread if isinstance(v, torch.Tensor) and v.is_cuda), None)
+        if self.world_size > 1 or device is not None:
+            values = [_scalar(v, device) for _, _, v in unread]
             self._host.push(keys, self.agreed(trainer, torch.stack(values).float()))
         else:  # on the host already: reading a value costs no more than a Python float
-            self._host.push(keys, [float(v) if v.numel() == 1 else float(v.sum()) for _, _, v in unread])
+            self._host.push(keys, [_number(v) for _, _, v in unread])
 
     def arrived(self, wait: bool = False) -> list[tuple[int, Any]]:
         """``(step, value)`` for every step whose values have arrived, oldest first (all of them with ``wait``):
@@ -126,3 +135,15 @@ class ValueFeed:
         self._host.clear()
         self._unread = []
         self._accumulated = None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else float(value.sum())
+    return float(value)
+
+
+def _scalar(value: Any, device: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()) if value.numel() == 1 else value.sum()
+    return torch.tensor(float(value), device=device)

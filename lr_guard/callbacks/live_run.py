@@ -35,6 +35,16 @@ class LiveRun:
         self.feed = feed
         self.checkpoint_dir = checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard_checkpoints")
         self.checkpoint_path: str | None = None
+        self.where: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch index), kept while the gate is on
+
+    def locate(self, step: int) -> tuple[int, int] | None:
+        """The epoch and batch index the update of ``step`` was trained on, where they were noted."""
+        return self.where.get(step)
+
+    def forget_before(self, step: int) -> None:
+        """Steps before ``step`` are dealt with: their places are no longer needed."""
+        if self.where:
+            self.where = {s: w for s, w in self.where.items() if s >= step}
 
     @property
     def optimizers(self) -> Sequence[Any]:

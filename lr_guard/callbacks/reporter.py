@@ -3,7 +3,10 @@ Python logging on rank zero) and, at the logging cadence, the scalars of the wat
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +18,8 @@ from lr_guard.events import Action, Decision
 __all__ = ["Reporter"]
 
 log = logging.getLogger("lr_guard")
+
+SKIPPED_UPDATES = "skipped_updates.json"  # beside the guard's checkpoints: every skipped update, with its batch
 
 
 class Reporter:
@@ -41,10 +46,13 @@ class Reporter:
         settings: dict[str, Any],
         detectors: Mapping[str, Detector],
         counts: Mapping[str, int],
+        records_dir: str | None = None,
     ) -> None:
         """A run starts: write the configuration and layout, and log scalars every ``log_every_n_steps`` (default:
-        the Trainer's)."""
+        the Trainer's). Skipped updates are listed in ``records_dir/skipped_updates.json`` (rank zero)."""
         self._trainer, self._detectors, self._counts = trainer, detectors, counts
+        self._records_path = os.path.join(records_dir, SKIPPED_UPDATES) if records_dir else None
+        self._skipped: list[dict[str, Any]] = []
         self._log_every = 0
         if self.config.diagnostics:
             self._loggers.attach(trainer, settings, detectors)
@@ -69,8 +77,37 @@ class Reporter:
 
     def decision(self, decision: Decision) -> None:
         self.decisions.append(decision)
+        if decision.action in (Action.SKIP, Action.CLIP):
+            self._record_skip(decision)
         if self.config.diagnostics:
             self._loggers.log_decision(decision, dict(self._counts))
         if self.config.verbose and self._trainer is not None and self._trainer.is_global_zero:
             level = logging.WARNING if decision.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
             log.log(level, "lr_guard: %s", decision.message)
+
+    def _record_skip(self, decision: Decision) -> None:
+        """Add a skipped (or scaled-down) update to the list a person reads to find the bad batches."""
+        event = decision.event
+        self._skipped.append(
+            {
+                "step": event.step,
+                "epoch": decision.epoch,
+                "batch_idx": decision.batch_idx,
+                "action": str(decision.action),
+                "why": event.message,
+                "loss": _json_number(event.value),
+                "grad_norm": _json_number(event.score) if event.detector == "gate" else None,
+                "detector": event.detector,
+            }
+        )
+        if self._records_path is None or self._trainer is None or not self._trainer.is_global_zero:
+            return
+        os.makedirs(os.path.dirname(self._records_path), exist_ok=True)
+        temporary = self._records_path + ".tmp"
+        with open(temporary, "w") as f:
+            json.dump(self._skipped, f, indent=1)
+        os.replace(temporary, self._records_path)  # a reader never sees half a file
+
+
+def _json_number(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)

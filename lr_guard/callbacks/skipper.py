@@ -1,5 +1,7 @@
-"""Skipping an optimizer update on a live run, when the policy says so: before the step, the gradients are
-dropped and the buffers the batch's forward pass changed (BatchNorm statistics) are put back."""
+"""Skipping an optimizer update on a live run before it lands: the policy's skips (after a rollback, and with
+``skip_spikes``) and the update gate's verdicts. A skipped update drops the gradients (torch's optimizers then
+touch neither the parameters nor their state) and puts back the buffers the batch's forward pass changed
+(BatchNorm statistics)."""
 
 from __future__ import annotations
 
@@ -8,46 +10,75 @@ from typing import Any
 import torch
 
 from lr_guard.actions import drop_gradients, restore_buffers, save_buffers
+from lr_guard.actions.gate import CLIPPED, SKIPPED, UpdateGate, grad_norm, grads_of, scale_update
 from lr_guard.callbacks.feed import ValueFeed
-from lr_guard.policy import GuardPolicy
+from lr_guard.policy import GATE, GRAD_NORM, GuardPolicy
 
 __all__ = ["UpdateSkipper"]
 
 
 class UpdateSkipper:
-    """Asks the policy, before an optimizer step, whether its update is to be skipped, and skips it. The guard
-    calls it only while a skip may come (skips left after a rollback, or ``skip_spikes``).
+    """Decides, before an optimizer step, whether its update is to be skipped, and skips it.
 
-    With ``skip_spikes`` the step's loss is summed over its micro-batches as they are backpropagated and read
-    before the step (one host sync per step; under DDP the mean over ranks, so every rank skips alike).
+    The guard calls it at every step while a skip may come: skips left after a rollback, ``skip_spikes``, or an
+    update gate. With ``skip_spikes`` or a gate that scores the loss, the step's loss is summed over its
+    micro-batches as they are backpropagated. ``skip_spikes`` reads it before the step (one host sync per step;
+    under DDP the mean over ranks, so every rank skips alike). The gate's verdict and the gradient norm go to the
+    feed with the step's other values.
     """
 
-    def __init__(self, policy: GuardPolicy, feed: ValueFeed) -> None:
+    def __init__(self, policy: GuardPolicy, feed: ValueFeed, gate: UpdateGate | None) -> None:
         self.policy = policy
         self.feed = feed
+        self.gate = gate
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, world_size: int = 1) -> None:
         self._buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
+        self._gate_loss = self.gate is not None and self.gate.use_loss and world_size == 1
+        if self.gate is not None:
+            self.gate.reset()
+
+    @property
+    def needs_loss(self) -> bool:
+        """The step's loss is to be summed as it is backpropagated."""
+        return self.policy.config.skip_spikes or self._gate_loss
 
     def batch_start(self, module: Any) -> None:
-        """Keep the buffers while a skip may come (after a rollback, or with ``skip_spikes``)."""
+        """Keep the buffers while a skip may come."""
         if self._buffers is None:
             self._buffers = save_buffers(module)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """With ``skip_spikes``: sum the step's loss over its micro-batches."""
+        """Sum the step's loss over its micro-batches."""
         loss = loss.detach()
         self._step_loss = loss if self._step_loss is None else self._step_loss + loss
 
     def before_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+        step = trainer.global_step
         step_loss, self._step_loss = self._step_loss, None
         read = None
-        if step_loss is not None:
+        if step_loss is not None and self.policy.config.skip_spikes:
             read = lambda: float(self.feed.agreed(trainer, step_loss))  # noqa: E731
-        if self.policy.should_skip(trainer.global_step, read):
+        skip = self.policy.should_skip(step, read)
+        if not skip and self.gate is not None:
+            skip = self._gate(step, step_loss, optimizer)
+        if skip:
             drop_gradients(optimizer)
             if self._buffers is not None:
                 restore_buffers(module, self._buffers)
         self._buffers = None
+
+    def _gate(self, step: int, step_loss: torch.Tensor | None, optimizer: Any) -> bool:
+        """The gate's verdict on this step (read on the host), handed to the feed with the gradient norm."""
+        assert self.gate is not None
+        grads = grads_of(optimizer)
+        norm = float(grad_norm(grads))
+        loss = float(step_loss) if step_loss is not None and self._gate_loss else None
+        code = self.gate.decide(loss, norm)
+        self.feed.add(step, GRAD_NORM, norm)
+        self.feed.add(step, GATE, float(code))
+        if code == CLIPPED:
+            scale_update(grads, self.gate.last_scale)
+        return code in SKIPPED

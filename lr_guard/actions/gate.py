@@ -1,0 +1,217 @@
+"""The update gate: before each optimizer step, score the step's loss and gradient norm and stop a bad update
+before it lands.
+
+At every optimizer step -- after backward (after accumulation; after unscaling under AMP) and before the update
+-- the gate scores ``y = log(value)`` of the step's loss and of its global gradient norm against robust trailing
+statistics of the steps it let through: a trend (EMA) and a noise scale from first differences,
+``0.886 * EMA(|dy|)``, updated with the value clipped to the band (a spike does not drag the baseline it is
+measured against). A non-finite loss or gradient skips the update; a value more than ``threshold`` noise scales
+above its trend is an outlier, whose update is skipped (``mode="skip"``) or, for the gradient norm, scaled down to
+the band's edge (``mode="clip"``; a loss outlier is still skipped). No outlier is called during the first
+``warmup_steps`` steps, and after ``max_consecutive`` outliers in a row the next one goes through: a lasting
+change is not an isolated bad batch, and is the detectors' to judge.
+
+A skip leaves the weights and the optimizer state exactly as they were: every gradient is set to ``None``, and
+torch's optimizers then touch neither the parameters nor their state (moments, step counts, weight decay). On a
+CUDA device, torch's fused Adam, AdamW and SGD skip on the device instead, through the ``found_inf`` argument they
+take (how ``GradScaler`` skips an overflow step): the gate's statistics then live in tensors and nothing is read
+on the host. Other optimizers on a CUDA device read the gate's verdict on the host, one sync per step.
+
+The verdict of each step is a code (:mod:`lr_guard.skips`: ``APPLIED``, ``NON_FINITE``, ``LOSS_OUTLIER``,
+``GRAD_OUTLIER``, ``CLIPPED``), handed to the guard with the step's values, so that every skip is recorded with
+its reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lr_guard.detectors.base import check_choice, check_number
+from lr_guard.skips import APPLIED, CLIPPED, GRAD_OUTLIER, LOSS_OUTLIER, NON_FINITE, SKIPPED
+
+__all__ = [
+    "APPLIED",
+    "CLIPPED",
+    "GRAD_OUTLIER",
+    "LOSS_OUTLIER",
+    "NON_FINITE",
+    "SKIPPED",
+    "UpdateGate",
+    "grad_norm",
+    "grads_of",
+    "scale_update",
+    "skip_update",
+    "supports_found_inf",
+]
+
+_FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def grads_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads``, as a 0-d tensor on their device (nothing is read on the host)."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(list(grads))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def supports_found_inf(optimizer: Any) -> bool:
+    """torch's fused Adam, AdamW or SGD, whose step skips itself on the device when given ``found_inf``."""
+    return isinstance(optimizer, _FUSED) and all(bool(g.get("fused")) for g in optimizer.param_groups)
+
+
+class _Band:
+    """Trend and noise scale of a log stream (host floats), updated with values clipped to the band."""
+
+    __slots__ = ("alpha", "n", "noise", "noise_weight", "prev", "trend")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.n = 0
+        self.trend = 0.0
+        self.prev = 0.0
+        self.noise = 0.0
+        self.noise_weight = 0.0
+
+    def sigma(self) -> float:
+        return 0.886 * self.noise / self.noise_weight if self.noise_weight > 0.0 else 0.0
+
+    def score(self, y: float) -> float:
+        sigma = self.sigma()
+        if self.n < 2 or sigma <= 0.0:
+            return 0.0
+        return (y - self.trend) / sigma
+
+    def edge(self, threshold: float) -> float:
+        return self.trend + threshold * self.sigma()
+
+    def update(self, y: float, threshold: float) -> None:
+        if self.n >= 2:
+            y = min(y, self.edge(threshold))  # clipped: an outlier does not drag the band it is measured against
+        a = self.alpha
+        if self.n == 0:
+            self.trend = y
+        else:
+            self.noise = a * self.noise + (1.0 - a) * abs(y - self.prev)
+            self.noise_weight = a * self.noise_weight + (1.0 - a)
+            self.trend = a * self.trend + (1.0 - a) * y
+        self.prev = y
+        self.n += 1
+
+    def state(self) -> list[float]:
+        return [self.n, self.trend, self.prev, self.noise, self.noise_weight]
+
+    def load(self, state: Sequence[float]) -> None:
+        self.n = int(state[0])
+        self.trend, self.prev, self.noise, self.noise_weight = (float(v) for v in state[1:])
+
+
+class UpdateGate:
+    """Scores each step's loss and gradient norm before its update, and skips (or clips) a bad one.
+
+    Args:
+        threshold: Outlier threshold in noise scales above the trend of ``log(value)`` (6, as OLMo-core's
+            ``SkipStepAdamW``).
+        warmup_steps: Steps before any outlier is called (non-finite steps are skipped from the first).
+        alpha: EMA factor of the trend and the noise scale (0.98: a memory of about 50 steps).
+        mode: ``"skip"`` the update of an outlier step, or ``"clip"`` an outlier gradient norm to the band's edge.
+        max_consecutive: Outliers in a row that are stopped; the next one goes through.
+        use_loss: Score the loss as well as the gradient norm. Under DDP the gate scores the gradient norm alone
+            (the same on every rank after the all-reduce, so every rank decides alike with no collective).
+    """
+
+    def __init__(
+        self,
+        threshold: float = 6.0,
+        warmup_steps: int = 25,
+        alpha: float = 0.98,
+        mode: str = "skip",
+        max_consecutive: int = 3,
+        use_loss: bool = True,
+    ) -> None:
+        check_number("threshold", threshold, low=0.0, low_open=True)
+        check_number("warmup_steps", warmup_steps, low=2, integer=True)
+        check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_choice("mode", mode, ("skip", "clip"))
+        check_number("max_consecutive", max_consecutive, low=0, integer=True)
+        if not isinstance(use_loss, bool):
+            raise TypeError(f"use_loss must be True or False, got {use_loss!r}")
+        self.threshold = float(threshold)
+        self.warmup_steps = warmup_steps
+        self.alpha = float(alpha)
+        self.mode = mode
+        self.max_consecutive = max_consecutive
+        self.use_loss = use_loss
+        self.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"UpdateGate(threshold={self.threshold!r}, warmup_steps={self.warmup_steps!r}, alpha={self.alpha!r}, "
+            f"mode={self.mode!r}, max_consecutive={self.max_consecutive!r}, use_loss={self.use_loss!r})"
+        )
+
+    def reset(self) -> None:
+        self._loss = _Band(self.alpha)
+        self._grad = _Band(self.alpha)
+        self._steps = 0
+        self._in_a_row = 0
+        self.last_scale = 1.0  # the factor the last clipped update was scaled by
+
+    # -- deciding on the host ----------------------------------------------------------------------------------
+    def decide(self, loss: float | None, norm: float) -> int:
+        """The verdict on one step (a code), given its loss (``None``: not scored) and gradient norm; the
+        statistics take in the step's values (clipped)."""
+        self._steps += 1
+        if not math.isfinite(norm) or (loss is not None and not math.isfinite(loss)):
+            return NON_FINITE
+        y_loss = math.log(loss) if loss is not None and loss > 0.0 else None
+        y_grad = math.log(norm) if norm > 0.0 else None
+        armed = self._steps > self.warmup_steps and self._in_a_row < self.max_consecutive
+        code = APPLIED
+        if armed and y_loss is not None and self._loss.score(y_loss) > self.threshold:
+            code = LOSS_OUTLIER
+        elif armed and y_grad is not None and self._grad.score(y_grad) > self.threshold:
+            code = GRAD_OUTLIER if self.mode == "skip" else CLIPPED
+            if code == CLIPPED:
+                self.last_scale = math.exp(self._grad.edge(self.threshold) - y_grad)
+        self._in_a_row = self._in_a_row + 1 if code in (LOSS_OUTLIER, GRAD_OUTLIER, CLIPPED) else 0
+        if y_loss is not None:
+            self._loss.update(y_loss, self.threshold)
+        if y_grad is not None:
+            self._grad.update(y_grad, self.threshold)
+        return code
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self._loss.state(),
+            "grad": self._grad.state(),
+            "steps": self._steps,
+            "in_a_row": self._in_a_row,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loss.load(state["loss"])
+        self._grad.load(state["grad"])
+        self._steps = int(state.get("steps", 0))
+        self._in_a_row = int(state.get("in_a_row", 0))
+
+
+def skip_update(optimizer: torch.optim.Optimizer) -> None:
+    """Set every gradient to ``None``: torch's optimizers then leave each parameter and its state untouched."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+def scale_update(grads: Sequence[torch.Tensor], scale: float) -> None:
+    """Scale the gradients in place (an outlier's gradient brought down to the band's edge)."""
+    torch._foreach_mul_(list(grads), scale)

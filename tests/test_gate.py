@@ -1,0 +1,207 @@
+"""The update gate: a bad update is stopped before it lands, exactly, and every skip is recorded."""
+
+import copy
+import json
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import make_trainer
+from torch import nn
+
+from lr_guard import LRGuard
+from lr_guard.actions.gate import UpdateGate
+from lr_guard.skips import APPLIED, CLIPPED, GRAD_OUTLIER, LOSS_OUTLIER, NON_FINITE
+from lr_guard.testing import ScriptedLossModule
+
+
+def decaying(n=80):
+    return [2.0 / (1.0 + 0.02 * t) for t in range(n)]
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),  # outside torch's fused family
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=0.01, fused=True),
+}
+
+
+class BatchNormNet(pl.LightningModule):
+    """A model with BatchNorm buffers whose loss at one step is poisoned (NaN, or its labels corrupted)."""
+
+    def __init__(self, optimizer, poison_at, poison):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+        self.make_optimizer, self.poison_at, self.poison = optimizer, poison_at, poison
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(512, 8, generator=generator)
+        self.y = self.x.sum(1, keepdim=True) + 0.1 * torch.randn(512, 1, generator=generator)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=32)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step == self.poison_at:
+            x = x * math.nan if self.poison == "nan" else x
+            y = y * 1e3 if self.poison == "labels" else y
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.parameters())
+
+
+class StateAround(pl.Callback):
+    """The full training state just before the batch of ``step`` and just after its update."""
+
+    def __init__(self, step):
+        self.step, self.before, self.after = step, None, None
+
+    @staticmethod
+    def state(trainer, module):
+        return copy.deepcopy((module.state_dict(), trainer.optimizers[0].state_dict()))
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.before = self.state(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:
+            self.after = self.state(trainer, module)
+
+
+def assert_equal_states(a, b):
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a), "weights or buffers moved"
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for i, entry in opt_a["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][i][key])), (i, key)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("poison", ["nan", "labels"])
+def test_a_skipped_step_leaves_weights_buffers_and_optimizer_state_exactly_as_they_were(name, poison):
+    around = StateAround(step=40)
+    guard = LRGuard(gate=True, verbose=False)
+    module = BatchNormNet(OPTIMIZERS[name], poison_at=40, poison=poison)
+    make_trainer([around, guard], max_steps=60).fit(module)
+    assert_equal_states(around.before, around.after)
+    skips = [d for d in guard.decisions if d.action.value == "skip"]
+    assert [d.event.step for d in skips] == [40] and skips[0].event.detector == "gate"
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert guard.counts["rollbacks"] == 0 and guard.counts["skipped_batches"] == 1
+
+
+def test_every_skip_is_recorded_with_its_batch_and_reason(tmp_path):
+    values = decaying(120)
+    values[60], values[90] = math.nan, values[89] * 6.5
+    guard = LRGuard(gate=True, verbose=False, checkpoint_dir=str(tmp_path))
+    make_trainer([guard], max_steps=len(values)).fit(ScriptedLossModule(values, optimizer="adam", lr=0.01))
+    skips = [d for d in guard.decisions if d.action.value == "skip"]
+    assert [(d.event.step, d.epoch, d.batch_idx) for d in skips] == [(60, 3, 12), (90, 5, 10)]  # 16 batches/epoch
+    records = json.loads((tmp_path / "skipped_updates.json").read_text())
+    assert [(r["step"], r["epoch"], r["batch_idx"]) for r in records] == [(60, 3, 12), (90, 5, 10)]
+    assert "not finite" in records[0]["why"] and "loss is an outlier" in records[1]["why"]
+    assert records[0]["loss"] == "nan" and records[1]["loss"] == pytest.approx(values[90], rel=1e-5)
+
+
+def test_the_gradient_norm_is_logged_and_fed_to_detectors_of_its_signal(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lr_guard import SpikeDetector
+
+    detector = SpikeDetector(name="grad_spike", signal="grad_norm", warmup_steps=10)
+    guard = LRGuard(gate=UpdateGate(warmup_steps=1000), detectors=[detector], rollback=False, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    module = BatchNormNet(OPTIMIZERS["adam"], poison_at=50, poison="labels")
+    make_trainer([guard], max_steps=80, logger=logger, log_every_n_steps=1).fit(module)
+    assert detector.n_updates == 80  # every step's gradient norm, measured by the gate
+    assert (50, "grad_spike") in [(d.event.step, d.event.detector) for d in guard.decisions]
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    norms = acc.Scalars("lr_guard/grad_norm/raw")
+    assert len(norms) == 80 and max(norms, key=lambda e: e.value).step == 50
+    assert "lr_guard/grad_spike/score" in acc.Tags()["scalars"]
+
+
+def test_clip_mode_scales_an_outlier_gradient_down_and_applies_it():
+    guard = LRGuard(gate=UpdateGate(mode="clip", use_loss=False), verbose=False)
+    around = StateAround(step=40)
+    module = BatchNormNet(OPTIMIZERS["sgd_momentum"], poison_at=40, poison="labels")
+    make_trainer([around, guard], max_steps=60).fit(module)
+    clipped = [d for d in guard.decisions if d.action.value == "clip"]
+    assert [d.event.step for d in clipped] == [40]
+    moved = around.before[0]["net.0.weight"] - around.after[0]["net.0.weight"]
+    assert 0 < float(moved.abs().max()) < 1.0  # applied, but not the 1000x update of the corrupted labels
+
+
+def test_a_nan_micro_batch_skips_the_whole_accumulated_step():
+    values = decaying(200)
+    values[81] = math.nan  # the second micro-batch of optimizer step 40 (2 micro-batches a step)
+
+    class Accumulating(ScriptedLossModule):
+        def training_step(self, batch, batch_idx):
+            self.script_index = batch_idx + 16 * self.current_epoch
+            loss = super().training_step(batch, batch_idx)
+            value = values[self.script_index]
+            return loss * (value / loss.detach())
+
+    guard = LRGuard(gate=True, verbose=False)
+    module = Accumulating(values, optimizer="adam", lr=0.01)
+    make_trainer([guard], max_steps=60, accumulate_grad_batches=2).fit(module)
+    assert [(d.event.step, d.action.value) for d in guard.decisions] == [(40, "skip")]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_bf16_mixed_on_cpu_skips_a_nan_step():
+    guard = LRGuard(gate=True, verbose=False)
+    module = BatchNormNet(OPTIMIZERS["adamw"], poison_at=30, poison="nan")
+    make_trainer([guard], max_steps=50, precision="bf16-mixed").fit(module)
+    assert [(d.event.step, d.action.value) for d in guard.decisions] == [(30, "skip")]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_the_gate_state_is_saved_and_resumed(tmp_path):
+    module = BatchNormNet(OPTIMIZERS["adam"], poison_at=10**9, poison="nan")
+    guard = LRGuard(gate=True, verbose=False)
+    trainer = make_trainer([guard], max_steps=30)
+    trainer.fit(module)
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    saved = guard.state_dict()["gate"]
+    resumed = LRGuard(gate=True, verbose=False)
+    make_trainer([resumed], max_steps=31).fit(BatchNormNet(OPTIMIZERS["adam"], 10**9, "nan"), ckpt_path=path)
+    assert resumed.gate._steps == saved["steps"] + 1
+
+
+def test_the_gate_decides_by_its_settings():
+    gate = UpdateGate(threshold=6.0, warmup_steps=5, max_consecutive=2)
+    norms = [1.0 + 0.01 * (t % 3) for t in range(30)]
+    codes = [gate.decide(2.0 - 0.01 * t, n) for t, n in enumerate(norms)]
+    assert set(codes) == {APPLIED}
+    assert gate.decide(math.nan, 1.0) == NON_FINITE and gate.decide(1.7, math.inf) == NON_FINITE
+    assert gate.decide(20.0, 1.0) == LOSS_OUTLIER and gate.decide(1.7, 50.0) == GRAD_OUTLIER
+    assert gate.decide(1.7, 50.0) == APPLIED  # a third outlier in a row goes through: not an isolated batch
+    early = UpdateGate(warmup_steps=5)
+    assert [early.decide(1.0, n) for n in (1.0, 1.0, 100.0)] == [APPLIED] * 3  # no outlier during the warm-up
+    clip = UpdateGate(mode="clip", warmup_steps=5)
+    for t in range(30):
+        clip.decide(None, 1.0 + 0.01 * (t % 3))
+    assert clip.decide(None, 50.0) == CLIPPED and 0.0 < clip.last_scale < 0.1
+
+
+def test_gate_settings_are_checked():
+    with pytest.raises(ValueError, match="mode must be one of 'skip', 'clip'; got 'zero'"):
+        UpdateGate(mode="zero")
+    with pytest.raises(ValueError, match="threshold must be > 0.0"):
+        UpdateGate(threshold=0)
+    with pytest.raises(TypeError, match="gate must be True, False or an lr_guard UpdateGate"):
+        LRGuard(gate="on")
