@@ -34,8 +34,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping
+from torch import nn
 
 from lr_guard import LRGuard
+from lr_guard.actions.gate import UpdateGate
 
 _spec = importlib.util.spec_from_file_location("lr_guard_demo", Path(__file__).parent.parent / "examples" / "demo.py")
 assert _spec is not None and _spec.loader is not None
@@ -50,7 +52,101 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "nan_inputs": {"poison_step": 300, "fault": "nan"},
     "sgd_divergence": {"optimizer": "sgd", "lr": 1.0},
     "noisy_plateau": {"optimizer": "sgd", "lr": 0.1, "schedule": "constant", "batch_size": 8},
+    # bad samples met again every epoch (fixed samples of the training set, shuffled in)
+    "samples_nan": {"corrupt": ("nan", 20)},
+    "samples_x1e4": {"corrupt": ("scale", 4)},
+    "samples_wrong_labels": {"corrupt": ("labels", 60)},
+    # a small byte-level language model (warm-up + cosine, AdamW)
+    "lm_healthy": {"model": "lm"},
+    "lm_corrupt_batch": {"model": "lm", "poison_step": 0},
 }
+
+
+class CorruptedDigits(demo.DigitsMLP):
+    """The digits MLP with fixed training samples corrupted (met again each epoch): ``("nan", n)`` NaN pixels,
+    ``("scale", n)`` pixels x 1e4, ``("labels", n)`` labels replaced by another class."""
+
+    def __init__(self, poison_step: int | None, corrupt: tuple[str, int], seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(poison_step, seed=seed, **kwargs)
+        kind, count = corrupt
+        x, y = (t.clone() for t in self.train_set.tensors)
+        which = torch.randperm(len(y), generator=torch.Generator().manual_seed(100 + seed))[:count]
+        if kind == "nan":
+            x[which] = math.nan
+        elif kind == "scale":
+            x[which] *= 1e4
+        else:
+            y[which] = (
+                y[which] + 1 + torch.randint(0, 9, (count,), generator=torch.Generator().manual_seed(seed))
+            ) % 10
+        self.train_set = torch.utils.data.TensorDataset(x, y)
+
+
+def corpus() -> torch.Tensor:
+    """Text that ships with Python (module docstrings of the stdlib: no download), as bytes."""
+    import collections
+    import csv
+    import email
+    import json
+    import typing
+
+    text = "\n".join(m.__doc__ or "" for m in (collections, csv, email, json, typing, argparse, logging, math))
+    return torch.tensor(list(text.encode("ascii", "replace")[:60_000]), dtype=torch.long)
+
+
+class TinyLM(pl.LightningModule):
+    """A one-block causal transformer on bytes, AdamW with a linear warm-up and a cosine decay. ``poison_step``:
+    every label of that step's batch is replaced by one byte (a corrupt shard)."""
+
+    def __init__(self, poison_step: int | None, seed: int = 0, lr: float = 3e-3, seq: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        width = 64
+        self.embed, self.pos = nn.Embedding(256, width), nn.Parameter(torch.zeros(seq, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.block = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 256)
+        self.poison_step, self.lr, self.seq, self.seed = poison_step, lr, seq, seed
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq - 1), persistent=False)
+        data = corpus()
+        n = (len(data) // seq) * seq
+        windows = data[:n].view(-1, seq)
+        self.train_windows, self.val_windows = windows[: int(0.9 * len(windows))], windows[int(0.9 * len(windows)) :]
+        self.extra_schedulers: list[Any] = []
+
+    def _loss(self, tokens: torch.Tensor, corrupt: bool = False) -> torch.Tensor:
+        h = self.block(self.embed(tokens[:, :-1]) + self.pos[: self.seq - 1], mask=self.mask, is_causal=True)
+        targets = torch.full_like(tokens[:, 1:], ord("e")) if corrupt else tokens[:, 1:]
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch[0], corrupt=self.global_step == self.poison_step)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch[0]))
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = torch.utils.data.TensorDataset(self.train_windows)
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.utils.data.DataLoader(data, batch_size=16, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.val_windows), batch_size=256)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        steps, warmup = self.trainer.max_steps, self.trainer.max_steps // 10
+        S = torch.optim.lr_scheduler
+        schedule = S.SequentialLR(
+            optimizer,
+            [S.LinearLR(optimizer, 0.01, 1.0, warmup), S.CosineAnnealingLR(optimizer, steps - warmup)],
+            [warmup],
+        )
+        configs = [{"scheduler": schedule, "interval": "step"}]
+        configs += [{"scheduler": factory(optimizer), **config} for factory, config in self.extra_schedulers]
+        return [optimizer], configs
 
 
 class ZClipCallback(pl.Callback):
@@ -69,7 +165,7 @@ def _has_zclip() -> bool:
     return importlib.util.find_spec("zclip") is not None
 
 
-METHODS = ["none", "early_stopping", "reduce_on_plateau", "zclip", "lr_guard"]
+METHODS = ["none", "early_stopping", "reduce_on_plateau", "zclip", "lr_guard", "lr_guard_gate", "lr_guard_gate_clip"]
 
 
 def _quiet() -> None:
@@ -89,7 +185,14 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
     kwargs = dict(SCENARIOS[scenario])
     poison = steps // 2 if kwargs.pop("poison_step", None) is not None else None  # the fault at mid-run
     pl.seed_everything(seed, verbose=False)
-    model = demo.DigitsMLP(poison, seed=seed, **kwargs)
+    kind = kwargs.pop("model", "mlp")
+    model: Any
+    if kind == "lm":
+        model = TinyLM(poison, seed=seed, **kwargs)
+    elif "corrupt" in kwargs:
+        model = CorruptedDigits(poison, seed=seed, **kwargs)
+    else:
+        model = demo.DigitsMLP(poison, seed=seed, **kwargs)
     callbacks: list[Any] = []
     if method == "early_stopping":
         callbacks.append(EarlyStopping(monitor="val_loss", check_finite=True, patience=3))
@@ -104,6 +207,10 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
         callbacks.append(ZClipCallback())
     elif method == "lr_guard":
         callbacks.append(LRGuard())
+    elif method == "lr_guard_gate":
+        callbacks.append(LRGuard(gate=True))
+    elif method == "lr_guard_gate_clip":
+        callbacks.append(LRGuard(gate=UpdateGate(mode="clip")))
     _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads
     # a guard that stops writes its last good state under the root: a temporary one, gone after the run
     with tempfile.TemporaryDirectory(prefix="lr_guard_rescue_") as root:
@@ -134,11 +241,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     _quiet()
-    methods = [m for m in METHODS if m != "zclip" or _has_zclip()]
+    methods = [m for m in args.methods if m != "zclip" or _has_zclip()]
     if "zclip" not in methods:
         print("zclip is not installed (pip install zclip): its column is skipped")
     means: dict[str, dict[str, float]] = {}

@@ -3,10 +3,12 @@ before it lands.
 
 At every optimizer step -- after backward (after accumulation; after unscaling under AMP) and before the update
 -- the gate scores ``y = log(value)`` of the step's loss and of its global gradient norm against robust trailing
-statistics of the steps it let through: a trend (EMA) and a noise scale from first differences,
-``0.886 * EMA(|dy|)``, updated with the value clipped to the band (a spike does not drag the baseline it is
-measured against). A non-finite loss or gradient skips the update; a value more than ``threshold`` noise scales
-above its trend is an outlier, whose update is skipped (``mode="skip"``) or, for the gradient norm, scaled down to
+statistics of the steps it let through: its change from the last value let through, in units of the typical
+change (``1.2533 * EMA(|dy|)``, at least ``min_noise``), the band updated with the value clipped to it (a spike
+does not drag the baseline it is measured against). Scoring changes, not the distance from an average, keeps a
+trending stream (a warm-up raising the gradient norm, a falling loss) inside its band. A non-finite loss or
+gradient skips the update; a value more than ``threshold`` noise scales above the last one let through is an
+outlier, whose update is skipped (``mode="skip"``) or, for the gradient norm, scaled down to
 the band's edge (``mode="clip"``; a loss outlier is still skipped). No outlier is called during the first
 ``warmup_steps`` steps, and after ``max_consecutive`` outliers in a row the next one goes through: a lasting
 change is not an isolated bad batch, and is the detectors' to judge.
@@ -69,49 +71,48 @@ def supports_found_inf(optimizer: Any) -> bool:
 
 
 class _Band:
-    """Trend and noise scale of a log stream (host floats), updated with values clipped to the band."""
+    """Where the next value of a log stream is expected (host floats): at the last value let through, give or
+    take ``threshold`` noise scales, the noise scale measured from first differences (``1.2533 * EMA(|dy|)``, the
+    standard deviation of a step's change), never below ``floor``. A stream that trends (a warm-up, a falling
+    loss) moves step by step, so its changes, not its distance from a lagging average, are what is scored. Values
+    enter clipped to the band: an outlier does not drag the band it is measured against."""
 
-    __slots__ = ("alpha", "n", "noise", "noise_weight", "prev", "trend")
+    __slots__ = ("alpha", "floor", "n", "noise", "noise_weight", "prev")
 
-    def __init__(self, alpha: float) -> None:
+    def __init__(self, alpha: float, floor: float) -> None:
         self.alpha = alpha
+        self.floor = floor
         self.n = 0
-        self.trend = 0.0
         self.prev = 0.0
         self.noise = 0.0
         self.noise_weight = 0.0
 
     def sigma(self) -> float:
-        return 0.886 * self.noise / self.noise_weight if self.noise_weight > 0.0 else 0.0
+        measured = 1.2533 * self.noise / self.noise_weight if self.noise_weight > 0.0 else 0.0
+        return measured if measured > self.floor else self.floor
 
     def score(self, y: float) -> float:
-        sigma = self.sigma()
-        if self.n < 2 or sigma <= 0.0:
-            return 0.0
-        return (y - self.trend) / sigma
+        return (y - self.prev) / self.sigma() if self.n >= 2 else 0.0
 
     def edge(self, threshold: float) -> float:
-        return self.trend + threshold * self.sigma()
+        return self.prev + threshold * self.sigma()
 
     def update(self, y: float, threshold: float) -> None:
         if self.n >= 2:
-            y = min(y, self.edge(threshold))  # clipped: an outlier does not drag the band it is measured against
-        a = self.alpha
-        if self.n == 0:
-            self.trend = y
-        else:
+            y = min(y, self.edge(threshold))
+        if self.n:
+            a = self.alpha
             self.noise = a * self.noise + (1.0 - a) * abs(y - self.prev)
             self.noise_weight = a * self.noise_weight + (1.0 - a)
-            self.trend = a * self.trend + (1.0 - a) * y
         self.prev = y
         self.n += 1
 
     def state(self) -> list[float]:
-        return [self.n, self.trend, self.prev, self.noise, self.noise_weight]
+        return [self.n, self.prev, self.noise, self.noise_weight]
 
     def load(self, state: Sequence[float]) -> None:
         self.n = int(state[0])
-        self.trend, self.prev, self.noise, self.noise_weight = (float(v) for v in state[1:])
+        self.prev, self.noise, self.noise_weight = (float(v) for v in state[1:])
 
 
 class UpdateGate:
@@ -124,6 +125,8 @@ class UpdateGate:
         alpha: EMA factor of the trend and the noise scale (0.98: a memory of about 50 steps).
         mode: ``"skip"`` the update of an outlier step, or ``"clip"`` an outlier gradient norm to the band's edge.
         max_consecutive: Outliers in a row that are stopped; the next one goes through.
+        min_noise: The smallest noise scale of ``log(value)`` a band assumes (0.05: with ``threshold=6`` no change
+            under 35% from one step to the next is an outlier, however smooth the stream).
         use_loss: Score the loss as well as the gradient norm. Under DDP the gate scores the gradient norm alone
             (the same on every rank after the all-reduce, so every rank decides alike with no collective).
     """
@@ -136,12 +139,14 @@ class UpdateGate:
         mode: str = "skip",
         max_consecutive: int = 3,
         use_loss: bool = True,
+        min_noise: float = 0.05,
     ) -> None:
         check_number("threshold", threshold, low=0.0, low_open=True)
         check_number("warmup_steps", warmup_steps, low=2, integer=True)
         check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
         check_choice("mode", mode, ("skip", "clip"))
         check_number("max_consecutive", max_consecutive, low=0, integer=True)
+        check_number("min_noise", min_noise, low=0.0, low_open=True)
         if not isinstance(use_loss, bool):
             raise TypeError(f"use_loss must be True or False, got {use_loss!r}")
         self.threshold = float(threshold)
@@ -150,17 +155,19 @@ class UpdateGate:
         self.mode = mode
         self.max_consecutive = max_consecutive
         self.use_loss = use_loss
+        self.min_noise = float(min_noise)
         self.reset()
 
     def __repr__(self) -> str:
         return (
             f"UpdateGate(threshold={self.threshold!r}, warmup_steps={self.warmup_steps!r}, alpha={self.alpha!r}, "
-            f"mode={self.mode!r}, max_consecutive={self.max_consecutive!r}, use_loss={self.use_loss!r})"
+            f"mode={self.mode!r}, max_consecutive={self.max_consecutive!r}, use_loss={self.use_loss!r}, "
+            f"min_noise={self.min_noise!r})"
         )
 
     def reset(self) -> None:
-        self._loss = _Band(self.alpha)
-        self._grad = _Band(self.alpha)
+        self._loss = _Band(self.alpha, self.min_noise)
+        self._grad = _Band(self.alpha, self.min_noise)
         self._steps = 0
         self._in_a_row = 0
         self.last_scale = 1.0  # the factor the last clipped update was scaled by
