@@ -30,9 +30,13 @@ Models: ``tiny`` (a 2k-parameter MLP whose step is Lightning's own bookkeeping, 
 model (on CPU only its hooks are timed: a step takes over a second there, and no wall clock resolves microseconds
 in it). The headline figures are the tiny model's (on a GPU, the GPT-style model's).
 
+``gate_us_per_step`` is what ``LRGuard(gate=True)`` (the update gate) adds to the hooks' median time per step on
+the tiny model, from instrumented runs with and without it in turn; ``gate_inside_us`` the median time of the
+gate's own work in a step (the gradient norm, reading it and the loss, the verdict).
+
 The last line is one JSON object: ``cpu_overhead_pct`` (the ratio of mean steps), ``cpu_overhead_median_pct``,
-``guard_us_per_step`` and, where a GPU was used, ``gpu_overhead_pct`` and ``gpu_syncs_per_step``; per-model
-figures are nested under the model's name.
+``guard_us_per_step``, ``gate_us_per_step`` and, where a GPU was used, ``gpu_overhead_pct`` and
+``gpu_syncs_per_step``; per-model figures are nested under the model's name.
 """
 
 from __future__ import annotations
@@ -378,6 +382,47 @@ def time_scalar_writes(rounds: int = 200) -> dict[str, float]:
     return out
 
 
+def measure_gate(make: Any, device: str, steps: int, repeats: int) -> dict[str, float]:
+    """What the update gate adds to the guard's hooks per step: instrumented runs with and without it, in turn
+    (``gate_us_per_step``: the difference of the medians of the hooks' time per step), and the median time of the
+    gate's own work inside a step (``gate_inside_us``: the gradient norm, reading it and the loss, the verdict)."""
+    from lr_guard.callbacks.skipper import UpdateSkipper
+
+    warmup = min(50, steps // 5)
+    medians: dict[bool, list[float]] = {False: [], True: []}
+    inside: list[float] = []
+    original = UpdateSkipper._gate
+
+    def timed_gate(self: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *args)
+        finally:
+            inside.append(time.perf_counter() - start)
+
+    UpdateSkipper._gate = timed_gate  # type: ignore[method-assign]
+    try:
+        for _ in range(repeats):
+            for gate in (False, True):
+                timed = TimedGuard(gate=gate)
+                fit(make, [timed], steps, device)
+                medians[gate].append(statistics.median(t for s, t in timed.per_step.items() if s >= warmup))
+    finally:
+        UpdateSkipper._gate = original  # type: ignore[method-assign]
+    out = {
+        "gate_us_per_step": 1e6 * (statistics.median(medians[True]) - statistics.median(medians[False])),
+        "hooks_us_with_gate": 1e6 * statistics.median(medians[True]),
+        "hooks_us_without_gate": 1e6 * statistics.median(medians[False]),
+        "gate_inside_us": 1e6 * statistics.median(inside[warmup:]),
+    }
+    print(
+        f"gate     {device:<5} hooks' median per step {out['hooks_us_with_gate']:.1f} us with the gate, "
+        f"{out['hooks_us_without_gate']:.1f} us without: +{out['gate_us_per_step']:.1f} us; the gate's own work "
+        f"{out['gate_inside_us']:.1f} us (median)"
+    )
+    return out
+
+
 def time_inside(make: Any, device: str, steps: int, warmup: int) -> dict[str, float]:
     """Inside a guarded run: the policy's time per value (the first value of each checked batch apart: it meets
     caches the training step has cooled) and the time one snapshot takes."""
@@ -447,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for device in devices:
         results[f"tiny_{device}"] = measure("tiny", TinyMLP, device, args.steps, args.repeats, kwargs)
+        results[f"tiny_{device}_gate"] = measure_gate(TinyMLP, device, args.steps, args.repeats)
         if args.parts:
             results[f"tiny_{device}_parts"] = measure_parts(TinyMLP, device, args.steps, args.repeats)
         if device == "cpu":  # a step with some arithmetic in it: what the guard costs a small real model
@@ -470,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_overhead_pct": round(results["tiny_cpu"]["overhead_pct"], 3),
         "cpu_overhead_median_pct": round(results["tiny_cpu"]["overhead_median_pct"], 3),
         "guard_us_per_step": round(results["tiny_cpu"]["guard_us_per_step"], 2),
+        "gate_us_per_step": round(results["tiny_cpu_gate"]["gate_us_per_step"], 2),
     }
     if "tiny_cuda" in results:
         key = "gpt85m_cuda" if "gpt85m_cuda" in results else "tiny_cuda"

@@ -1,17 +1,22 @@
 """Rescue benchmark: lr_guard against what users would otherwise use, on the faults they hit.
 
-    python benchmarks/rescue.py                 # 7 scenarios x 5 methods x 3 seeds (~3 minutes on 2 cores)
-    python benchmarks/rescue.py --seeds 1 --steps 300
+    python benchmarks/rescue.py                 # 13 scenarios x 7 methods x 3 seeds (~10 minutes on 2 cores)
+    python benchmarks/rescue.py --seeds 1 --steps 300 --scenarios samples_nan --methods none lr_guard_gate
 
 Task: an MLP on scikit-learn's bundled digits (the demo's model), 600 steps, validation at the end.
 Scenarios: ``healthy`` (Adam 3e-3, cosine), ``lr_too_high`` (Adam 0.5), ``warmup_too_high`` (linear warm-up to
 Adam 0.5, then cosine), ``corrupt_batch`` (one batch x1e6 at step 300, SGD 0.1), ``nan_inputs`` (one NaN batch at
 step 300, Adam 3e-3), ``sgd_divergence`` (SGD 1.0, momentum 0.9), ``noisy_plateau`` (SGD 0.1 at a constant LR,
-batch 8: the loss sits on a noise floor that a lower LR would go below).
+batch 8: the loss sits on a noise floor that a lower LR would go below). Bad samples met again every epoch (fixed
+samples of the training set, shuffled in; the healthy run is their clean run): ``samples_nan`` (20 samples with
+NaN inputs), ``samples_x1e4`` (4 samples with inputs x1e4), ``samples_wrong_labels`` (60 samples with another
+class as label). A small byte-level language model (one transformer block on stdlib docstrings, AdamW, warm-up
+then cosine): ``lm_healthy`` and ``lm_corrupt_batch`` (every label of the batch at step 300 replaced by one byte).
 Methods: no guard; Lightning's ``EarlyStopping(monitor="val_loss", check_finite=True)`` (validation every 50
 steps); torch's ``ReduceLROnPlateau`` on ``val_loss`` (factor 0.5, patience 2, validation every 50 steps), added
 beside the scenario's scheduler as a user would; ``zclip`` (its ZClip with defaults, if the package is installed;
-its column is skipped otherwise); ``LRGuard()`` with defaults.
+its column is skipped otherwise); ``LRGuard()`` with defaults; ``LRGuard(gate=True)`` (the update gate, skip mode)
+and ``LRGuard(gate=UpdateGate(mode="clip"))``.
 
 Figure: final validation loss (a run whose weights are not finite counts as infinite) and wall time; mean and
 standard deviation over seeds. The last line is one JSON object ``{scenario: {method: mean_final_val_loss}}``.
@@ -82,16 +87,26 @@ class CorruptedDigits(demo.DigitsMLP):
         self.train_set = torch.utils.data.TensorDataset(x, y)
 
 
-def corpus() -> torch.Tensor:
-    """Text that ships with Python (module docstrings of the stdlib: no download), as bytes."""
-    import collections
-    import csv
-    import email
-    import json
-    import typing
+def corpus(size: int = 400_000) -> torch.Tensor:
+    """Text that ships with Python -- the docstrings of a fixed list of stdlib modules and of their public
+    functions and classes (no download) -- as bytes."""
+    import importlib
+    import inspect
 
-    text = "\n".join(m.__doc__ or "" for m in (collections, csv, email, json, typing, argparse, logging, math))
-    return torch.tensor(list(text.encode("ascii", "replace")[:60_000]), dtype=torch.long)
+    names = (
+        "argparse collections csv datetime decimal email fractions functools heapq inspect itertools json logging "
+        "math pathlib pickle random re shutil statistics string subprocess tarfile textwrap threading typing "
+        "unittest urllib.parse uuid zipfile"
+    ).split()
+    parts = []
+    for name in names:
+        module = importlib.import_module(name)
+        parts.append(module.__doc__ or "")
+        for _, member in sorted(vars(module).items()):
+            if (inspect.isfunction(member) or inspect.isclass(member)) and isinstance(member.__doc__, str):
+                parts.append(member.__doc__)
+    text = "\n".join(parts).encode("ascii", "replace")[:size]
+    return torch.tensor(list(text), dtype=torch.long)
 
 
 class TinyLM(pl.LightningModule):

@@ -20,6 +20,7 @@ from lr_guard.detectors import (
 from lr_guard.events import Action, Decision, Event, EventKind
 
 if TYPE_CHECKING:
+    from lr_guard.actions.gate import UpdateGate
     from lr_guard.callbacks import DivergenceRollback, LRGuard, PlateauLRReducer
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "PlateauDetector",
     "PlateauLRReducer",
     "SpikeDetector",
+    "UpdateGate",
     "__version__",
 ]
 
@@ -45,6 +47,10 @@ _CALLBACKS = ("LRGuard", "PlateauLRReducer", "DivergenceRollback")
 
 
 def __getattr__(name: str) -> Any:
+    if name == "UpdateGate":  # torch is imported only when it is asked for
+        from lr_guard.actions.gate import UpdateGate
+
+        return UpdateGate
     if name in _CALLBACKS:
         from lr_guard import callbacks
 

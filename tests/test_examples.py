@@ -79,6 +79,7 @@ def test_overhead_benchmark_runs_and_reports_its_keys(capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(summary))
     assert {"cpu_overhead_pct", "cpu_overhead_median_pct", "guard_us_per_step", "tiny_cpu", "small_cpu"} <= set(last)
+    assert "gate_us_per_step" in last and last["tiny_cpu_gate"]["gate_inside_us"] > 0
     assert last["guard_us_per_step"] > 0 and last["small_cpu"]["guard_share_pct"] > 0
     assert {"overhead_pct", "overhead_median_pct", "noop_callback_overhead_pct"} <= set(last["tiny_cpu"])
 

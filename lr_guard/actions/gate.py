@@ -134,7 +134,7 @@ class UpdateGate:
     def __init__(
         self,
         threshold: float = 6.0,
-        warmup_steps: int = 25,
+        warmup_steps: int = 8,
         alpha: float = 0.98,
         mode: str = "skip",
         max_consecutive: int = 3,
