@@ -45,6 +45,7 @@ __all__ = [
     "UpdateGate",
     "grad_norm",
     "grads_of",
+    "host_grad_norm",
     "scale_update",
     "skip_update",
     "supports_found_inf",
@@ -58,11 +59,22 @@ def grads_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of ``grads``, as a 0-d tensor on their device (nothing is read on the host)."""
+    """The global L2 norm of ``grads``, as a 0-d float tensor on their device (nothing is read on the host)."""
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(list(grads))
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return torch.linalg.vector_norm(torch.stack(norms).float())
+
+
+def host_grad_norm(grads: Sequence[torch.Tensor]) -> float:
+    """The global L2 norm of ``grads`` read on the host (CPU tensors: as cheap as a Python float), with as few
+    torch calls as the number of tensors allows."""
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm(list(grads))
+    if len(norms) <= 4:
+        return math.sqrt(sum(float(n) ** 2 for n in norms))
+    return float(torch.linalg.vector_norm(torch.stack(norms).float()))
 
 
 def supports_found_inf(optimizer: Any) -> bool:

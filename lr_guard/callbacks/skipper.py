@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lr_guard.actions import drop_gradients, restore_buffers, save_buffers
-from lr_guard.actions.gate import CLIPPED, SKIPPED, UpdateGate, grad_norm, grads_of, scale_update
+from lr_guard.actions.gate import CLIPPED, SKIPPED, UpdateGate, grads_of, host_grad_norm, scale_update
 from lr_guard.callbacks.feed import ValueFeed
 from lr_guard.policy import GATE, GRAD_NORM, GuardPolicy
 
@@ -34,6 +34,7 @@ class UpdateSkipper:
         self.reset()
 
     def reset(self, world_size: int = 1) -> None:
+        self._has_buffers: bool | None = None  # known at the first batch: buffers do not come and go in a run
         self._buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
         self._gate_loss = self.gate is not None and self.gate.use_loss and world_size == 1
@@ -47,13 +48,15 @@ class UpdateSkipper:
 
     def batch_start(self, module: Any) -> None:
         """Keep the buffers while a skip may come."""
-        if self._buffers is None:
+        if self._has_buffers is None:
+            self._has_buffers = any(True for _ in module.buffers())
+        if self._has_buffers and self._buffers is None:
             self._buffers = save_buffers(module)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Sum the step's loss over its micro-batches."""
         loss = loss.detach()
-        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss  # add: accumulation only
 
     def before_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
         step = trainer.global_step
@@ -74,7 +77,7 @@ class UpdateSkipper:
         """The gate's verdict on this step (read on the host), handed to the feed with the gradient norm."""
         assert self.gate is not None
         grads = grads_of(optimizer)
-        norm = float(grad_norm(grads))
+        norm = host_grad_norm(grads)
         loss = float(step_loss) if step_loss is not None and self._gate_loss else None
         code = self.gate.decide(loss, norm)
         self.feed.add(step, GRAD_NORM, norm)
