@@ -209,3 +209,40 @@ def test_gate_settings_are_checked():
         UpdateGate(threshold=0)
     with pytest.raises(TypeError, match="gate must be True, False or an lr_guard UpdateGate"):
         LRGuard(gate="on")
+
+
+@pytest.mark.parametrize("name", ["adam_fused", "adamw_fused", "sgd_fused", "adam"])
+@pytest.mark.parametrize("poison", ["nan", "labels"])
+def test_the_device_path_skips_exactly_and_decides_as_the_host_path(name, poison):
+    """``on_device=True`` keeps the gate's statistics in tensors and decides there (on CPU here, the same code a
+    GPU runs): a fused optimizer skips its own step through ``found_inf``, any other reads the verdict."""
+    optimizers = {
+        **OPTIMIZERS,
+        "adamw_fused": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, fused=True),
+        "sgd_fused": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=True),
+    }
+    runs = {}
+    for on_device in (False, True):
+        pl.seed_everything(0, verbose=False)  # the same initial weights and batches for both runs
+        around = StateAround(step=40)
+        guard = LRGuard(gate=UpdateGate(on_device=on_device), verbose=False)
+        module = BatchNormNet(optimizers[name], poison_at=40, poison=poison)
+        make_trainer([around, guard], max_steps=60).fit(module)
+        assert_equal_states(around.before, around.after)
+        runs[on_device] = ([(d.event.step, d.action.value) for d in guard.decisions], around.after)
+        assert not hasattr(module.trainer.optimizers[0], "found_inf")  # taken back after each step
+    assert runs[True][0] == runs[False][0] == [(40, "skip")]
+    assert_equal_states(runs[True][1], runs[False][1])
+
+
+def test_the_device_path_keeps_its_state_across_a_resume(tmp_path):
+    guard = LRGuard(gate=UpdateGate(on_device=True), verbose=False)
+    trainer = make_trainer([guard], max_steps=30)
+    trainer.fit(BatchNormNet(OPTIMIZERS["adam_fused"], poison_at=10**9, poison="nan"))
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    saved = guard.state_dict()["gate"]["device"]
+    resumed = LRGuard(gate=UpdateGate(on_device=True), verbose=False)
+    make_trainer([resumed], max_steps=31).fit(
+        BatchNormNet(OPTIMIZERS["adam_fused"], 10**9, "nan"), ckpt_path=tmp_path / "mid.ckpt"
+    )
+    assert torch.equal(resumed.gate._device_state["n"], saved["n"] + 1)  # one more step taken in, after the 30

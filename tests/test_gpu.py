@@ -56,3 +56,30 @@ def test_the_hooks_never_synchronise_the_host(tmp_path, precision):
     assert guard.calls == 4 * 160
     assert guard.detectors["spike"].n_updates == 160  # every value reached the host and the detectors
     assert guard.counts["snapshots"] >= 3 and guard.decisions == []
+
+
+def test_the_gate_skips_on_the_gpu_without_a_host_sync(tmp_path):
+    """The update gate on a CUDA device with a fused AdamW decides beside the gradients and skips through the
+    optimizer's ``found_inf``: a NaN step is skipped with no host sync in any hook."""
+    from lr_guard import UpdateGate
+
+    class FusedScripted(ScriptedLossModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+    script = [2.0 / (1 + 0.02 * t) for t in range(120)]
+    script[70] = float("nan")
+    guard = SyncFreeGuard(gate=UpdateGate())
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=120,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    module = FusedScripted(script, optimizer="adamw", lr=1e-3)
+    trainer.fit(module)
+    assert [(d.event.step, d.action.value) for d in guard.decisions] == [(70, "skip")]
+    assert all(torch.isfinite(p).all() for p in module.parameters())

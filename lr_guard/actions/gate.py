@@ -139,6 +139,8 @@ class UpdateGate:
         max_consecutive: Outliers in a row that are stopped; the next one goes through.
         min_noise: The smallest noise scale of ``log(value)`` a band assumes (0.05: with ``threshold=6`` no change
             under 35% from one step to the next is an outlier, however smooth the stream).
+        on_device: Keep the statistics in tensors beside the gradients and decide there (:meth:`decide_on_device`):
+            ``None`` (default) on a CUDA device, ``True`` always (on CPU too: how the device path is tested).
         use_loss: Score the loss as well as the gradient norm. Under DDP the gate scores the gradient norm alone
             (the same on every rank after the all-reduce, so every rank decides alike with no collective).
     """
@@ -152,6 +154,7 @@ class UpdateGate:
         max_consecutive: int = 3,
         use_loss: bool = True,
         min_noise: float = 0.05,
+        on_device: bool | None = None,
     ) -> None:
         check_number("threshold", threshold, low=0.0, low_open=True)
         check_number("warmup_steps", warmup_steps, low=2, integer=True)
@@ -168,13 +171,16 @@ class UpdateGate:
         self.max_consecutive = max_consecutive
         self.use_loss = use_loss
         self.min_noise = float(min_noise)
+        if on_device is not None and not isinstance(on_device, bool):
+            raise TypeError(f"on_device must be None, True or False, got {on_device!r}")
+        self.on_device = on_device
         self.reset()
 
     def __repr__(self) -> str:
         return (
             f"UpdateGate(threshold={self.threshold!r}, warmup_steps={self.warmup_steps!r}, alpha={self.alpha!r}, "
             f"mode={self.mode!r}, max_consecutive={self.max_consecutive!r}, use_loss={self.use_loss!r}, "
-            f"min_noise={self.min_noise!r})"
+            f"min_noise={self.min_noise!r}, on_device={self.on_device!r})"
         )
 
     def reset(self) -> None:
@@ -183,6 +189,7 @@ class UpdateGate:
         self._steps = 0
         self._in_a_row = 0
         self.last_scale = 1.0  # the factor the last clipped update was scaled by
+        self._device_state: dict[str, torch.Tensor] | None = None  # the device path's statistics, once used
 
     # -- deciding on the host ----------------------------------------------------------------------------------
     def decide(self, loss: float | None, norm: float) -> int:
@@ -208,20 +215,77 @@ class UpdateGate:
             self._grad.update(y_grad, self.threshold)
         return code
 
+    def uses_device(self, device: torch.device) -> bool:
+        return self.on_device if self.on_device is not None else device.type == "cuda"
+
+    # -- deciding on the device --------------------------------------------------------------------------------
+    def decide_on_device(self, loss: torch.Tensor | None, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The verdict as tensors beside ``norm`` -- the code (a 0-d float) and the factor a clipped update is
+        scaled by -- with the same rules as :meth:`decide` and nothing read on the host."""
+        self._steps += 1
+        device = norm.device
+        state = self._device_state
+        if state is not None and state["prev"].device != device:  # loaded from a checkpoint: moved once
+            state = self._device_state = {k: v.to(device) for k, v in state.items()}
+        if state is None:
+            state = self._device_state = {
+                k: torch.zeros(2, device=device) for k in ("prev", "noise", "weight", "n", "grad_only")
+            } | {"in_a_row": torch.zeros((), device=device)}
+            state["grad_only"][1] = 1.0  # a fill on the device: no copy from the host
+        if loss is not None:
+            values = torch.stack([loss.detach().float().reshape(()), norm.float()])
+            scored_mask = torch.ones_like(values, dtype=torch.bool)
+        else:  # the gradient norm alone (the loss slot carries a dummy 1, never scored)
+            values = torch.stack([torch.ones_like(norm, dtype=torch.float32), norm.float()])
+            scored_mask = state["grad_only"] > 0
+        finite = torch.isfinite(values).all()
+        y = torch.log(values)
+        scored = torch.isfinite(y) & scored_mask  # a loss <= 0 is not scored
+        measured = 1.2533 * state["noise"] / state["weight"].clamp_min(1e-30)
+        sigma = torch.where(state["weight"] > 0, measured, 0.0).clamp_min(self.min_noise)
+        score = torch.where((state["n"] >= 2) & scored, (y - state["prev"]) / sigma, 0.0)
+        armed = state["in_a_row"] < self.max_consecutive
+        if self._steps <= self.warmup_steps:
+            armed = torch.zeros_like(armed)  # no outlier during the warm-up
+        outlier = armed & finite & (score > self.threshold)
+        loss_out, grad_out = outlier[0], outlier[1] & ~outlier[0]
+        grad_code = float(GRAD_OUTLIER if self.mode == "skip" else CLIPPED)
+        code = torch.where(grad_out, grad_code, 0.0)
+        code = torch.where(loss_out, float(LOSS_OUTLIER), code)
+        code = torch.where(finite, code, float(NON_FINITE))
+        edge = state["prev"] + self.threshold * sigma
+        scale = torch.where(grad_out, torch.exp((edge[1] - y[1]).clamp_max(0.0)), 1.0)
+        state["in_a_row"] = torch.where(loss_out | grad_out, state["in_a_row"] + 1, 0.0)
+        take = finite & scored  # the band takes in each finite value, clipped to it
+        clipped = torch.where(state["n"] >= 2, torch.minimum(y, edge), y)
+        moved = take & (state["n"] >= 1)
+        a = self.alpha
+        noise = a * state["noise"] + (1 - a) * (clipped - state["prev"]).abs()
+        state["noise"] = torch.where(moved, noise, state["noise"])
+        state["weight"] = torch.where(moved, a * state["weight"] + (1 - a), state["weight"])
+        state["prev"] = torch.where(take, clipped, state["prev"])
+        state["n"] = state["n"] + take.float()
+        return code, scale
+
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "loss": self._loss.state(),
             "grad": self._grad.state(),
             "steps": self._steps,
             "in_a_row": self._in_a_row,
         }
+        if self._device_state is not None:
+            state["device"] = {k: v.detach().cpu() for k, v in self._device_state.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loss.load(state["loss"])
         self._grad.load(state["grad"])
         self._steps = int(state.get("steps", 0))
         self._in_a_row = int(state.get("in_a_row", 0))
+        if "device" in state:
+            self._device_state = {k: v.clone() for k, v in state["device"].items()}  # moved at the next step
 
 
 def skip_update(optimizer: torch.optim.Optimizer) -> None:

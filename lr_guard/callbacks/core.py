@@ -295,6 +295,7 @@ class GuardCore(GuardSettings):
         return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._skipper.after_step()
         for scheduler in schedulers(trainer):
             release_scheduler(scheduler)
         self._store.close()
@@ -326,6 +327,8 @@ class GuardCore(GuardSettings):
             return
         global_step = trainer.global_step  # a computed property in Lightning: read it once
         cadence = self._cadence
+        if cadence.gate:
+            self._skipper.after_step()
         if cadence.version != self.config.version:  # a setting changed during the run: it takes effect now
             cadence = self._cadence = _Cadence(self.config, self._skipper)
         if cadence.loss_per_batch:

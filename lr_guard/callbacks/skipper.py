@@ -10,7 +10,16 @@ from typing import Any
 import torch
 
 from lr_guard.actions import drop_gradients, restore_buffers, save_buffers
-from lr_guard.actions.gate import CLIPPED, SKIPPED, UpdateGate, grads_of, host_grad_norm, scale_update
+from lr_guard.actions.gate import (
+    CLIPPED,
+    SKIPPED,
+    UpdateGate,
+    grad_norm,
+    grads_of,
+    host_grad_norm,
+    scale_update,
+    supports_found_inf,
+)
 from lr_guard.callbacks.feed import ValueFeed
 from lr_guard.policy import GATE, GRAD_NORM, GuardPolicy
 
@@ -37,6 +46,7 @@ class UpdateSkipper:
         self._has_buffers: bool | None = None  # known at the first batch: buffers do not come and go in a run
         self._buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
+        self._found_inf: list[Any] = []  # optimizers handed a found_inf for their coming step
         self._gate_loss = self.gate is not None and self.gate.use_loss and world_size == 1
         if self.gate is not None:
             self.gate.reset()
@@ -66,17 +76,20 @@ class UpdateSkipper:
             read = lambda: float(self.feed.agreed(trainer, step_loss))  # noqa: E731
         skip = self.policy.should_skip(step, read)
         if not skip and self.gate is not None:
-            skip = self._gate(step, step_loss, optimizer)
+            grads = grads_of(optimizer)
+            if grads and self.gate.uses_device(grads[0].device):
+                skip = self._gate_on_device(trainer, step, step_loss, optimizer, module, grads)
+            else:
+                skip = self._gate(step, step_loss, grads)
         if skip:
             drop_gradients(optimizer)
             if self._buffers is not None:
                 restore_buffers(module, self._buffers)
         self._buffers = None
 
-    def _gate(self, step: int, step_loss: torch.Tensor | None, optimizer: Any) -> bool:
-        """The gate's verdict on this step (read on the host), handed to the feed with the gradient norm."""
+    def _gate(self, step: int, step_loss: torch.Tensor | None, grads: list[torch.Tensor]) -> bool:
+        """The gate's verdict on this step, read on the host, handed to the feed with the gradient norm."""
         assert self.gate is not None
-        grads = grads_of(optimizer)
         norm = host_grad_norm(grads)
         loss = float(step_loss) if step_loss is not None and self._gate_loss else None
         code = self.gate.decide(loss, norm)
@@ -85,3 +98,37 @@ class UpdateSkipper:
         if code == CLIPPED:
             scale_update(grads, self.gate.last_scale)
         return code in SKIPPED
+
+    def _gate_on_device(
+        self, trainer: Any, step: int, step_loss: torch.Tensor | None, optimizer: Any, module: Any, grads: Any
+    ) -> bool:
+        """The gate's verdict decided beside the gradients. A fused Adam, AdamW or SGD (without a GradScaler,
+        which sets ``found_inf`` itself) skips its own step on the device; the buffers are put back there too, and
+        nothing is read on the host. Any other optimizer needs the verdict on the host: one read (a host sync on
+        a GPU)."""
+        assert self.gate is not None
+        norm = grad_norm(grads)
+        loss = step_loss if self._gate_loss else None
+        code, scale = self.gate.decide_on_device(loss, norm)
+        self.feed.add(step, GRAD_NORM, norm)
+        self.feed.add(step, GATE, code)
+        if self.gate.mode == "clip":
+            torch._foreach_mul_(list(grads), scale)
+        skip = (code >= SKIPPED[0]) & (code <= SKIPPED[-1])
+        if supports_found_inf(optimizer) and getattr(trainer.precision_plugin, "scaler", None) is None:
+            optimizer.found_inf = skip.float()  # read by the fused step: it leaves everything as it was
+            self._found_inf.append(optimizer)
+            if self._buffers is not None:
+                with torch.no_grad():
+                    for name, buffer in module.named_buffers():
+                        if name in self._buffers:
+                            buffer.copy_(torch.where(skip, self._buffers[name], buffer))
+            return False
+        return bool(skip)  # the fallback: the verdict read on the host
+
+    def after_step(self) -> None:
+        """The optimizer steps are done: take back the ``found_inf`` handed to them (the next step gets its own)."""
+        for optimizer in self._found_inf:
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
+        self._found_inf = []
