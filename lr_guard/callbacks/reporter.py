@@ -82,7 +82,9 @@ class Reporter:
         if self.config.diagnostics:
             self._loggers.log_decision(decision, dict(self._counts))
         if self.config.verbose and self._trainer is not None and self._trainer.is_global_zero:
-            level = logging.WARNING if decision.action in (Action.ROLLBACK, Action.STOP) else logging.INFO
+            # what changed the run (a rollback, a stop, an update not applied) is a warning: it reaches the console
+            loud = (Action.ROLLBACK, Action.STOP, Action.SKIP, Action.CLIP)
+            level = logging.WARNING if decision.action in loud else logging.INFO
             log.log(level, "lr_guard: %s", decision.message)
 
     def _record_skip(self, decision: Decision) -> None:
