@@ -246,3 +246,19 @@ def test_the_device_path_keeps_its_state_across_a_resume(tmp_path):
         BatchNormNet(OPTIMIZERS["adam_fused"], 10**9, "nan"), ckpt_path=tmp_path / "mid.ckpt"
     )
     assert torch.equal(resumed.gate._device_state["n"], saved["n"] + 1)  # one more step taken in, after the 30
+
+
+@pytest.mark.parametrize("averaging", ["ema", "swa"])
+def test_weight_averaging_beside_the_gate_never_takes_in_non_finite_weights(averaging):
+    """A NaN batch skipped by the gate never reaches the weights, so an average of them (EMA, SWA) stays finite,
+    and so does the model Lightning copies the average into at the end."""
+    from pytorch_lightning.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    average = EMAWeightAveraging() if averaging == "ema" else StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    values = decaying(120)
+    values[45] = math.nan
+    guard = LRGuard(gate=True, verbose=False)
+    module = ScriptedLossModule(values, optimizer="adam", lr=0.01)
+    make_trainer([guard, average], max_steps=len(values)).fit(module)
+    assert [(d.event.step, d.action.value) for d in guard.decisions] == [(45, "skip")]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
