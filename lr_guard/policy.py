@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from lr_guard.detectors import Detector, NullDetector, SpikeDetector
@@ -27,6 +27,10 @@ __all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
 
 # A plateau before the loss has got this much (relative) below where training started is a failed start
 RESTART_PROGRESS = 0.05
+
+# A divergence of the gradient norm is a warning; a spike of the loss within this many steps confirms it
+GRAD_CONFIRM_STEPS = 10
+GRAD_WARNING = f"a warning: a loss spike within {GRAD_CONFIRM_STEPS} steps confirms it as a divergence"
 
 # Why a first rollback keeps the LR: one value blew up after a calm stretch, outside a warm-up
 BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
@@ -78,6 +82,9 @@ class GuardPolicy:
       state training started from (``origin``, kept until the loss makes that progress) with the LR times
       ``rollback_factor``; at most ``max_rollbacks`` times, after which plateaus get ordinary LR cuts. Nothing
       is lost by the restart: the discarded steps had made no progress.
+    * A divergence of the gradient norm (a detector of signal ``"grad_norm"``) is a warning: a spike of the
+      loss within ``GRAD_CONFIRM_STEPS`` (10) steps confirms it, and is rolled back at once, before the loss's
+      own divergence rules would fire.
     * Spike, and any kind without a response of its own: logged. A step whose update was skipped before it was
       applied is reported as skipped, and a non-finite value there needs no rollback.
 
@@ -97,6 +104,7 @@ class GuardPolicy:
             EventKind.DIVERGENCE.value: self._on_divergence,
             EventKind.PLATEAU.value: self._on_plateau,
             EventKind.OSCILLATION.value: self._on_oscillation,
+            EventKind.SPIKE.value: self._on_spike,
         }
         self.incident_rollbacks = 0
         self.restarts = 0  # failed starts restarted (kept across a resume, like the counters)
@@ -107,6 +115,7 @@ class GuardPolicy:
     def _index_detectors(self) -> None:
         self._active = [d for d in self.detectors.values() if not isinstance(d, NullDetector)]
         self._loss_active = [d for d in self._active if d.signal == LOSS]
+        self._signal_of = {d.name: d.signal for d in self._active}  # which signal an event's detector reads
         progress = [d for d in self._active if d.tracks_progress and d.signal == LOSS]
         self._progress: Detector | None = progress[0] if progress else None
 
@@ -132,6 +141,7 @@ class GuardPolicy:
         self._last_lr_step: int | None = None
         self.stopped = False
         self.calm_steps = 0  # values in a row that raised no event
+        self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
 
     def note_lr(self, lr: float, step: int) -> None:
         """The schedule's own LR (without the guard's cuts) at ``step``; higher than at the last step noted means
@@ -307,6 +317,9 @@ class GuardPolicy:
 
     def _on_divergence(self, event: Event, calm_before: int) -> Intent:
         config = self.config
+        if self._signal_of.get(event.detector) == GRAD_NORM:  # the gradient norm leads; the loss must confirm it
+            self._grad_warning = event.step
+            return Intent(event, Action.NONE, reason=GRAD_WARNING)
         if not config.rollback or self.good is None:
             return Intent(event, Action.NONE, reason="logged")
         good = self.good
@@ -325,6 +338,19 @@ class GuardPolicy:
         if bad_batch:  # the data stream moves on past it: the LR was not to blame
             return self._rollback(event, good.step, config.skip_batches, factor=1.0, reason=BAD_BATCH)
         return self._rollback(event, good.step, config.skip_batches)
+
+    def _on_spike(self, event: Event, calm_before: int) -> Intent:
+        """A spike is logged, unless it is the loss confirming a gradient-norm divergence of the last
+        ``GRAD_CONFIRM_STEPS`` steps: then it is a divergence, rolled back at once."""
+        warned = self._grad_warning
+        if warned is None or event.step - warned > GRAD_CONFIRM_STEPS or self._signal_of.get(event.detector) != LOSS:
+            return Intent(event, Action.NONE, reason="logged")
+        self._grad_warning = None
+        intent = self._on_divergence(event, calm_before)
+        if intent.action != Action.ROLLBACK:
+            return intent
+        why = f"the loss confirms the gradient-norm divergence of step {warned}"
+        return replace(intent, reason=f"{why}; {intent.reason}" if intent.reason else why)
 
     def _on_oscillation(self, event: Event, calm_before: int) -> Intent:
         factor = self.config.oscillation_factor
@@ -363,6 +389,7 @@ class GuardPolicy:
     ) -> Intent:
         self.counts["rollbacks"] += 1
         self.calm_steps = 0
+        self._grad_warning = None
         self.skips.left = skip_batches
         factor = self.config.rollback_factor if factor is None else factor
         return Intent(event, Action.ROLLBACK, factor, step, skip_batches, reason)

@@ -262,3 +262,53 @@ def test_weight_averaging_beside_the_gate_never_takes_in_non_finite_weights(aver
     make_trainer([guard, average], max_steps=len(values)).fit(module)
     assert [(d.event.step, d.action.value) for d in guard.decisions] == [(45, "skip")]
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def _first_rollback(with_grad_norm):
+    """The policy over a run whose gradient norm blows up at step 60 and whose loss follows a step later, rising
+    to 3x and more: with the gradient norm watched, and without."""
+    from lr_guard import DivergenceDetector, SpikeDetector
+    from lr_guard.config import GuardConfig
+    from lr_guard.policy import GuardPolicy
+
+    detectors = {"spike": SpikeDetector(), "divergence": DivergenceDetector()}
+    if with_grad_norm:
+        detectors["grad_norm_divergence"] = DivergenceDetector(name="grad_norm_divergence", signal="grad_norm")
+    policy = GuardPolicy(detectors, GuardConfig(snapshot_every=10, confirm_steps=3))
+    policy.start(0)
+    for t in range(120):
+        loss = (2.0 - 0.005 * t) * (1.0 + 0.01 * (t % 3)) * (3.0 * 1.3 ** (t - 61) if t >= 61 else 1.0)
+        norm = 1.0 + 0.02 * (t % 4) if t < 60 else 200.0
+        for intent in policy.observe(t, {"loss": loss, "grad_norm": norm}):
+            if intent.action.value == "rollback":
+                return t, intent
+        if policy.wants_snapshot(t + 1):
+            policy.snapshot_taken(t + 1)
+    return None, None
+
+
+def test_a_gradient_norm_blow_up_the_loss_confirms_is_rolled_back_earlier():
+    early, intent = _first_rollback(with_grad_norm=True)
+    late, _ = _first_rollback(with_grad_norm=False)
+    assert early == 61 and "the loss confirms the gradient-norm divergence of step 60" in intent.reason
+    assert late is not None and late > early
+
+
+def test_a_gradient_norm_warning_alone_is_only_logged():
+    from lr_guard import DivergenceDetector
+    from lr_guard.config import GuardConfig
+    from lr_guard.policy import GuardPolicy
+
+    policy = GuardPolicy(
+        {"grad_norm_divergence": DivergenceDetector(name="grad_norm_divergence", signal="grad_norm")},
+        GuardConfig(),
+    )
+    policy.start(0)
+    intents = [i for t in range(80) for i in policy.observe(t, {"loss": 1.0, "grad_norm": 200.0 if t >= 40 else 1.0})]
+    assert intents and all(i.action.value == "none" and "a warning" in i.reason for i in intents)
+
+
+def test_the_gate_watches_the_gradient_norm_for_divergence():
+    guard = LRGuard(gate=True)
+    assert guard.detectors["grad_norm_divergence"].signal == "grad_norm"
+    assert "grad_norm_divergence" not in LRGuard(gate=True, divergence=False).detectors

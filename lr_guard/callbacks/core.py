@@ -163,7 +163,21 @@ class GuardCore(GuardSettings):
         self.config = GuardConfig(**arguments)
         switches = {"spike": spike, "oscillation": oscillation, "plateau": plateau, "divergence": divergence}
         self.extra_detectors = list(_as_list(detectors))
-        self.policy = GuardPolicy(build_detectors(switches, self.extra_detectors), self.config)
+        self.gate = _gate(gate)
+        built_in = []
+        if (
+            self.gate is not None
+            and divergence is not False
+            and all(d.signal != GRAD_NORM for d in self.extra_detectors)
+        ):
+            # the gradient norm leads the loss: its divergence warns, a loss spike soon after confirms it
+            # (a blow-up only: 20x its best level at once, or 5x smoothed; a gradient norm drifts by more than 2x)
+            built_in.append(
+                DivergenceDetector(
+                    factor=5.0, instant_factor=20.0, trend_window=0, name="grad_norm_divergence", signal=GRAD_NORM
+                )
+            )
+        self.policy = GuardPolicy(build_detectors(switches, [*self.extra_detectors, *built_in]), self.config)
         spike_detector = self.detectors["spike"]
         if skip_spikes and not (isinstance(spike_detector, SpikeDetector) and spike_detector.signal == "loss"):
             raise ValueError(
@@ -176,7 +190,6 @@ class GuardCore(GuardSettings):
                 "(e.g. monitor='val_loss'); or leave check_on unset to watch the training loss"
             )
         self._auto_plateau = plateau is True
-        self.gate = _gate(gate)
         self.executor = IntentExecutor(self.policy, self.config)
         pushed = frozenset({GATE, GRAD_NORM}) if self.gate is not None else frozenset()
         self.feed = ValueFeed(self.config, self.policy.signals, type(self).__name__, pushed)
