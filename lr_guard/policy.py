@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lr_guard.detectors import Detector, NullDetector, SpikeDetector
+from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Action, Event, EventKind, kind_name
-from lr_guard.skips import CLIPPED, GATE_REASONS, NON_FINITE, SKIPPED, SkipLedger
+from lr_guard.skips import SKIPPED, SkipLedger
+from lr_guard.update_responses import GRAD_NORM, UpdateResponses
 
 if TYPE_CHECKING:
     from lr_guard.config import GuardConfig
@@ -28,17 +29,12 @@ __all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
 # A plateau before the loss has got this much (relative) below where training started is a failed start
 RESTART_PROGRESS = 0.05
 
-# A divergence of the gradient norm is a warning; a spike of the loss within this many steps confirms it
-GRAD_CONFIRM_STEPS = 10
-GRAD_WARNING = f"a warning: a loss spike within {GRAD_CONFIRM_STEPS} steps confirms it as a divergence"
-
 # Why a first rollback keeps the LR: one value blew up after a calm stretch, outside a warm-up
 BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
 
 KINDS = tuple(kind.value for kind in EventKind)  # counted even when no detector of the kind is on
 ACTIONS_COUNTED = ("lr_cuts", "rollbacks", "skipped_batches", "snapshots")
 LOSS = "loss"  # the signal the built-in detectors read: the watched loss (or monitored metric)
-GRAD_NORM = "grad_norm"  # the global gradient norm of each step (measured by the update gate)
 GATE = "gate"  # the update gate's verdict on each step (a code of lr_guard.skips)
 
 
@@ -62,7 +58,7 @@ class SnapshotMark:
     detectors: dict[str, Any]
 
 
-class GuardPolicy:
+class GuardPolicy(UpdateResponses):
     """The guard's rules.
 
     * A snapshot is wanted every ``snapshot_every`` steps while every detector is quiet and none is pending; it
@@ -154,29 +150,6 @@ class GuardPolicy:
         self._last_lr, self._last_lr_step = lr, step
 
     # -- outcomes ----------------------------------------------------------------------------------------------
-    @property
-    def skip_left(self) -> int:
-        """Updates still to skip after a rollback."""
-        return self.skips.left
-
-    def take_skip(self, step: int) -> bool:
-        """Should the update of ``step`` be skipped (one of the ``skip_batches`` after a rollback)? Counts it."""
-        if not self.skips.take(step):
-            return False
-        self.counts["skipped_batches"] += 1
-        return True
-
-    def should_skip(self, step: int, read_value: Callable[[], float] | None = None) -> bool:
-        """Should the update of optimizer step ``step`` be skipped, before it is applied? One of the
-        ``skip_batches`` after a rollback (counted now), or with ``skip_spikes`` a step whose value
-        (``read_value()``, read only then) is non-finite or scores as a spike (counted when its event arrives)."""
-        if self.take_skip(step):
-            return True
-        spike = self.detectors.get("spike")
-        if not self.config.skip_spikes or read_value is None or not isinstance(spike, SpikeDetector):
-            return False
-        return self.skips.spike(step, read_value(), spike)
-
     def lr_cut_made(self) -> None:
         """An LR cut asked for was made (it is not when every group is at ``min_lr``)."""
         self.counts["lr_cuts"] += 1
@@ -282,27 +255,6 @@ class GuardPolicy:
         self.skips.done(step)
         return intents
 
-    def _gated(self, step: int, values: Mapping[str, float], code: int) -> Intent:
-        """The update gate skipped (or clipped) the update of ``step`` before it was applied."""
-        loss, norm = values.get(LOSS, math.nan), values.get(GRAD_NORM, math.nan)
-        kind = EventKind.DIVERGENCE if code == NON_FINITE else EventKind.SPIKE
-        reason = GATE_REASONS.get(code, f"gate verdict {code}")
-        event = Event(
-            kind,
-            step,
-            loss,
-            norm,
-            math.nan,
-            "gate",
-            f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: {reason}",
-            sudden=True,
-        )
-        self.counts[kind_name(kind)] += 1
-        if code == CLIPPED:
-            return Intent(event, Action.CLIP, reason="the update was scaled down before it was applied")
-        self.counts["skipped_batches"] += 1
-        return Intent(event, Action.SKIP, reason="its update was not applied")
-
     def _decide(self, event: Event, calm_before: int) -> Intent:
         if event.step in self.skips and (
             event.kind == EventKind.SPIKE or (event.kind == EventKind.DIVERGENCE and not math.isfinite(event.value))
@@ -318,8 +270,7 @@ class GuardPolicy:
     def _on_divergence(self, event: Event, calm_before: int) -> Intent:
         config = self.config
         if self._signal_of.get(event.detector) == GRAD_NORM:  # the gradient norm leads; the loss must confirm it
-            self._grad_warning = event.step
-            return Intent(event, Action.NONE, reason=GRAD_WARNING)
+            return self._warn(event)
         if not config.rollback or self.good is None:
             return Intent(event, Action.NONE, reason="logged")
         good = self.good
@@ -338,19 +289,6 @@ class GuardPolicy:
         if bad_batch:  # the data stream moves on past it: the LR was not to blame
             return self._rollback(event, good.step, config.skip_batches, factor=1.0, reason=BAD_BATCH)
         return self._rollback(event, good.step, config.skip_batches)
-
-    def _on_spike(self, event: Event, calm_before: int) -> Intent:
-        """A spike is logged, unless it is the loss confirming a gradient-norm divergence of the last
-        ``GRAD_CONFIRM_STEPS`` steps: then it is a divergence, rolled back at once."""
-        warned = self._grad_warning
-        if warned is None or event.step - warned > GRAD_CONFIRM_STEPS or self._signal_of.get(event.detector) != LOSS:
-            return Intent(event, Action.NONE, reason="logged")
-        self._grad_warning = None
-        intent = self._on_divergence(event, calm_before)
-        if intent.action != Action.ROLLBACK:
-            return intent
-        why = f"the loss confirms the gradient-norm divergence of step {warned}"
-        return replace(intent, reason=f"{why}; {intent.reason}" if intent.reason else why)
 
     def _on_oscillation(self, event: Event, calm_before: int) -> Intent:
         factor = self.config.oscillation_factor

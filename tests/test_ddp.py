@@ -12,9 +12,20 @@ import pytest
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+def free_port():
+    """A port nobody listens on now, for this run's rendezvous (each run its own: no clash with one before)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_ddp(scenario, tmp_path):
     env = {
         **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }

@@ -15,7 +15,6 @@ snapshots) and :class:`~lr_guard.diagnostics.Diagnostics` (what a person sees).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -164,31 +163,8 @@ class GuardCore(GuardSettings):
         switches = {"spike": spike, "oscillation": oscillation, "plateau": plateau, "divergence": divergence}
         self.extra_detectors = list(_as_list(detectors))
         self.gate = _gate(gate)
-        built_in = []
-        if (
-            self.gate is not None
-            and divergence is not False
-            and all(d.signal != GRAD_NORM for d in self.extra_detectors)
-        ):
-            # the gradient norm leads the loss: its divergence warns, a loss spike soon after confirms it
-            # (a blow-up only: 20x its best level at once, or 5x smoothed; a gradient norm drifts by more than 2x)
-            built_in.append(
-                DivergenceDetector(
-                    factor=5.0, instant_factor=20.0, trend_window=0, name="grad_norm_divergence", signal=GRAD_NORM
-                )
-            )
-        self.policy = GuardPolicy(build_detectors(switches, [*self.extra_detectors, *built_in]), self.config)
-        spike_detector = self.detectors["spike"]
-        if skip_spikes and not (isinstance(spike_detector, SpikeDetector) and spike_detector.signal == "loss"):
-            raise ValueError(
-                "skip_spikes=True needs the spike detector on the loss: leave spike=True or pass a SpikeDetector "
-                "with signal='loss'"
-            )
-        if self.config.watch_on == "validation" and monitor is None:
-            raise ValueError(
-                "check_on='validation' needs monitor=, the name of the metric to read after each validation "
-                "(e.g. monitor='val_loss'); or leave check_on unset to watch the training loss"
-            )
+        self.policy = GuardPolicy(_assemble(switches, self.extra_detectors, self.gate), self.config)
+        _check_combinations(self.config, self.detectors)
         self._auto_plateau = plateau is True
         self.executor = IntentExecutor(self.policy, self.config)
         pushed = frozenset({GATE, GRAD_NORM}) if self.gate is not None else frozenset()
@@ -196,7 +172,6 @@ class GuardCore(GuardSettings):
         self._reporter = Reporter(self.config)
         self._skipper = UpdateSkipper(self.policy, self.feed, self.gate)
         self._skips = self.policy.skips
-        self._gate_state: dict[str, Any] | None = None
         self._store = SnapshotStore()
         self._reset_run_state()
 
@@ -226,27 +201,6 @@ class GuardCore(GuardSettings):
         and actions taken so far: lr_cuts, rollbacks, skipped_batches, snapshots."""
         return self.policy.counts
 
-    def settings(self) -> dict[str, Any]:
-        """The constructor's arguments (detectors as their repr), as recorded in the configuration entry."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        out: dict[str, Any] = {}
-        for name in names:
-            if name == "detectors":
-                out[name] = [repr(d) for d in self.extra_detectors]
-                continue
-            value = self.detectors[name] if name in self.detectors else getattr(self, name, None)
-            out[name] = repr(value) if isinstance(value, Detector) else value
-        return out
-
-    @property
-    def state_key(self) -> str:
-        # Lightning reads this on every hook call (for its profiler): build it once.
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = f"{type(self).__qualname__}{{'monitor': {self.monitor!r}, 'check_on': {self.check_on!r}}}"
-            self.__dict__["_state_key"] = key
-        return key
-
     def state_dict(self) -> dict[str, Any]:
         state = {"version": STATE_VERSION, **self.policy.state_dict()}
         if self.gate is not None:
@@ -255,8 +209,8 @@ class GuardCore(GuardSettings):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.policy.load_state_dict(state_dict, warn=lambda text: log.warning("lr_guard: %s", text))
-        if self.gate is not None and "gate" in state_dict:
-            self._gate_state = state_dict["gate"]  # loaded when the run starts (starting resets the gate)
+        if "gate" in state_dict:
+            self._skipper.gate_state = state_dict["gate"]  # loaded when the run starts (starting resets the gate)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -297,9 +251,6 @@ class GuardCore(GuardSettings):
         self.policy.start(trainer.global_step)
         self._reporter.attach(trainer, self.settings(), self.detectors, self.counts, self._run.checkpoint_dir)
         self._skipper.reset(self.feed.world_size)
-        if self.gate is not None and self._gate_state is not None:
-            self.gate.load_state_dict(self._gate_state)
-            self._gate_state = None
         self._cadence = _Cadence(self.config, self._skipper)
         if self.rollback:
             self._store.take(trainer.global_step, targets(trainer, pl_module), self._copies())
@@ -408,6 +359,36 @@ class _Cadence:
         self.loss_per_batch = self.every_step and config.monitor is None  # sum the micro-batches' losses
         self.snapshot_every = config.snapshot_every if config.rollback else 0
         self.check_every = 1 if config.skip_spikes else config.check_every_n_steps
+
+
+def _assemble(switches: dict[str, Any], extra: list[Detector], gate: UpdateGate | None) -> dict[str, Detector]:
+    """The guard's detectors: the built-in ones, the user's, and with the gate on one that watches the gradient
+    norm for a blow-up (it leads the loss: its divergence warns, a loss spike soon after confirms it). Only a
+    blow-up counts there -- 20x its best level at once, or 5x smoothed -- since a gradient norm drifts by more
+    than 2x in a healthy run."""
+    built_in = []
+    if gate is not None and switches["divergence"] is not False and all(d.signal != GRAD_NORM for d in extra):
+        built_in.append(
+            DivergenceDetector(
+                factor=5.0, instant_factor=20.0, trend_window=0, name="grad_norm_divergence", signal=GRAD_NORM
+            )
+        )
+    return build_detectors(switches, [*extra, *built_in])
+
+
+def _check_combinations(config: GuardConfig, detectors: dict[str, Detector]) -> None:
+    """Settings that are valid alone but not together."""
+    spike = detectors["spike"]
+    if config.skip_spikes and not (isinstance(spike, SpikeDetector) and spike.signal == "loss"):
+        raise ValueError(
+            "skip_spikes=True needs the spike detector on the loss: leave spike=True or pass a SpikeDetector "
+            "with signal='loss'"
+        )
+    if config.watch_on == "validation" and config.monitor is None:
+        raise ValueError(
+            "check_on='validation' needs monitor=, the name of the metric to read after each validation "
+            "(e.g. monitor='val_loss'); or leave check_on unset to watch the training loss"
+        )
 
 
 def _gate(gate: UpdateGate | bool) -> UpdateGate | None:

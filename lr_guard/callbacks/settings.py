@@ -3,9 +3,11 @@ setting changed after construction is validated and takes effect at once (one so
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from lr_guard.config import GuardConfig
+from lr_guard.detectors import Detector
 
 __all__ = ["GuardSettings", "Setting"]
 
@@ -36,6 +38,11 @@ class GuardSettings:
     """The settings of :class:`GuardConfig` as attributes of a guard (which sets ``self.config``)."""
 
     config: GuardConfig
+    extra_detectors: list[Detector]
+
+    @property
+    def detectors(self) -> dict[str, Detector]:  # the guard's own
+        raise NotImplementedError
 
     monitor = Setting()
     check_on = _CheckOn()
@@ -59,3 +66,24 @@ class GuardSettings:
     diagnostics = Setting()
     log_every_n_steps = Setting()
     verbose = Setting()
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments (detectors as their repr), as recorded in the configuration entry."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        out: dict[str, Any] = {}
+        for name in names:
+            if name == "detectors":
+                out[name] = [repr(d) for d in self.extra_detectors]
+                continue
+            value = self.detectors[name] if name in self.detectors else getattr(self, name, None)
+            out[name] = repr(value) if isinstance(value, Detector) else value
+        return out
+
+    @property
+    def state_key(self) -> str:
+        # Lightning reads this on every hook call (for its profiler): build it once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = f"{type(self).__qualname__}{{'monitor': {self.monitor!r}, 'check_on': {self.check_on!r}}}"
+            self.__dict__["_state_key"] = key
+        return key

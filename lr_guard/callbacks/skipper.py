@@ -40,6 +40,7 @@ class UpdateSkipper:
         self.policy = policy
         self.feed = feed
         self.gate = gate
+        self.gate_state: dict[str, Any] | None = None  # a checkpoint's gate state, loaded when the run starts
         self.reset()
 
     def reset(self, world_size: int = 1) -> None:
@@ -50,6 +51,9 @@ class UpdateSkipper:
         self._gate_loss = self.gate is not None and self.gate.use_loss and world_size == 1
         if self.gate is not None:
             self.gate.reset()
+            if self.gate_state is not None:
+                self.gate.load_state_dict(self.gate_state)
+                self.gate_state = None
 
     @property
     def needs_loss(self) -> bool:
