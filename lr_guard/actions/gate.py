@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lr_guard.detectors.base import check_choice, check_number
+from lr_guard.detectors.base import NoiseScale, check_choice, check_number
 from lr_guard.skips import APPLIED, CLIPPED, GRAD_OUTLIER, LOSS_OUTLIER, NON_FINITE, SKIPPED
 
 __all__ = [
@@ -47,11 +47,11 @@ __all__ = [
     "grads_of",
     "host_grad_norm",
     "scale_update",
-    "skip_update",
     "supports_found_inf",
 ]
 
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+_CHANGE = 1.2533 / 0.886  # a step's change has sqrt(2) times the noise of a value: 1.2533 * EMA(|dy|) in all
 
 
 def grads_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -84,23 +84,21 @@ def supports_found_inf(optimizer: Any) -> bool:
 
 class _Band:
     """Where the next value of a log stream is expected (host floats): at the last value let through, give or
-    take ``threshold`` noise scales, the noise scale measured from first differences (``1.2533 * EMA(|dy|)``, the
-    standard deviation of a step's change), never below ``floor``. A stream that trends (a warm-up, a falling
-    loss) moves step by step, so its changes, not its distance from a lagging average, are what is scored. Values
-    enter clipped to the band: an outlier does not drag the band it is measured against."""
+    take ``threshold`` noise scales, the noise scale that of a step's change (``sqrt(2)`` times the detectors'
+    :class:`NoiseScale` of the stream, ``1.2533 * EMA(|dy|)``), never below ``floor``. A stream that trends (a
+    warm-up, a falling loss) moves step by step, so its changes, not its distance from a lagging average, are what
+    is scored. Values enter clipped to the band: an outlier does not drag the band it is measured against."""
 
-    __slots__ = ("alpha", "floor", "n", "noise", "noise_weight", "prev")
+    __slots__ = ("floor", "n", "noise", "prev")
 
     def __init__(self, alpha: float, floor: float) -> None:
-        self.alpha = alpha
         self.floor = floor
         self.n = 0
         self.prev = 0.0
-        self.noise = 0.0
-        self.noise_weight = 0.0
+        self.noise = NoiseScale(alpha, math.inf)  # the band clips the values themselves
 
     def sigma(self) -> float:
-        measured = 1.2533 * self.noise / self.noise_weight if self.noise_weight > 0.0 else 0.0
+        measured = _CHANGE * self.noise.sigma
         return measured if measured > self.floor else self.floor
 
     def score(self, y: float) -> float:
@@ -113,28 +111,26 @@ class _Band:
         if self.n >= 2:
             y = min(y, self.edge(threshold))
         if self.n:
-            a = self.alpha
-            self.noise = a * self.noise + (1.0 - a) * abs(y - self.prev)
-            self.noise_weight = a * self.noise_weight + (1.0 - a)
+            self.noise.update(abs(y - self.prev))
         self.prev = y
         self.n += 1
 
     def state(self) -> list[float]:
-        return [self.n, self.prev, self.noise, self.noise_weight]
+        return [self.n, self.prev, self.noise.mean, self.noise.weight, self.noise.count]
 
     def load(self, state: Sequence[float]) -> None:
-        self.n = int(state[0])
-        self.prev, self.noise, self.noise_weight = (float(v) for v in state[1:])
+        self.n, self.prev = int(state[0]), float(state[1])
+        self.noise.load_dict({"mean": state[2], "weight": state[3], "count": state[4] if len(state) > 4 else 10})
 
 
 class UpdateGate:
     """Scores each step's loss and gradient norm before its update, and skips (or clips) a bad one.
 
     Args:
-        threshold: Outlier threshold in noise scales above the trend of ``log(value)`` (6, as OLMo-core's
-            ``SkipStepAdamW``).
+        threshold: Outlier threshold, in typical changes of ``log(value)`` above the last value let through (6,
+            as OLMo-core's ``SkipStepAdamW`` in standard deviations).
         warmup_steps: Steps before any outlier is called (non-finite steps are skipped from the first).
-        alpha: EMA factor of the trend and the noise scale (0.98: a memory of about 50 steps).
+        alpha: EMA factor of the noise scale (0.98: a memory of about 50 steps).
         mode: ``"skip"`` the update of an outlier step, or ``"clip"`` an outlier gradient norm to the band's edge.
         max_consecutive: Outliers in a row that are stopped; the next one goes through.
         min_noise: The smallest noise scale of ``log(value)`` a band assumes (0.05: with ``threshold=6`` no change
@@ -286,13 +282,6 @@ class UpdateGate:
         self._in_a_row = int(state.get("in_a_row", 0))
         if "device" in state:
             self._device_state = {k: v.clone() for k, v in state["device"].items()}  # moved at the next step
-
-
-def skip_update(optimizer: torch.optim.Optimizer) -> None:
-    """Set every gradient to ``None``: torch's optimizers then leave each parameter and its state untouched."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
 
 
 def scale_update(grads: Sequence[torch.Tensor], scale: float) -> None:

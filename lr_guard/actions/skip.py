@@ -23,10 +23,11 @@ def save_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: buf.detach().clone() for name, buf in module.named_buffers()}
 
 
-def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor], where: torch.Tensor | None = None) -> None:
     """Write buffers saved by :func:`save_buffers` back in place: a skipped batch's forward pass must not leave
-    its statistics behind (a NaN batch would poison BatchNorm's running mean)."""
+    its statistics behind (a NaN batch would poison BatchNorm's running mean). ``where``: a 0-d bool tensor that
+    decides on the device whether they are put back (nothing is read on the host)."""
     with torch.no_grad():
         for name, buf in module.named_buffers():
             if name in saved:
-                buf.copy_(saved[name])
+                buf.copy_(saved[name] if where is None else torch.where(where, saved[name], buf))

@@ -123,10 +123,7 @@ class UpdateSkipper:
             optimizer.found_inf = skip.float()  # read by the fused step: it leaves everything as it was
             self._found_inf.append(optimizer)
             if self._buffers is not None:
-                with torch.no_grad():
-                    for name, buffer in module.named_buffers():
-                        if name in self._buffers:
-                            buffer.copy_(torch.where(skip, self._buffers[name], buffer))
+                restore_buffers(module, self._buffers, where=skip)
             return False
         return bool(skip)  # the fallback: the verdict read on the host
 
