@@ -330,3 +330,20 @@ def test_plateau_progress_is_measured_from_the_first_value():
     for t, x in enumerate([0.1, 0.5, 0.6]):
         accuracy.update(x, t)
     assert accuracy.progress == pytest.approx((0.55 - 0.1) / 0.1)
+
+
+def test_a_single_value_blow_up_counts_only_when_the_values_after_it_stay_up():
+    calm = [1.0 / (1 + 0.05 * t) for t in range(60)]  # ends near 0.25, started at 1.0
+    level = calm[-1]
+    benign = [*calm, 12 * level, level, level]  # 12x the best, below the untrained loss, then back
+    assert not feed(DivergenceDetector(), benign)
+    broken = [*calm, 12 * level, 6 * level, 7 * level]  # stays above 2x the best: the update broke the model
+    events = feed(DivergenceDetector(), broken)
+    assert [e.step for e in events] == [62] and events[0].sudden
+    assert "from 3.038 at step 60: it stayed up for 2 more steps" in events[0].message
+    assert [e.step for e in feed(DivergenceDetector(instant_confirm=0), benign)] == [60]  # the old rule
+    far = [*calm, 20.0, level, level]  # 20x the untrained loss too: at once
+    assert [e.step for e in feed(DivergenceDetector(), far)] == [60]
+    waiting = DivergenceDetector()
+    feed(waiting, broken[:61])
+    assert not waiting.quiet  # no snapshot is taken or confirmed while a blow-up waits for its confirmation

@@ -27,7 +27,12 @@ class DivergenceDetector(Detector):
 
     1. **Non-finite**: a NaN or +-inf value, at once (also during warm-up).
     2. **Blow-up**: one value above both the first values' level (the untrained loss) and ``instant_factor``
-       times the best loss -- at once, also during warm-up; or the smoothed loss (median of the last
+       times the best loss, also during warm-up: at once when it is also ``instant_factor`` times the untrained
+       loss (nothing but a broken model or corrupt data scores that far above a model that has learned nothing);
+       otherwise once the next ``instant_confirm`` values stay above the blow-up margin too (a model the update
+       has broken stays broken, while a single outlier of a noisy small-batch loss -- a batch of hard or
+       mislabelled samples -- is back at the next value and is benign: holding back the update of one bad batch
+       is the update gate's job); or the smoothed loss (median of the last
        ``smoothing_window`` values) above ``factor`` times the best for ``patience`` consecutive values. "The best"
        is the minimum over time of a steady level (an EMA of ``y`` with a 10-value memory), not of the reactive
        median: the minimum of a noisy series is set by its luckiest stretch, and a noisy classifier's loss would
@@ -47,7 +52,10 @@ class DivergenceDetector(Detector):
 
     Args:
         factor: Blow-up factor over the best level (> 1).
-        instant_factor: Factor over the best level for a single value to count at once (>= ``factor``).
+        instant_factor: Factor over the best level for a single value to count as a blow-up (>= ``factor``).
+        instant_confirm: Values after such a value (one below ``instant_factor`` times the untrained loss) that
+            must stay above the blow-up margin (``factor`` times the best) before it counts; ``0`` counts every
+            blow-up at once. One that falls back within the margin dismisses it.
         smoothing_window: Values in the running median.
         patience: Consecutive smoothed values above the margin needed for a blow-up.
         trend_window: Values in the sustained-rise test (0 switches the rule off).
@@ -80,12 +88,14 @@ class DivergenceDetector(Detector):
         "_prev",
         "_latched",
         "_over_best",
+        "_outlier",
     )
 
     def __init__(
         self,
         factor: float = 2.0,
         instant_factor: float = 10.0,
+        instant_confirm: int = 2,
         smoothing_window: int = 5,
         patience: int = 2,
         trend_window: int = 100,
@@ -99,6 +109,7 @@ class DivergenceDetector(Detector):
     ) -> None:
         check_number("factor", factor, low=1.0, low_open=True)
         check_number("instant_factor", instant_factor, low=float(factor) if isinstance(factor, (int, float)) else 1)
+        check_number("instant_confirm", instant_confirm, low=0, integer=True)
         check_number("smoothing_window", smoothing_window, low=1, integer=True)
         check_number("patience", patience, low=1, integer=True)
         check_number("trend_window", trend_window, low=0, integer=True)
@@ -111,6 +122,7 @@ class DivergenceDetector(Detector):
         check_choice("space", space, ("log", "linear"))
         self.factor = float(factor)
         self.instant_factor = float(instant_factor)
+        self.instant_confirm = instant_confirm
         self.smoothing_window = smoothing_window
         self.patience = patience
         self.trend_window = trend_window
@@ -140,11 +152,15 @@ class DivergenceDetector(Detector):
         self._prev = math.nan
         self._latched = False
         self._over_best = math.nan  # smoothed y minus the best level; the score is its ratio (log space)
+        # a single-value blow-up waiting for confirmation: (its step, its value, values still to see) or None
+        self._outlier: tuple[int, float, int] | None = None
 
     @property
     def quiet(self) -> bool:
         """No alarm latched and the smoothed loss within the blow-up margin of the best."""
-        return not self._latched and self._above == 0 and not self._over_best > self._log_factor
+        return (
+            not self._latched and self._above == 0 and self._outlier is None and not self._over_best > self._log_factor
+        )
 
     @property
     def score(self) -> float:
@@ -159,6 +175,7 @@ class DivergenceDetector(Detector):
 
     def _event(self, step: int, value: float, score: float, threshold: float, text: str, sudden: bool = False) -> Event:
         self._latched = True
+        self._outlier = None
         return Event(EventKind.DIVERGENCE, step, value, score, threshold, self.name, f"step {step}: {text}", sudden)
 
     def update(self, value: float, step: int) -> Event | None:
@@ -196,8 +213,21 @@ class DivergenceDetector(Detector):
             else:
                 return None
 
-        if y - best > max(self._log_instant, margin) and y > self._start:
-            return self._blow_up(step, value, y - best)
+        outlier = self._outlier
+        if outlier is not None:  # a blow-up waiting for the values after it
+            if y - best <= margin:
+                self._outlier = None  # back within the margin: a benign outlier
+            elif outlier[2] <= 1:
+                self._outlier = None
+                return self._blow_up(step, value, y - best, outlier[0], outlier[1])
+            else:
+                self._outlier = (outlier[0], outlier[1], outlier[2] - 1)
+                return None
+        elif y - best > max(self._log_instant, margin) and y > self._start:
+            if not self.instant_confirm or y - self._start > self._log_instant:  # far above the untrained loss
+                return self._blow_up(step, value, y - best)
+            self._outlier = (step, value, self.instant_confirm)
+            return None
         armed = n >= self.warmup_steps
         if armed and over_best > margin:
             self._above += 1
@@ -215,15 +245,20 @@ class DivergenceDetector(Detector):
                 return self._sustained_rise(step, value, margin)
         return None
 
-    def _blow_up(self, step: int, value: float, ratio: float) -> Event:
+    def _blow_up(
+        self, step: int, value: float, ratio: float, first_step: int | None = None, first_value: float = math.nan
+    ) -> Event:
         to_y = self._to_y
+        since = ""
+        if first_step is not None:
+            since = f" (from {first_value:.4g} at step {first_step}: it stayed up for {step - first_step} more steps)"
         return self._event(
             step,
             value,
             to_y.ratio(ratio),
             self.instant_factor,
             f"loss {value:.4g} blew up to {self._ratio_text(ratio)} its best level "
-            f"{to_y.inverse(self._best):.4g}, above its starting level",
+            f"{to_y.inverse(self._best):.4g}, above its starting level{since}",
             sudden=True,
         )
 
