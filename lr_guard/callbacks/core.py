@@ -260,6 +260,8 @@ class GuardCore(GuardSettings):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._skipper.after_step()
+        if self._run is not None:
+            self._run.release()
         for scheduler in schedulers(trainer):
             release_scheduler(scheduler)
         self._store.close()
