@@ -40,3 +40,44 @@ def test_the_guards_stop_ends_the_run_before_min_steps_or_min_epochs(tmp_path, m
     # the Trainer's own settings are as the user gave them once the run is over
     [(name, value)] = minimum.items()
     assert getattr(trainer.fit_loop, name) == value
+
+
+# -- monitor=: watched where the metric is logged, or a clear error ----------------------------------------------
+def test_a_monitored_training_metric_is_watched_after_every_step_in_a_run_without_validation():
+    module = ScriptedLossModule(decaying(nan_at=(60,)), optimizer="adam", lr=0.01)  # logs train_loss every step
+    guard = LRGuard(monitor="train_loss", snapshot_every=10, confirm_steps=3)
+    make_trainer([guard], max_steps=100).fit(module)
+    assert guard.check_on == "train_step"
+    [rollback] = guard.decisions
+    assert rollback.action == Action.ROLLBACK and rollback.event.step == 60 and finite(module)
+
+
+class WithValidation(ScriptedLossModule):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(0.5))
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_a_monitored_training_metric_is_watched_after_every_step_beside_a_validation_loop():
+    module = WithValidation(decaying(nan_at=(60,)), optimizer="adam", lr=0.01)
+    guard = LRGuard(monitor="train_loss", snapshot_every=10, confirm_steps=3)
+    trainer = make_trainer([guard], max_steps=100, val_check_interval=50, check_val_every_n_epoch=None)
+    trainer.fit(module)
+    assert guard.check_on == "train_step"
+    assert [(d.action, d.event.step) for d in guard.decisions] == [(Action.ROLLBACK, 60)] and finite(module)
+
+
+def test_a_metric_that_nothing_in_the_run_logs_is_a_clear_error():
+    guard = LRGuard(monitor="val_loss")  # the run has no validation loop, and training logs only train_loss
+    with pytest.raises(
+        ValueError, match=r"monitor='val_loss' is not logged.*metrics are: train_loss.*no validation loop"
+    ):
+        make_trainer([guard], max_steps=20).fit(ScriptedLossModule(decaying()))
+
+
+def test_check_on_validation_in_a_run_without_validation_is_a_clear_error():
+    guard = LRGuard(monitor="train_loss", check_on="validation")
+    with pytest.raises(ValueError, match=r"check_on='validation'.*no validation loop.*check_on='train_step'"):
+        make_trainer([guard], max_steps=20).fit(ScriptedLossModule(decaying()))
