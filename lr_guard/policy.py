@@ -346,12 +346,15 @@ class GuardPolicy(UpdateResponses):
             "incident_rollbacks": self.incident_rollbacks,
             "restarts": self.restarts,
             "skip_left": self.skips.left,
+            "stopped": self.stopped,  # written by the guard's stop: a resume from it gets a fresh budget
         }
 
     def load_state_dict(self, state: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
         load_detector_states(self.detectors, state.get("detectors", {}), warn)
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
-        self.incident_rollbacks = int(state.get("incident_rollbacks", 0))
+        # a checkpoint the guard wrote as it stopped: whoever resumes from it has chosen to go on, with a fresh
+        # budget of rollbacks (the spent one would stop the run again at its first bad batch)
+        self.incident_rollbacks = 0 if state.get("stopped") else int(state.get("incident_rollbacks", 0))
         self.restarts = int(state.get("restarts", 0))
         self.skips.left = int(state.get("skip_left", 0))
 

@@ -71,9 +71,8 @@ def test_a_monitored_training_metric_is_watched_after_every_step_beside_a_valida
 
 def test_a_metric_that_nothing_in_the_run_logs_is_a_clear_error():
     guard = LRGuard(monitor="val_loss")  # the run has no validation loop, and training logs only train_loss
-    with pytest.raises(
-        ValueError, match=r"monitor='val_loss' is not logged.*metrics are: train_loss.*no validation loop"
-    ):
+    match = r"monitor='val_loss' is not logged.*metrics are: train_loss.*no validation loop"
+    with pytest.raises(ValueError, match=match):
         make_trainer([guard], max_steps=20).fit(ScriptedLossModule(decaying()))
 
 
@@ -81,3 +80,17 @@ def test_check_on_validation_in_a_run_without_validation_is_a_clear_error():
     guard = LRGuard(monitor="train_loss", check_on="validation")
     with pytest.raises(ValueError, match=r"check_on='validation'.*no validation loop.*check_on='train_step'"):
         make_trainer([guard], max_steps=20).fit(ScriptedLossModule(decaying()))
+
+
+# -- a resume from the guard's stop checkpoint gets a fresh budget -----------------------------------------------
+def test_resuming_from_the_guards_stop_checkpoint_gets_a_fresh_rollback_budget(tmp_path):
+    trainer, guard, _ = diverging_run(tmp_path)
+    stop = guard.decisions[-1]
+    assert stop.action == Action.STOP and stop.checkpoint
+    resumed_at = trainer.global_step
+    bad = resumed_at + 10  # one bad batch before the resumed run has confirmed a snapshot of its own
+    module = ScriptedLossModule(decaying(nan_at=(bad,)), optimizer="adam", lr=0.01)
+    again = LRGuard(snapshot_every=50, confirm_steps=3, max_rollbacks=2)
+    make_trainer([again], max_steps=resumed_at + 30).fit(module, ckpt_path=stop.checkpoint)
+    assert [(d.action, d.event.step) for d in again.decisions] == [(Action.ROLLBACK, bad)]
+    assert finite(module)
