@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from lr_guard import Action, LRGuard
+from lr_guard import Action, LRGuard, SpikeDetector
 from lr_guard.testing import ScriptedLossModule
 
 
@@ -94,3 +94,26 @@ def test_resuming_from_the_guards_stop_checkpoint_gets_a_fresh_rollback_budget(t
     make_trainer([again], max_steps=resumed_at + 30).fit(module, ckpt_path=stop.checkpoint)
     assert [(d.action, d.event.step) for d in again.decisions] == [(Action.ROLLBACK, bad)]
     assert finite(module)
+
+
+# -- one guard object, two fits ------------------------------------------------------------------------------------
+def falling(n=200):
+    return [2.0 * 0.97**t for t in range(n)]  # down to 0.5% of where it started
+
+
+def test_one_guard_used_for_two_fits_starts_each_fit_as_a_new_guard_would():
+    spike = SpikeDetector(threshold=7.0)
+    guard = LRGuard(spike=spike, snapshot_every=10)
+    make_trainer([guard], max_steps=200).fit(ScriptedLossModule(falling()))
+    assert guard.counts["rollbacks"] == 0
+
+    second = ScriptedLossModule(falling())  # a fresh model: its loss starts 200x above the first run's best
+    trainer = make_trainer([guard], max_steps=200)
+    trainer.fit(second)
+    fresh = LRGuard(spike=SpikeDetector(threshold=7.0), snapshot_every=10)
+    make_trainer([fresh], max_steps=200).fit(ScriptedLossModule(falling()))
+
+    assert trainer.global_step == 200 and finite(second)
+    assert [d.message for d in guard.decisions] == [d.message for d in fresh.decisions]
+    assert guard.counts == fresh.counts and guard.counts["rollbacks"] == 0
+    assert guard.detectors["spike"] is spike and spike.threshold == 7.0  # the object's settings are kept

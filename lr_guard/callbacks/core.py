@@ -232,6 +232,7 @@ class GuardCore(GuardSettings):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        self._start_fit()
         max_steps = int(getattr(trainer, "max_steps", -1) or -1)
         if self._auto_plateau and max_steps > 0:
             # plateau=True sizes the detector to the run (before Lightning restores a checkpoint's state into it)
@@ -256,6 +257,13 @@ class GuardCore(GuardSettings):
                 "training_step returns; log it (self.log('train_loss', loss)) and pass "
                 "monitor='train_loss'"
             )
+
+    def _start_fit(self) -> None:
+        """Each ``fit`` starts as with a new guard (before Lightning restores a checkpoint's state into it): the
+        detectors' state, counters, budget and decisions belong to a run; the settings and detectors to the guard."""
+        self.policy.reset()
+        self._skipper.gate_state = None
+        self._reporter.decisions = []  # a new list: one kept from the last fit stays as it was
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
