@@ -132,7 +132,8 @@ class GuardConfig:
 
     Each value is checked when it is set (also after construction), with an error naming the setting, what it
     may be and what it got. ``check_on=None`` resolves to ``"train_step"`` without ``monitor`` and
-    ``"validation"`` with it (:attr:`watch_on`). ``version`` counts the changes made (for readers that cache).
+    ``"validation"`` with it (:attr:`watch_on`; a live guard chooses by where the metric is logged). ``version``
+    counts the changes made (for readers that cache).
     """
 
     version: ClassVar[int] = 0  # per instance once a setting is set

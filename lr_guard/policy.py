@@ -96,6 +96,7 @@ class GuardPolicy(UpdateResponses):
         kinds = [kind_name(d.kind) for d in self.detectors.values() if not isinstance(d, NullDetector)]
         self.counts = dict.fromkeys(KINDS + tuple(k for k in dict.fromkeys(kinds) if k not in KINDS), 0)
         self.counts.update(dict.fromkeys(ACTIONS_COUNTED, 0))
+        self._counted = tuple(self.counts)  # the counters a new policy starts with
         self.responses: dict[str, Callable[[Event, int], Intent]] = {
             EventKind.DIVERGENCE.value: self._on_divergence,
             EventKind.PLATEAU.value: self._on_plateau,
@@ -124,6 +125,18 @@ class GuardPolicy(UpdateResponses):
     def signals(self) -> set[str]:
         """The signals the active detectors read."""
         return {d.signal for d in self._active}
+
+    def reset(self) -> None:
+        """A new fit: back to what a new policy holds -- fresh detectors, counters at zero, a full budget of
+        rollbacks and restarts, nothing to skip. The settings and the detector objects are kept."""
+        for detector in self.detectors.values():
+            detector.reset()
+        self.counts.clear()  # in place: the reporter reads this dict
+        self.counts.update(dict.fromkeys(self._counted, 0))
+        self.incident_rollbacks = 0
+        self.restarts = 0
+        self.skips.left = 0
+        self.reset_run()
 
     def reset_run(self) -> None:
         """Forget the snapshots and per-run flags (the counters and detectors stay)."""
@@ -346,12 +359,15 @@ class GuardPolicy(UpdateResponses):
             "incident_rollbacks": self.incident_rollbacks,
             "restarts": self.restarts,
             "skip_left": self.skips.left,
+            "stopped": self.stopped,  # written by the guard's stop: a resume from it gets a fresh budget
         }
 
     def load_state_dict(self, state: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
         load_detector_states(self.detectors, state.get("detectors", {}), warn)
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
-        self.incident_rollbacks = int(state.get("incident_rollbacks", 0))
+        # a checkpoint the guard wrote as it stopped: whoever resumes from it has chosen to go on, with a fresh
+        # budget of rollbacks (the spent one would stop the run again at its first bad batch)
+        self.incident_rollbacks = 0 if state.get("stopped") else int(state.get("incident_rollbacks", 0))
         self.restarts = int(state.get("restarts", 0))
         self.skips.left = int(state.get("skip_left", 0))
 

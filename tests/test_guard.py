@@ -658,7 +658,7 @@ def test_validation_level_monitor_rolls_back_on_a_nan_validation_loss():
     val = [1.0 / (1 + i) for i in range(20)]
     val[4] = math.nan  # the fifth validation run
     guard = LRGuard(monitor="val_loss", snapshot_every=5, confirm_steps=1)
-    assert guard.check_on == "validation"
+    assert guard.check_on is None  # chosen where val_loss is logged, at the first optimizer step
     module = WithValidation(val)
     make_trainer(
         [guard],
@@ -668,6 +668,7 @@ def test_validation_level_monitor_rolls_back_on_a_nan_validation_loss():
         limit_val_batches=1,
         num_sanity_val_steps=1,
     ).fit(module)
+    assert guard.check_on == "validation"
     [decision] = guard.decisions
     assert decision.action == Action.ROLLBACK and decision.event.step == 50  # validation after 50 steps
     # snapshot taken at 35 (every 5 steps, one pending at a time), confirmed by the validation at 40; the one

@@ -81,7 +81,10 @@ class GuardCore(GuardSettings):
             with ``prog_bar=True`` to a Python number, a host sync each on a GPU: log with ``prog_bar=False``
             there, or watch the loss.
         check_on: ``"train_step"`` (read after every optimizer step) or ``"validation"`` (after every validation
-            run). Defaults to ``"train_step"`` without ``monitor`` and ``"validation"`` with it.
+            run). Defaults to ``"train_step"`` without ``monitor``; with it, to where the metric is logged, as the
+            first optimizer step shows: ``"train_step"`` if the training step logs it, else ``"validation"``. A run
+            that would watch nothing (``"validation"`` without a validation loop, or a metric logged nowhere)
+            raises a ``ValueError``.
         spike, oscillation, plateau, divergence: ``True`` for the default detector, ``False`` to switch it off,
             or a configured detector. ``plateau=True`` with a Trainer ``max_steps`` sizes the plateau detector to
             the run: ``patience = max_steps // 10`` clamped to 100..1000 steps, ``window = min(100, patience)``.
@@ -180,9 +183,22 @@ class GuardCore(GuardSettings):
         self.policy.reset_run()
         self.feed.reset()
         self._last_global_step = -1
-        self._cadence = _Cadence(self.config, self._skipper)
+        self._logged_in_training: bool | None = None  # is monitor= logged by the training step? (first step)
+        self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
         self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
+
+    @property
+    def watch_on(self) -> str | None:
+        """Where this run's watched value is read: ``check_on`` when given; with ``monitor`` and no ``check_on``,
+        where the metric is logged -- ``"train_step"`` when the training step logs it, else ``"validation"``
+        (``None`` until the first optimizer step has shown which)."""
+        config = self.config
+        if config.check_on is not None or config.monitor is None:
+            return config.watch_on
+        if self._logged_in_training is None:
+            return None
+        return "train_step" if self._logged_in_training else "validation"
 
     @property
     def decisions(self) -> list[Decision]:
@@ -216,6 +232,7 @@ class GuardCore(GuardSettings):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        self._start_fit()
         max_steps = int(getattr(trainer, "max_steps", -1) or -1)
         if self._auto_plateau and max_steps > 0:
             # plateau=True sizes the detector to the run (before Lightning restores a checkpoint's state into it)
@@ -227,12 +244,26 @@ class GuardCore(GuardSettings):
                 "snapshots would gather the full sharded model on every rank. Supported: single-device and "
                 "DDP strategies (ddp, ddp_spawn, ddp_find_unused_parameters_true, ...)"
             )
+        if self.config.check_on == "validation" and not trainer.enable_validation:
+            raise ValueError(
+                f"{type(self).__name__}: check_on='validation' reads monitor={self.monitor!r} after each validation "
+                "run, but this run has no validation loop (a validation_step, a val dataloader and "
+                "limit_val_batches > 0), so the guard would watch nothing. Pass check_on='train_step' to read it "
+                "after every optimizer step, or add a validation loop"
+            )
         if self.check_on == "train_step" and self.monitor is None and not pl_module.automatic_optimization:
             raise ValueError(
                 f"{type(self).__name__}: with manual optimization the guard cannot see the loss "
                 "training_step returns; log it (self.log('train_loss', loss)) and pass "
                 "monitor='train_loss'"
             )
+
+    def _start_fit(self) -> None:
+        """Each ``fit`` starts as with a new guard (before Lightning restores a checkpoint's state into it): the
+        detectors' state, counters, budget and decisions belong to a run; the settings and detectors to the guard."""
+        self.policy.reset()
+        self._skipper.gate_state = None
+        self._reporter.decisions = []  # a new list: one kept from the last fit stays as it was
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
@@ -251,7 +282,7 @@ class GuardCore(GuardSettings):
         self.policy.start(trainer.global_step)
         self._reporter.attach(trainer, self.settings(), self.detectors, self.counts, self._run.checkpoint_dir)
         self._skipper.reset(self.feed.world_size)
-        self._cadence = _Cadence(self.config, self._skipper)
+        self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
         if self.rollback:
             self._store.take(trainer.global_step, targets(trainer, pl_module), self._copies())
 
@@ -260,6 +291,8 @@ class GuardCore(GuardSettings):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._skipper.after_step()
+        if self._run is not None:
+            self._run.release()
         for scheduler in schedulers(trainer):
             release_scheduler(scheduler)
         self._store.close()
@@ -294,11 +327,13 @@ class GuardCore(GuardSettings):
         if cadence.gate:
             self._skipper.after_step()
         if cadence.version != self.config.version:  # a setting changed during the run: it takes effect now
-            cadence = self._cadence = _Cadence(self.config, self._skipper)
+            cadence = self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
         if cadence.loss_per_batch:
             self.feed.add_micro_batch(outputs)
         if global_step == self._last_global_step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
+        if cadence.choose_watch_on:
+            cadence = self._cadence = self._choose_watch_on(trainer)
         step, self._last_global_step = self._last_global_step, global_step  # the step this batch trained
         self.feed.end_step(step, trainer, cadence.every_step)
         snapshot_due = cadence.snapshot_every and global_step % cadence.snapshot_every == 0
@@ -307,6 +342,23 @@ class GuardCore(GuardSettings):
         if snapshot_due and self.policy.wants_snapshot(global_step):
             self._store.take(global_step, targets(trainer, pl_module), self._copies())
             self.policy.snapshot_taken(global_step)
+
+    def _choose_watch_on(self, trainer: Any) -> _Cadence:
+        """``monitor=`` without ``check_on``, at the first optimizer step: watch the metric where it is logged --
+        after every step if the training step logs it, else after each validation run; with neither, say so."""
+        monitor = self.monitor
+        metrics = trainer.callback_metrics
+        self._logged_in_training = monitor in metrics
+        if not self._logged_in_training and not trainer.enable_validation:
+            raise ValueError(
+                f"{type(self).__name__}: monitor={monitor!r} is not logged by the training step (after the first "
+                f"optimizer step the metrics are: {', '.join(sorted(metrics)) or 'none'}) and this run has no "
+                "validation loop, so the guard would watch nothing. Log it in training_step "
+                f"(self.log({monitor!r}, ...)) or in a validation loop, or pass monitor= one of the metrics above"
+            )
+        if self.verbose and trainer.is_global_zero:
+            log.info("lr_guard: watching monitor=%r %s", monitor, _WHERE[self.watch_on or ""])
+        return _Cadence(self.config, self._skipper, self.watch_on)
 
     def _check(self, trainer: Any, wait: bool = False) -> None:
         """Send the values gathered since the last check on their way to the host (one batch: one copy, and
@@ -347,15 +399,22 @@ class GuardCore(GuardSettings):
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
 
 
+_WHERE = {
+    "train_step": "after every optimizer step (the training step logs it)",
+    "validation": "after each validation run (the training step does not log it)",
+}
+
+
 class _Cadence:
     """What the hooks do at every step, read from the settings when they change (the hooks run at every step)."""
 
-    def __init__(self, config: GuardConfig, skipper: UpdateSkipper) -> None:
+    def __init__(self, config: GuardConfig, skipper: UpdateSkipper, watch_on: str | None) -> None:
         self.version = config.version
         self.gate = skipper.gate is not None
         self.skipper = config.skip_spikes or self.gate  # a skip may come at any step
         self.step_loss = skipper.needs_loss
-        self.every_step = config.watch_on == "train_step"
+        self.choose_watch_on = watch_on is None  # monitor= without check_on: chosen at the first optimizer step
+        self.every_step = watch_on == "train_step"
         self.loss_per_batch = self.every_step and config.monitor is None  # sum the micro-batches' losses
         self.snapshot_every = config.snapshot_every if config.rollback else 0
         self.check_every = 1 if config.skip_spikes else config.check_every_n_steps

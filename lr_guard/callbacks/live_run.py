@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,8 @@ from lr_guard.actions.snapshot_store import SnapshotStore, Targets
 from lr_guard.callbacks.feed import ValueFeed
 
 __all__ = ["LiveRun", "schedulers", "targets"]
+
+log = logging.getLogger("lr_guard")
 
 
 def schedulers(trainer: Any) -> list[Any]:
@@ -24,7 +27,9 @@ def targets(trainer: Any, module: Any) -> Targets:
 
 class LiveRun:
     """A :class:`~lr_guard.executor.RunState` over a live Trainer: restoring puts a snapshot back in place and
-    forgets the values read since; stopping writes the restored state as a Lightning checkpoint."""
+    forgets the values read since; stopping writes the restored state as a Lightning checkpoint and ends the run,
+    before the Trainer's ``min_steps`` / ``min_epochs`` if need be (training on would only diverge again, unwatched);
+    :meth:`release` puts those settings back."""
 
     def __init__(
         self, trainer: Any, module: Any, store: SnapshotStore, feed: ValueFeed, checkpoint_dir: str | None
@@ -36,6 +41,7 @@ class LiveRun:
         self.checkpoint_dir = checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard_checkpoints")
         self.checkpoint_path: str | None = None
         self.where: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch index), kept while the gate is on
+        self._minimums: tuple[int | None, int | None] | None = None  # the Trainer's, while a stop overrides them
 
     def locate(self, step: int) -> tuple[int, int] | None:
         """The epoch and batch index the update of ``step`` was trained on, where they were noted."""
@@ -63,5 +69,38 @@ class LiveRun:
         path = os.path.join(self.checkpoint_dir, f"last_good_step{step}.ckpt")
         self.trainer.save_checkpoint(path)
         self.trainer.should_stop = True
+        self._end_before_the_minimums()
         self.checkpoint_path = path
         return path
+
+    def _end_before_the_minimums(self) -> None:
+        """Lightning ignores ``should_stop`` until ``min_steps`` and ``min_epochs`` are met: lift them for the rest
+        of this run (they are put back by :meth:`release`)."""
+        trainer = self.trainer
+        loop = trainer.fit_loop
+        min_epochs, min_steps = loop.min_epochs, loop.epoch_loop.min_steps
+        if not (min_epochs or min_steps):
+            return
+        self._minimums = (min_epochs, min_steps)
+        loop.min_epochs, loop.epoch_loop.min_steps = 0, None
+        unmet = [
+            f"{name}={value}"
+            for name, value, done in (
+                ("min_steps", min_steps, trainer.global_step),
+                ("min_epochs", min_epochs, trainer.current_epoch),
+            )
+            if value and value > done
+        ]
+        if unmet and trainer.is_global_zero:
+            log.warning(
+                "lr_guard: training stops before the Trainer's %s: the guard's stop overrides it, since training "
+                "on from here would diverge again with no guard watching",
+                " and ".join(unmet),
+            )
+
+    def release(self) -> None:
+        """The run is over: put back the Trainer's ``min_steps`` and ``min_epochs`` if a stop lifted them."""
+        if self._minimums is not None:
+            loop = self.trainer.fit_loop
+            loop.min_epochs, loop.epoch_loop.min_steps = self._minimums
+            self._minimums = None

@@ -31,7 +31,7 @@ class Setting:
 
 class _CheckOn(Setting):
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else obj.config.watch_on
+        return self if obj is None else obj.watch_on
 
 
 class GuardSettings:
@@ -43,6 +43,11 @@ class GuardSettings:
     @property
     def detectors(self) -> dict[str, Detector]:  # the guard's own
         raise NotImplementedError
+
+    @property
+    def watch_on(self) -> str | None:
+        """What ``check_on`` reads: where the watched value is read (the guard may choose it during a run)."""
+        return self.config.watch_on
 
     monitor = Setting()
     check_on = _CheckOn()
@@ -84,6 +89,6 @@ class GuardSettings:
         # Lightning reads this on every hook call (for its profiler): build it once.
         key = self.__dict__.get("_state_key")
         if key is None:
-            key = f"{type(self).__qualname__}{{'monitor': {self.monitor!r}, 'check_on': {self.check_on!r}}}"
+            key = f"{type(self).__qualname__}{{'monitor': {self.monitor!r}, 'check_on': {self.config.watch_on!r}}}"
             self.__dict__["_state_key"] = key
         return key
