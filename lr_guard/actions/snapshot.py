@@ -379,6 +379,7 @@ class Snapshot:
             raise ValueError(
                 f"snapshot of step {self.step} has {len(self.optimizers)} optimizer(s); got {len(optimizers)}"
             )
+        _check_same_tensors(self.step, self.model, state_io.model_state(model))
         with self._reading():
             read = self._read_tree
             state_io.load_model_state(model, read(self.model))
@@ -395,6 +396,24 @@ class Snapshot:
 
     def _read_tree(self, tree: Any) -> Any:
         return map_tree(tree, lambda leaf, _: self._read(leaf), is_leaf=self._is_saved_tensor)
+
+
+def _check_same_tensors(step: int, saved: dict[str, Any], live: dict[str, Any]) -> None:
+    """Refuse, before anything is written, to restore a snapshot into a model whose parameters or buffers have
+    changed since it was taken (a rollback must put back every tensor of the model)."""
+    added, gone = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if not added and not gone:
+        return
+    what = []
+    if added:
+        what.append(f"the model has {', '.join(map(repr, added))}, registered after the snapshot was taken")
+    if gone:
+        what.append(f"the snapshot holds {', '.join(map(repr, gone))}, which the model no longer has")
+    raise RuntimeError(
+        f"lr_guard cannot roll back to step {step}: {'; '.join(what)}. Nothing was restored. Create every "
+        "parameter and buffer before training starts (in __init__, setup() or configure_model()), so that every "
+        "snapshot holds the whole model"
+    )
 
 
 def take_snapshot(
