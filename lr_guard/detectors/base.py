@@ -46,11 +46,12 @@ def check_number(
         or (integer and not isinstance(value, numbers.Integral))
     ):
         raise TypeError(f"{name} must be {kind}, got {value!r} of type {type(value).__name__}")
-    if not math.isfinite(value):
+    x = float(value)
+    if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
+    if low is not None and (x <= low if low_open else x < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
+    if high is not None and (x >= high if high_open else x > high):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 
