@@ -19,7 +19,14 @@ from lr_guard.detectors.oscillation import OscillationDetector
 from lr_guard.detectors.plateau import PlateauDetector
 from lr_guard.detectors.spike import SpikeDetector
 
-__all__ = ["BUILT_IN_DETECTORS", "GuardConfig", "build_detectors", "per_group_floors", "run_sized_plateau"]
+__all__ = [
+    "BUILT_IN_DETECTORS",
+    "GuardConfig",
+    "build_detectors",
+    "check_setting",
+    "per_group_floors",
+    "run_sized_plateau",
+]
 
 # The detectors LRGuard's keyword switches name, in the order they are fed (and logged)
 BUILT_IN_DETECTORS: dict[str, type[Detector]] = {
@@ -30,8 +37,8 @@ BUILT_IN_DETECTORS: dict[str, type[Detector]] = {
 }
 
 
-def _factor(name: str, allow_none: bool) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
+def _factor(allow_none: bool) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
         if value is None and allow_none:
             return None
         check_number(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -40,27 +47,24 @@ def _factor(name: str, allow_none: bool) -> Callable[[Any], Any]:
     return check
 
 
-def _flag(name: str) -> Callable[[Any], bool]:
-    def check(value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-        return value
-
-    return check
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
-def _count(name: str, low: int, optional: bool = False) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
+def _count(low: int, optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
         if value is None and optional:
             return None
         check_number(name, value, low=low, integer=True)
-        return value
+        return int(value)  # a NumPy integer is stored as the int it is
 
     return check
 
 
-def _choice(name: str, choices: tuple[str, ...], optional: bool = False) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
+def _choice(choices: tuple[str, ...], optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
         if value is None and optional:
             return None
         check_choice(name, value, choices)
@@ -69,61 +73,65 @@ def _choice(name: str, choices: tuple[str, ...], optional: bool = False) -> Call
     return check
 
 
-def _path(name: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if value is None:
-            return None
-        if not isinstance(value, (str, os.PathLike)):
-            raise TypeError(f"{name} must be a path or None, got {value!r}")
-        return os.fspath(value)
-
-    return check
+def _path(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path or None, got {value!r}")
+    return os.fspath(value)
 
 
-def _min_lr(value: Any) -> float | list[float]:
+def _min_lr(name: str, value: Any) -> float | list[float]:
     if isinstance(value, (list, tuple)):
         for i, m in enumerate(value):
-            check_number(f"min_lr[{i}]", m, low=0.0)
+            check_number(f"{name}[{i}]", m, low=0.0)
         return [float(m) for m in value]
-    check_number("min_lr", value, low=0.0)
+    check_number(name, value, low=0.0)
     return float(value)
 
 
-def _eps(value: Any) -> float:
-    check_number("eps", value, low=0.0)
+def _eps(name: str, value: Any) -> float:
+    check_number(name, value, low=0.0)
     return float(value)
 
 
-def _monitor(value: Any) -> str | None:
+def _monitor(name: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"monitor must be None (the training loss) or a metric name, got {value!r}")
+        raise ValueError(f"{name} must be None (the training loss) or a metric name, got {value!r}")
     return value
 
 
-_CHECKS: dict[str, Callable[[Any], Any]] = {
+# each check takes the name to report (the setting's, or a callback's own name for it) and the value
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "monitor": _monitor,
-    "check_on": _choice("check_on", ("train_step", "validation"), optional=True),
-    "plateau_factor": _factor("plateau_factor", allow_none=True),
-    "oscillation_factor": _factor("oscillation_factor", allow_none=True),
-    "rollback": _flag("rollback"),
-    "rollback_factor": _factor("rollback_factor", allow_none=False),
-    "skip_batches": _count("skip_batches", 0),
-    "max_rollbacks": _count("max_rollbacks", 0),
-    "keep_lr_on_bad_batch": _flag("keep_lr_on_bad_batch"),
-    "skip_spikes": _flag("skip_spikes"),
-    "snapshot_every": _count("snapshot_every", 1),
-    "confirm_steps": _count("confirm_steps", 1),
-    "check_every_n_steps": _count("check_every_n_steps", 1),
+    "check_on": _choice(("train_step", "validation"), optional=True),
+    "plateau_factor": _factor(allow_none=True),
+    "oscillation_factor": _factor(allow_none=True),
+    "rollback": _flag,
+    "rollback_factor": _factor(allow_none=False),
+    "skip_batches": _count(0),
+    "max_rollbacks": _count(0),
+    "keep_lr_on_bad_batch": _flag,
+    "skip_spikes": _flag,
+    "snapshot_every": _count(1),
+    "confirm_steps": _count(1),
+    "check_every_n_steps": _count(1),
     "min_lr": _min_lr,
     "eps": _eps,
-    "checkpoint_dir": _path("checkpoint_dir"),
-    "snapshot_device": _choice("snapshot_device", ("cpu", "same", "disk")),
-    "snapshot_memory_budget": _count("snapshot_memory_budget", 0, optional=True),
-    "snapshot_dir": _path("snapshot_dir"),
-    "diagnostics": _flag("diagnostics"),
-    "log_every_n_steps": _count("log_every_n_steps", 1, optional=True),
-    "verbose": _flag("verbose"),
+    "checkpoint_dir": _path,
+    "snapshot_device": _choice(("cpu", "same", "disk")),
+    "snapshot_memory_budget": _count(0, optional=True),
+    "snapshot_dir": _path,
+    "diagnostics": _flag,
+    "log_every_n_steps": _count(1, optional=True),
+    "verbose": _flag,
 }
+
+
+def check_setting(field: str, value: Any, name: str | None = None) -> Any:
+    """``value`` checked (and normalised) as the setting ``field``; an error names it ``name``, a callback's own
+    name for the setting (``PlateauLRReducer``'s ``factor`` is the ``plateau_factor``), or ``field``."""
+    return _CHECKS[field](name or field, value)
 
 
 @dataclass
@@ -165,7 +173,7 @@ class GuardConfig:
         check = _CHECKS.get(name)
         if check is None:
             raise AttributeError(f"GuardConfig has no setting {name!r}; the settings are: {', '.join(_CHECKS)}")
-        object.__setattr__(self, name, check(value))
+        object.__setattr__(self, name, check(name, value))
         object.__setattr__(self, "version", getattr(self, "version", 0) + 1)  # readers of settings see a change
 
     @property

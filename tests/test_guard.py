@@ -4,6 +4,7 @@ import copy
 import math
 import os
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -518,6 +519,48 @@ def test_single_job_callbacks_validate_and_need_their_detector():
         DivergenceRollback(divergence=False)
     with pytest.raises(ValueError, match="factor must be < 1.0"):
         DivergenceRollback(factor=2.0)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: PlateauLRReducer(factor=1.0), ValueError, r"^factor must be < 1.0, got 1.0$"),
+        (lambda: DivergenceRollback(factor=0), ValueError, r"^factor must be > 0.0, got 0$"),
+        (lambda: DivergenceRollback(factor="half"), TypeError, r"^factor must be a number, got 'half'"),
+        (lambda: PlateauLRReducer(verbose="no"), TypeError, r"^verbose must be True or False, got 'no'$"),
+        (lambda: DivergenceRollback(verbose="no"), TypeError, r"^verbose must be True or False, got 'no'$"),
+        (lambda: LRGuard(verbose="no"), TypeError, r"^verbose must be True or False, got 'no'$"),
+        (lambda: LRGuard(skip_batches=np.float64(3.0)), TypeError, r"^skip_batches must be an int, got np.float64"),
+    ],
+)
+def test_single_job_callbacks_name_the_parameter_as_passed(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_single_job_callbacks_name_their_factor_when_it_is_set_later():
+    reducer, rollback = PlateauLRReducer(), DivergenceRollback()
+    with pytest.raises(ValueError, match=r"^factor must be < 1.0, got 1.5$"):
+        reducer.factor = 1.5
+    with pytest.raises(ValueError, match=r"^factor must be > 0.0, got -1$"):
+        rollback.factor = -1
+    reducer.factor, rollback.factor = 0.25, np.float32(0.75)
+    assert (reducer.plateau_factor, rollback.rollback_factor) == (0.25, 0.75)
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_are():
+    guard = DivergenceRollback(
+        factor=np.float64(0.5),
+        snapshot_every=np.int64(8),
+        confirm_steps=np.int32(2),
+        check_every_n_steps=np.int64(1),
+        skip_batches=np.int64(3),
+        spike=SpikeDetector(warmup_steps=np.int64(10)),
+    )
+    assert type(guard.skip_batches) is int and type(guard.detectors["spike"].warmup_steps) is int
+    make_trainer([guard], max_steps=40).fit(ScriptedLossModule(decaying(nan_at=(20,))))
+    assert [d.rollback_to for d in guard.decisions if d.action == Action.ROLLBACK] == [16]
+    assert guard.counts["skipped_batches"] == 3
 
 
 def test_min_lr_per_group_must_match_the_groups():

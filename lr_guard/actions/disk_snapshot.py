@@ -11,7 +11,6 @@ round-trips (bytes are bytes; bf16 included).
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import pickle
 import queue
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lr_guard.actions.snapshot import Snapshot, capture_rng, map_tree, precision_state
+from lr_guard.actions.snapshot import Snapshot, capture_rng, capture_schedulers, map_tree, precision_state
 from lr_guard.actions.state_io import FULL_STATE, StateIO
 
 __all__ = ["DiskSnapshot", "remove_snapshot_files", "take_disk_snapshot"]
@@ -184,7 +183,7 @@ def take_disk_snapshot(
     try:
         snapshot.model = stream(state_io.model_state(model))
         snapshot.optimizers = [stream(state_io.optimizer_state(o)) for o in optimizers]
-        snapshot.schedulers = [copy.deepcopy(s.state_dict()) for s in schedulers]
+        snapshot.schedulers = capture_schedulers(schedulers)
         snapshot.precision = stream(precision_state(precision)) if precision is not None else None
         snapshot.rng = capture_rng()
     finally:

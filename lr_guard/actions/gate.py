@@ -161,10 +161,10 @@ class UpdateGate:
         if not isinstance(use_loss, bool):
             raise TypeError(f"use_loss must be True or False, got {use_loss!r}")
         self.threshold = float(threshold)
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         self.alpha = float(alpha)
         self.mode = mode
-        self.max_consecutive = max_consecutive
+        self.max_consecutive = int(max_consecutive)
         self.use_loss = use_loss
         self.min_noise = float(min_noise)
         if on_device is not None and not isinstance(on_device, bool):

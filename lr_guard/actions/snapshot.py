@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +24,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from lr_guard.actions.lr import EFFECTIVE, FACTOR, MIN_LR, UNSCALED
 from lr_guard.actions.state_io import FULL_STATE, StateIO
 
 __all__ = [
     "Snapshot",
     "capture_rng",
+    "capture_schedulers",
     "iter_tensors",
     "map_tree",
     "precision_state",
     "restore_precision",
     "restore_rng",
+    "restore_schedulers",
     "take_snapshot",
     "tree_nbytes",
 ]
@@ -272,6 +276,39 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def capture_schedulers(schedulers: Sequence[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """Each scheduler's state, with a weak reference to the scheduler itself: restored by identity, not by
+    position (:func:`restore_schedulers`)."""
+    return [(weakref.ref(s), copy.deepcopy(s.state_dict())) for s in schedulers]
+
+
+def restore_schedulers(saved: Sequence[tuple[Any, dict[str, Any]]], schedulers: Sequence[Any]) -> None:
+    """Give each of ``schedulers`` that was in the run when ``saved`` was taken its saved state back.
+
+    Matched by identity: a scheduler that appeared since (Lightning's ``StochasticWeightAveraging`` swaps in its
+    ``SWALR`` at ``swa_epoch_start``) keeps its own state, and the state of one that has left the run (the
+    scheduler SWA swapped out) is never loaded into another, whatever their positions or types.
+    """
+    for ref, state in saved:
+        scheduler = ref()
+        if scheduler is not None and any(scheduler is live for live in schedulers):
+            scheduler.load_state_dict(copy.deepcopy(state))
+
+
+_GUARD_KEYS = frozenset((FACTOR, UNSCALED, EFFECTIVE, MIN_LR))
+
+
+def _added_group_keys(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per param group, the entries added since ``saved`` by someone other than the guard: a scheduler that
+    appeared since keeps what it wrote there (``SWALR``'s ``swa_lr``). The guard's own entries (the factor of a
+    cut made after the snapshot) are the snapshot's."""
+    saved_groups = saved.get("param_groups", [])
+    return [
+        {k: v for k, v in group.items() if k not in saved_group and k not in _GUARD_KEYS}
+        for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=False)
+    ]
+
+
 @dataclass
 class Snapshot:
     """A training state at one step, its tensors in memory. Build it with :func:`take_snapshot`; apply it with
@@ -280,7 +317,7 @@ class Snapshot:
     step: int
     model: dict[str, Any]
     optimizers: list[dict[str, Any]]
-    schedulers: list[dict[str, Any]]
+    schedulers: list[tuple[Any, dict[str, Any]]]  # (a weak reference to the scheduler, its state)
     precision: dict[str, Any] | None
     rng: dict[str, Any]
     ready: Any = None  # a CUDA event while the copy runs on a side stream; None when it is complete
@@ -338,25 +375,45 @@ class Snapshot:
     ) -> None:
         """Write this state back into the live objects, in place (also the RNG states)."""
         self.synchronize()
-        if len(optimizers) != len(self.optimizers) or len(schedulers) != len(self.schedulers):
+        if len(optimizers) != len(self.optimizers):
             raise ValueError(
-                f"snapshot of step {self.step} has {len(self.optimizers)} optimizer(s) and "
-                f"{len(self.schedulers)} scheduler(s); got {len(optimizers)} and {len(schedulers)}"
+                f"snapshot of step {self.step} has {len(self.optimizers)} optimizer(s); got {len(optimizers)}"
             )
+        _check_same_tensors(self.step, self.model, state_io.model_state(model))
         with self._reading():
             read = self._read_tree
             state_io.load_model_state(model, read(self.model))
             for optimizer, saved in zip(optimizers, self.optimizers, strict=True):
+                added = _added_group_keys(optimizer, saved)
                 if not restore_optimizer_in_place(optimizer, saved, self._meta, self._read):
                     state_io.load_optimizer_state(optimizer, self._owned(saved))
-            for scheduler, state in zip(schedulers, self.schedulers, strict=True):
-                scheduler.load_state_dict(copy.deepcopy(state))
+                for group, entries in zip(optimizer.param_groups, added, strict=False):
+                    group.update(entries)
+            restore_schedulers(self.schedulers, schedulers)
             if precision is not None and self.precision:
                 restore_precision(precision, read(self.precision))
             restore_rng(self.rng)
 
     def _read_tree(self, tree: Any) -> Any:
         return map_tree(tree, lambda leaf, _: self._read(leaf), is_leaf=self._is_saved_tensor)
+
+
+def _check_same_tensors(step: int, saved: dict[str, Any], live: dict[str, Any]) -> None:
+    """Refuse, before anything is written, to restore a snapshot into a model whose parameters or buffers have
+    changed since it was taken (a rollback must put back every tensor of the model)."""
+    added, gone = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if not added and not gone:
+        return
+    what = []
+    if added:
+        what.append(f"the model has {', '.join(map(repr, added))}, registered after the snapshot was taken")
+    if gone:
+        what.append(f"the snapshot holds {', '.join(map(repr, gone))}, which the model no longer has")
+    raise RuntimeError(
+        f"lr_guard cannot roll back to step {step}: {'; '.join(what)}. Nothing was restored. Create every "
+        "parameter and buffer before training starts (in __init__, setup() or configure_model()), so that every "
+        "snapshot holds the whole model"
+    )
 
 
 def take_snapshot(
@@ -409,7 +466,7 @@ def take_snapshot(
         step=step,
         model={k: model_copy[k] for k in model_state},
         optimizers=copies["optimizers"],
-        schedulers=[copy.deepcopy(s.state_dict()) for s in schedulers],
+        schedulers=capture_schedulers(schedulers),
         precision=copies["precision"],
         rng=capture_rng(),
         ready=ready,

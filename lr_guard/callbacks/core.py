@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from lr_guard.actions import compose_with_scheduler, release_scheduler
 from lr_guard.actions.gate import UpdateGate
@@ -184,6 +185,7 @@ class GuardCore(GuardSettings):
         self.feed.reset()
         self._last_global_step = -1
         self._logged_in_training: bool | None = None  # is monitor= logged by the training step? (first step)
+        self._start_pending = False  # lazy parameters: the starting snapshot waits for the first forward pass
         self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
         self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
@@ -284,7 +286,20 @@ class GuardCore(GuardSettings):
         self._skipper.reset(self.feed.world_size)
         self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
         if self.rollback:
-            self._store.take(trainer.global_step, targets(trainer, pl_module), self._copies())
+            self._start_pending = True
+            self._take_start_snapshot(trainer, pl_module)
+
+    def _take_start_snapshot(self, trainer: Any, pl_module: Any) -> None:
+        """Snapshot the state training starts from. Lazy parameters (``nn.LazyLinear``) have no shape until the
+        first forward pass: the snapshot then waits for the first optimizer step, before its update lands (the
+        buffers, BatchNorm statistics, hold that forward pass), and the run counts as starting there."""
+        if any(nn.parameter.is_lazy(p) for p in pl_module.parameters()):
+            return
+        self._start_pending = False
+        step = trainer.global_step
+        if self.policy.good is None or self.policy.good.step != step:
+            self.policy.start(step)
+        self._store.take(step, targets(trainer, pl_module), self._copies())
 
     def _copies(self) -> int:
         return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
@@ -314,6 +329,8 @@ class GuardCore(GuardSettings):
             self._skipper.backward(loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._start_pending:
+            self._take_start_snapshot(trainer, pl_module)
         if self._store.copying:
             self._store.fence()  # the step overwrites what a snapshot may still be copying (GPU only)
         if self._skips.left > 0 or self._cadence.skipper:
@@ -339,7 +356,7 @@ class GuardCore(GuardSettings):
         snapshot_due = cadence.snapshot_every and global_step % cadence.snapshot_every == 0
         if snapshot_due or global_step % cadence.check_every == 0:
             self._check(trainer)
-        if snapshot_due and self.policy.wants_snapshot(global_step):
+        if snapshot_due and not self._start_pending and self.policy.wants_snapshot(global_step):
             self._store.take(global_step, targets(trainer, pl_module), self._copies())
             self.policy.snapshot_taken(global_step)
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 from lr_guard.callbacks.core import GuardCore
 from lr_guard.callbacks.settings import Setting
+from lr_guard.config import check_setting
 from lr_guard.detectors import DivergenceDetector, PlateauDetector, SpikeDetector
 
 __all__ = ["DivergenceRollbackCore", "PlateauLRReducerCore"]
@@ -47,6 +48,7 @@ class PlateauLRReducerCore(GuardCore):
             raise ValueError("plateau must be a PlateauDetector or True: a plateau LR reducer needs its detector")
         if factor is None:
             raise ValueError("factor must be a number in (0, 1): a plateau LR reducer that never cuts does nothing")
+        factor = check_setting("plateau_factor", factor, "factor")  # named as this class's argument
         super().__init__(
             monitor=monitor,
             check_on=check_on,
@@ -102,6 +104,7 @@ class DivergenceRollbackCore(GuardCore):
     ) -> None:
         if divergence is False:
             raise ValueError("divergence must be a DivergenceDetector or True: a rollback needs its detector")
+        factor = check_setting("rollback_factor", factor, "factor")  # named as this class's argument
         super().__init__(
             monitor=monitor,
             check_on=check_on,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from lr_guard.config import GuardConfig
+from lr_guard.config import GuardConfig, check_setting
 from lr_guard.detectors import Detector
 
 __all__ = ["GuardSettings", "Setting"]
@@ -18,15 +18,20 @@ class Setting:
 
     def __init__(self, name: str | None = None) -> None:
         self.field = name
+        self.name = name
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.field = self.field or name
+        self.name = name  # errors name the attribute as the user wrote it (``factor``), not the config's field
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         return self if obj is None else getattr(obj.config, self.field or "")
 
     def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj.config, self.field or "", value)
+        field = self.field or ""
+        if self.name != field:
+            value = check_setting(field, value, self.name)
+        setattr(obj.config, field, value)
 
 
 class _CheckOn(Setting):

@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import math
+import numbers
 import warnings
 from collections import deque
 from collections.abc import Iterable
@@ -38,13 +39,19 @@ def check_number(
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a number in the given range."""
     kind = "an int" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    # NumPy's numbers count (np.int64 is an Integral, np.float32 a Real); bools and tensors do not
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or (integer and not isinstance(value, numbers.Integral))
+    ):
         raise TypeError(f"{name} must be {kind}, got {value!r} of type {type(value).__name__}")
-    if not math.isfinite(value):
+    x = float(value)
+    if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
+    if low is not None and (x <= low if low_open else x < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
+    if high is not None and (x >= high if high_open else x > high):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 

@@ -108,7 +108,7 @@ class DivergenceDetector(Detector):
         signal: str = "loss",
     ) -> None:
         check_number("factor", factor, low=1.0, low_open=True)
-        check_number("instant_factor", instant_factor, low=float(factor) if isinstance(factor, (int, float)) else 1)
+        check_number("instant_factor", instant_factor, low=float(factor))
         check_number("instant_confirm", instant_confirm, low=0, integer=True)
         check_number("smoothing_window", smoothing_window, low=1, integer=True)
         check_number("patience", patience, low=1, integer=True)
@@ -122,14 +122,14 @@ class DivergenceDetector(Detector):
         check_choice("space", space, ("log", "linear"))
         self.factor = float(factor)
         self.instant_factor = float(instant_factor)
-        self.instant_confirm = instant_confirm
-        self.smoothing_window = smoothing_window
-        self.patience = patience
-        self.trend_window = trend_window
+        self.instant_confirm = int(instant_confirm)
+        self.smoothing_window = int(smoothing_window)
+        self.patience = int(patience)
+        self.trend_window = int(trend_window)
         self.significance = float(significance)
         self.min_rise = float(min_rise)
         self.noise_sigmas = float(noise_sigmas)
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         self.space = space
         super().__init__(name, signal)
 

@@ -78,11 +78,11 @@ class OscillationDetector(Detector):
         check_number("stride", stride, low=1, integer=True)
         check_number("warmup_steps", warmup_steps, low=0, integer=True)
         check_choice("space", space, ("log", "linear"))
-        self.window = window
+        self.window = int(window)
         self.threshold = float(threshold)
         self.min_autocorrelation = float(min_autocorrelation)
-        self.stride = stride
-        self.warmup_steps = warmup_steps
+        self.stride = int(stride)
+        self.warmup_steps = int(warmup_steps)
         self.space = space
         super().__init__(name, signal)
 

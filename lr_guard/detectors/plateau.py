@@ -88,13 +88,13 @@ class PlateauDetector(Detector):
         check_number("noise_sigmas", noise_sigmas, low=0.0)
         check_number("warmup_steps", warmup_steps, low=0, integer=True)
         self.mode = mode
-        self.patience = patience
+        self.patience = int(patience)
         self.threshold = float(threshold)
         self.threshold_mode = threshold_mode
-        self.cooldown = cooldown
-        self.window = window
+        self.cooldown = int(cooldown)
+        self.window = int(window)
         self.noise_sigmas = float(noise_sigmas)
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         super().__init__(name, signal)
 
     def _reset(self) -> None:

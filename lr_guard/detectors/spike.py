@@ -72,9 +72,9 @@ class SpikeDetector(Detector):
         self.threshold = float(threshold)
         self.trend_alpha = float(trend_alpha)
         self.noise_alpha = float(noise_alpha)
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         self.clip = float(clip)
-        self.rebase_steps = rebase_steps
+        self.rebase_steps = int(rebase_steps)
         self.space = space
         super().__init__(name, signal)
 
