@@ -152,13 +152,23 @@ def _original_class(scheduler: Any) -> type:
     return cls.__bases__[0] if getattr(cls, "_lr_guard_composed", False) else cls
 
 
-def compose_with_scheduler(scheduler: Any) -> None:
-    """Make ``scheduler`` run on the unscaled schedule, so the guard's cuts compose with it. Idempotent."""
-    cls = type(scheduler)
-    if getattr(cls, "_lr_guard_composed", False):
-        return
-    if not hasattr(scheduler, "optimizer") or not callable(getattr(scheduler, "step", None)):
-        raise TypeError(f"{cls.__name__} is not an LR scheduler (it needs .optimizer and .step())")
+def _reduce_composed(self: Any, protocol: int) -> Any:
+    """Pickle (and deep-copy) a composed scheduler as its own class, composed again when loaded: pickle finds a
+    class by its name, and the composing subclass carries the name of the class it composes."""
+    composed, original = type(self), _original_class(self)
+    rebuild, arguments, *rest = original.__reduce_ex__(self, protocol)
+    arguments = tuple(original if a is composed else a for a in arguments)
+    return (_rebuild_composed, (rebuild, arguments), *rest)
+
+
+def _rebuild_composed(rebuild: Any, arguments: tuple[Any, ...]) -> Any:
+    scheduler = rebuild(*arguments)  # its state is set after this returns
+    scheduler.__class__ = _composed_class(type(scheduler))
+    return scheduler
+
+
+def _composed_class(cls: type) -> type:
+    """The subclass of ``cls`` whose ``step()`` runs on the unscaled schedule (one per class)."""
     sub = _SUBCLASSES.get(cls)
     if sub is None:
         sub = type(
@@ -166,13 +176,24 @@ def compose_with_scheduler(scheduler: Any) -> None:
             (cls,),
             {
                 "step": _scaled_step,
+                "__reduce_ex__": _reduce_composed,
                 "_lr_guard_composed": True,
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
             },
         )
         _SUBCLASSES[cls] = sub
-    scheduler.__class__ = sub
+    return sub
+
+
+def compose_with_scheduler(scheduler: Any) -> None:
+    """Make ``scheduler`` run on the unscaled schedule, so the guard's cuts compose with it. Idempotent."""
+    cls = type(scheduler)
+    if getattr(cls, "_lr_guard_composed", False):
+        return
+    if not hasattr(scheduler, "optimizer") or not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"{cls.__name__} is not an LR scheduler (it needs .optimizer and .step())")
+    scheduler.__class__ = _composed_class(cls)
 
 
 def release_scheduler(scheduler: Any) -> None:
