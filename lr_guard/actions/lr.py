@@ -29,6 +29,7 @@ __all__ = [
     "set_lr_factors",
     "set_min_lr",
     "set_scheduled_lr",
+    "take_up_written_lrs",
 ]
 
 
@@ -114,6 +115,20 @@ def cut_lr(optimizers: Iterable[HasParamGroups], factor: float, eps: float = 1e-
                 _apply(group, unscaled)
                 continue
             changes.append(LRChange(i, j, old, float(group["lr"])))
+    return changes
+
+
+def take_up_written_lrs(optimizer: HasParamGroups) -> list[LRChange]:
+    """Apply the guard's factor and floor to an LR someone else wrote into a group since the guard last set it (a
+    manual warm-up in ``optimizer_step``: ``pg["lr"] = scale * base_lr``), taking the written value as the
+    schedule's own; returns the groups whose LR that changed (``old``: the value written; ``optimizer`` is 0)."""
+    changes = []
+    for j, group in enumerate(optimizer.param_groups):
+        if FACTOR in group and group.get(EFFECTIVE) != group["lr"]:
+            written = float(group["lr"])
+            _apply(group, written)
+            if group["lr"] != written:
+                changes.append(LRChange(0, j, written, float(group["lr"])))
     return changes
 
 
