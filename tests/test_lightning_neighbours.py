@@ -1,5 +1,5 @@
 """The guard beside what a user's own Lightning project already has: an LR written by hand in ``optimizer_step``,
-schedulers that get pickled and deep-copied during fit."""
+schedulers that get pickled and deep-copied during fit, and ``EarlyStopping`` on the training loss."""
 
 import copy
 import math
@@ -8,6 +8,7 @@ import pickle
 import pytest
 import pytorch_lightning as pl
 from conftest import LRRecorder, make_trainer
+from pytorch_lightning.callbacks import EarlyStopping
 from torch.optim import lr_scheduler as S
 
 from lr_guard import Action, LRGuard
@@ -97,3 +98,37 @@ def test_a_scheduler_pickles_and_deep_copies_during_fit_and_its_copy_composes_to
         clone.step(1.0) if isinstance(clone, S.ReduceLROnPlateau) else clone.step()
         assert getattr(type(clone), "_lr_guard_composed", False)
         assert factor == 0.5 and group["lr"] == pytest.approx(factor * group["lr_guard_unscaled"])
+
+
+def test_early_stopping_on_the_training_loss_does_not_stop_a_run_the_guard_rescued():
+    # 16 steps an epoch: the NaN at step 45 falls in epoch 2's last check window, read at the epoch's end
+    guard = LRGuard(plateau=False)
+    stopper = EarlyStopping(monitor="train_loss", patience=100)
+    model = TinyRegressionModule(lr=0.05, poison_steps=[45])
+    trainer = make_trainer([guard, stopper], max_steps=-1, max_epochs=8)
+    trainer.fit(model)
+    assert [(d.action, d.event.step) for d in guard.decisions] == [(Action.ROLLBACK, 45)]
+    assert trainer.current_epoch == 8 and stopper.stopped_epoch == 0, stopper.stopping_reason_message
+    assert math.isfinite(float(trainer.callback_metrics["train_loss"]))
+
+
+def test_after_a_rollback_the_callbacks_read_the_metrics_of_the_restored_weights():
+    seen = {}
+
+    class Reader(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[trainer.current_epoch] = float(trainer.callback_metrics["train_loss"])
+
+    guard = LRGuard(plateau=False, snapshot_every=20)
+    model = TinyRegressionModule(lr=0.05, poison_steps=[47])  # the last step of epoch 2
+    logged = {}
+
+    class Logged(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged[trainer.global_step - 1] = float(trainer.callback_metrics["train_loss"])
+
+    make_trainer([guard, Logged(), Reader()], max_steps=-1, max_epochs=4).fit(model)
+    [rollback] = [d for d in guard.decisions if d.action == Action.ROLLBACK]
+    assert rollback.event.step == 47 and math.isnan(logged[47])
+    # what the callbacks read after it is the loss logged at the restored step: the loss of the restored weights
+    assert seen[2] == logged[rollback.rollback_to]

@@ -171,7 +171,8 @@ def _reduce_composed(self: Any, protocol: int) -> Any:
     """Pickle (and deep-copy) a composed scheduler as its own class, composed again when loaded: pickle finds a
     class by its name, and the composing subclass carries the name of the class it composes."""
     composed, original = type(self), _original_class(self)
-    rebuild, arguments, *rest = original.__reduce_ex__(self, protocol)
+    reduce_ex: Any = original.__reduce_ex__
+    rebuild, arguments, *rest = reduce_ex(self, protocol)
     arguments = tuple(original if a is composed else a for a in arguments)
     return (_rebuild_composed, (rebuild, arguments), *rest)
 

@@ -258,6 +258,7 @@ class GuardCore(GuardSettings):
         self._cadence = _Cadence(self.config, self._skipper)
         if self.rollback:
             self._store.take(trainer.global_step, targets(trainer, pl_module), self._copies())
+            self._run.snapshot_taken(trainer.global_step)
 
     def _copies(self) -> int:
         return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
@@ -324,6 +325,8 @@ class GuardCore(GuardSettings):
         if global_step == self._last_global_step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
         step, self._last_global_step = self._last_global_step, global_step  # the step this batch trained
+        if self._run.metrics_due == step:  # type: ignore[union-attr]
+            self._run.note_metrics()  # type: ignore[union-attr]
         self.feed.end_step(step, trainer, cadence.every_step)
         snapshot_due = cadence.snapshot_every and global_step % cadence.snapshot_every == 0
         if snapshot_due or global_step % cadence.check_every == 0:
@@ -331,6 +334,7 @@ class GuardCore(GuardSettings):
         if snapshot_due and self.policy.wants_snapshot(global_step):
             self._store.take(global_step, targets(trainer, pl_module), self._copies())
             self.policy.snapshot_taken(global_step)
+            self._run.snapshot_taken(global_step)  # type: ignore[union-attr]
 
     def _check(self, trainer: Any, wait: bool = False) -> None:
         """Send the values gathered since the last check on their way to the host (one batch: one copy, and
@@ -346,6 +350,8 @@ class GuardCore(GuardSettings):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.policy.stopped:
             self._check(trainer, wait=True)
+        if self._run is not None:
+            self._run.put_back_metrics()  # before EarlyStopping and ModelCheckpoint read them
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.check_on != "validation" or trainer.sanity_checking or self.policy.stopped:
