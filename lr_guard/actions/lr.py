@@ -29,6 +29,7 @@ __all__ = [
     "set_lr_factors",
     "set_min_lr",
     "set_scheduled_lr",
+    "take_up_written_lrs",
 ]
 
 
@@ -117,6 +118,20 @@ def cut_lr(optimizers: Iterable[HasParamGroups], factor: float, eps: float = 1e-
     return changes
 
 
+def take_up_written_lrs(optimizer: HasParamGroups) -> list[LRChange]:
+    """Apply the guard's factor and floor to an LR someone else wrote into a group since the guard last set it (a
+    manual warm-up in ``optimizer_step``: ``pg["lr"] = scale * base_lr``), taking the written value as the
+    schedule's own; returns the groups whose LR that changed (``old``: the value written; ``optimizer`` is 0)."""
+    changes = []
+    for j, group in enumerate(optimizer.param_groups):
+        if FACTOR in group and group.get(EFFECTIVE) != group["lr"]:
+            written = float(group["lr"])
+            _apply(group, written)
+            if group["lr"] != written:
+                changes.append(LRChange(0, j, written, float(group["lr"])))
+    return changes
+
+
 def set_lr_factors(optimizers: Iterable[HasParamGroups], factors: Sequence[Sequence[float]]) -> None:
     """Set every group's cumulative factor (as returned by :func:`lr_factors`) and its effective LR."""
     for optimizer, group_factors in zip(optimizers, factors, strict=True):
@@ -152,13 +167,24 @@ def _original_class(scheduler: Any) -> type:
     return cls.__bases__[0] if getattr(cls, "_lr_guard_composed", False) else cls
 
 
-def compose_with_scheduler(scheduler: Any) -> None:
-    """Make ``scheduler`` run on the unscaled schedule, so the guard's cuts compose with it. Idempotent."""
-    cls = type(scheduler)
-    if getattr(cls, "_lr_guard_composed", False):
-        return
-    if not hasattr(scheduler, "optimizer") or not callable(getattr(scheduler, "step", None)):
-        raise TypeError(f"{cls.__name__} is not an LR scheduler (it needs .optimizer and .step())")
+def _reduce_composed(self: Any, protocol: int) -> Any:
+    """Pickle (and deep-copy) a composed scheduler as its own class, composed again when loaded: pickle finds a
+    class by its name, and the composing subclass carries the name of the class it composes."""
+    composed, original = type(self), _original_class(self)
+    reduce_ex: Any = original.__reduce_ex__
+    rebuild, arguments, *rest = reduce_ex(self, protocol)
+    arguments = tuple(original if a is composed else a for a in arguments)
+    return (_rebuild_composed, (rebuild, arguments), *rest)
+
+
+def _rebuild_composed(rebuild: Any, arguments: tuple[Any, ...]) -> Any:
+    scheduler = rebuild(*arguments)  # its state is set after this returns
+    scheduler.__class__ = _composed_class(type(scheduler))
+    return scheduler
+
+
+def _composed_class(cls: type) -> type:
+    """The subclass of ``cls`` whose ``step()`` runs on the unscaled schedule (one per class)."""
     sub = _SUBCLASSES.get(cls)
     if sub is None:
         sub = type(
@@ -166,13 +192,24 @@ def compose_with_scheduler(scheduler: Any) -> None:
             (cls,),
             {
                 "step": _scaled_step,
+                "__reduce_ex__": _reduce_composed,
                 "_lr_guard_composed": True,
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
             },
         )
         _SUBCLASSES[cls] = sub
-    scheduler.__class__ = sub
+    return sub
+
+
+def compose_with_scheduler(scheduler: Any) -> None:
+    """Make ``scheduler`` run on the unscaled schedule, so the guard's cuts compose with it. Idempotent."""
+    cls = type(scheduler)
+    if getattr(cls, "_lr_guard_composed", False):
+        return
+    if not hasattr(scheduler, "optimizer") or not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"{cls.__name__} is not an LR scheduler (it needs .optimizer and .step())")
+    scheduler.__class__ = _composed_class(cls)
 
 
 def release_scheduler(scheduler: Any) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from lr_guard.actions import compose_with_scheduler, release_scheduler
 from lr_guard.actions.gate import UpdateGate
-from lr_guard.actions.lr import UNSCALED
+from lr_guard.actions.lr import UNSCALED, take_up_written_lrs
 from lr_guard.actions.snapshot_store import SnapshotStore
 from lr_guard.callbacks.feed import ValueFeed
 from lr_guard.callbacks.live_run import LiveRun, schedulers, targets
@@ -177,6 +177,7 @@ class GuardCore(GuardSettings):
         self._skipper = UpdateSkipper(self.policy, self.feed, self.gate)
         self._skips = self.policy.skips
         self._store = SnapshotStore()
+        self._lr_hooks: list[Any] = []
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
@@ -189,6 +190,7 @@ class GuardCore(GuardSettings):
         self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
         self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
+        self._told_of_written_lr = False
 
     @property
     def watch_on(self) -> str | None:
@@ -273,6 +275,8 @@ class GuardCore(GuardSettings):
         self.executor.prepare(trainer.optimizers)
         for scheduler in schedulers(trainer):
             compose_with_scheduler(scheduler)
+        self._release_optimizers()
+        self._lr_hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in trainer.optimizers]
         self._last_global_step = trainer.global_step
         self._store = SnapshotStore(
             self.snapshot_device,
@@ -300,6 +304,7 @@ class GuardCore(GuardSettings):
         if self.policy.good is None or self.policy.good.step != step:
             self.policy.start(step)
         self._store.take(step, targets(trainer, pl_module), self._copies())
+        self._run.snapshot_taken(step)  # type: ignore[union-attr]
 
     def _copies(self) -> int:
         return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
@@ -310,7 +315,27 @@ class GuardCore(GuardSettings):
             self._run.release()
         for scheduler in schedulers(trainer):
             release_scheduler(scheduler)
+        self._release_optimizers()
         self._store.close()
+
+    def _release_optimizers(self) -> None:
+        for hook in self._lr_hooks:
+            hook.remove()
+        self._lr_hooks = []
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
+        """Every optimizer step: an LR the user wrote by hand (a manual warm-up in ``optimizer_step``) is taken as
+        the schedule's, and the guard's cuts apply on top of it."""
+        changes = take_up_written_lrs(optimizer)
+        if changes and not self._told_of_written_lr:
+            self._told_of_written_lr = True
+            change = changes[0]
+            self._reporter.note(
+                f"an LR was set by hand ({change.old:.3g}, e.g. in optimizer_step); the guard takes it as your "
+                f"schedule's LR and applies its cuts on top: it steps with {change.new:.3g}. Write the LR itself "
+                "(pg['lr'] = scale * base_lr): scaling the LR you read (pg['lr'] *= g) would compound with the "
+                "guard's cuts; use an LR scheduler (LambdaLR) for that"
+            )
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning does not call callbacks' teardown when training raises: leave the schedulers as they were.
@@ -352,6 +377,8 @@ class GuardCore(GuardSettings):
         if cadence.choose_watch_on:
             cadence = self._cadence = self._choose_watch_on(trainer)
         step, self._last_global_step = self._last_global_step, global_step  # the step this batch trained
+        if self._run.metrics_due == step:  # type: ignore[union-attr]
+            self._run.note_metrics()  # type: ignore[union-attr]
         self.feed.end_step(step, trainer, cadence.every_step)
         snapshot_due = cadence.snapshot_every and global_step % cadence.snapshot_every == 0
         if snapshot_due or global_step % cadence.check_every == 0:
@@ -359,6 +386,7 @@ class GuardCore(GuardSettings):
         if snapshot_due and not self._start_pending and self.policy.wants_snapshot(global_step):
             self._store.take(global_step, targets(trainer, pl_module), self._copies())
             self.policy.snapshot_taken(global_step)
+            self._run.snapshot_taken(global_step)  # type: ignore[union-attr]
 
     def _choose_watch_on(self, trainer: Any) -> _Cadence:
         """``monitor=`` without ``check_on``, at the first optimizer step: watch the metric where it is logged --
@@ -381,6 +409,7 @@ class GuardCore(GuardSettings):
         """Send the values gathered since the last check on their way to the host (one batch: one copy, and
         under DDP one collective), and run the policy on every value that has arrived (all of them with
         ``wait``)."""
+        self._take_up_written_lrs(trainer)
         self._note_schedule(trainer)
         self.feed.send(trainer)
         arrived = self.feed.arrived(wait)
@@ -390,13 +419,22 @@ class GuardCore(GuardSettings):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.policy.stopped:
             self._check(trainer, wait=True)
+        if self._run is not None:
+            self._run.put_back_metrics()  # before EarlyStopping and ModelCheckpoint read them
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.check_on != "validation" or trainer.sanity_checking or self.policy.stopped:
             return
         assert self.monitor is not None  # checked at construction
+        self._take_up_written_lrs(trainer)
         self.feed.push_now(trainer, trainer.global_step, self.feed.metric(trainer, self.monitor))
         self._process(trainer, self.feed.arrived(wait=True))
+
+    def _take_up_written_lrs(self, trainer: Any) -> None:
+        """Before a check: what the decisions report, and the warm-up the policy reads, include an LR written by
+        hand since the last step."""
+        for optimizer in trainer.optimizers:
+            self._before_optimizer_step(optimizer)
 
     def _note_schedule(self, trainer: Any) -> None:
         """Is the user's schedule raising the LR (a warm-up)? Read on the first param group's unscaled LR."""

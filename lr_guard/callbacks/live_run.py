@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from lr_guard.actions.snapshot_store import SnapshotStore, Targets
 from lr_guard.callbacks.feed import ValueFeed
 
@@ -26,10 +28,11 @@ def targets(trainer: Any, module: Any) -> Targets:
 
 
 class LiveRun:
-    """A :class:`~lr_guard.executor.RunState` over a live Trainer: restoring puts a snapshot back in place and
-    forgets the values read since; stopping writes the restored state as a Lightning checkpoint and ends the run,
-    before the Trainer's ``min_steps`` / ``min_epochs`` if need be (training on would only diverge again, unwatched);
-    :meth:`release` puts those settings back."""
+    """A :class:`~lr_guard.executor.RunState` over a live Trainer: restoring puts a snapshot back in place,
+    forgets the values read since and puts back the metrics the callbacks read (``trainer.callback_metrics``) as
+    the snapshot's weights logged them; stopping writes the restored state as a Lightning checkpoint and ends the
+    run, before the Trainer's ``min_steps`` / ``min_epochs`` if need be (training on would only diverge again,
+    unwatched); :meth:`release` puts those settings back."""
 
     def __init__(
         self, trainer: Any, module: Any, store: SnapshotStore, feed: ValueFeed, checkpoint_dir: str | None
@@ -42,6 +45,24 @@ class LiveRun:
         self.checkpoint_path: str | None = None
         self.where: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch index), kept while the gate is on
         self._minimums: tuple[int | None, int | None] | None = None  # the Trainer's, while a stop overrides them
+        self.metrics: dict[int, dict[str, Any]] = {}  # snapshot step -> the callback metrics logged at that step
+        self.metrics_due: int | None = None  # the step of the last snapshot, until its step's metrics are kept
+        self._put_back: dict[str, tuple[Any, Any]] = {}  # name -> (what a discarded step logged, the restored)
+
+    def snapshot_taken(self, step: int) -> None:
+        """A snapshot of ``step`` was taken: what step ``step`` logs (its loss is that of the snapshot's weights)
+        is kept with it, once the step is done (:meth:`note_metrics`)."""
+        self.metrics_due = step
+
+    def note_metrics(self) -> None:
+        """The step of the last snapshot is done: keep the callback metrics it logged (copies on their device)."""
+        step, self.metrics_due = self.metrics_due, None
+        self.metrics = {s: m for s, m in self.metrics.items() if s in self.store}
+        if step is not None:
+            logged = self.trainer.callback_metrics
+            self.metrics[step] = {
+                k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in logged.items()
+            }
 
     def locate(self, step: int) -> tuple[int, int] | None:
         """The epoch and batch index the update of ``step`` was trained on, where they were noted."""
@@ -63,6 +84,19 @@ class LiveRun:
     def restore(self, step: int) -> None:
         self.store.restore(step, targets(self.trainer, self.module))
         self.feed.clear()
+        self.metrics_due = None
+        logged = self.trainer.callback_metrics
+        self._put_back = {k: (logged[k], v) for k, v in self.metrics.get(step, {}).items() if k in logged}
+        self.put_back_metrics()
+
+    def put_back_metrics(self) -> None:
+        """What the discarded steps logged (a NaN loss), where nothing has logged it anew since the rollback, is
+        read by the callbacks (EarlyStopping, ModelCheckpoint) as the restored weights logged it. Lightning writes
+        a step's values back at the step's end, so this is done again at the epoch's end."""
+        logged = self.trainer.callback_metrics
+        for name, (stale, restored) in self._put_back.items():
+            if name in logged and _same_value(logged[name], stale):
+                logged[name] = restored
 
     def stop(self, step: int) -> str | None:
         self.restore(step)
@@ -104,3 +138,10 @@ class LiveRun:
             loop = self.trainer.fit_loop
             loop.min_epochs, loop.epoch_loop.min_steps = self._minimums
             self._minimums = None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal values, NaN equal to NaN (Lightning hands out a new tensor at every read of its metrics)."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    same = a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    return same and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)

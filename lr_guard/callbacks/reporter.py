@@ -87,6 +87,11 @@ class Reporter:
             level = logging.WARNING if decision.action in loud else logging.INFO
             log.log(level, "lr_guard: %s", decision.message)
 
+    def note(self, text: str) -> None:
+        """Something the user should know about how the guard meets their code (at INFO, on rank zero)."""
+        if self.config.verbose and self._trainer is not None and self._trainer.is_global_zero:
+            log.info("lr_guard: %s", text)
+
     def _record_skip(self, decision: Decision) -> None:
         """Add a skipped (or scaled-down) update to the list a person reads to find the bad batches."""
         event = decision.event
