@@ -17,8 +17,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # one reduction order for every comparison in the suite
 
 
-def make_trainer(callbacks=(), max_steps=60, **kwargs):
-    """A quiet CPU Trainer for tests."""
+def make_trainer(callbacks=(), max_steps=60, trainer_class=pl.Trainer, **kwargs):
+    """A quiet CPU Trainer for tests (``trainer_class=lightning.pytorch.Trainer`` for the other namespace)."""
     defaults = dict(
         logger=False,
         enable_checkpointing=False,
@@ -32,7 +32,7 @@ def make_trainer(callbacks=(), max_steps=60, **kwargs):
     defaults.update(kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pl.Trainer(callbacks=list(callbacks), max_steps=max_steps, **defaults)
+        return trainer_class(callbacks=list(callbacks), max_steps=max_steps, **defaults)
 
 
 class LRRecorder(pl.Callback):

@@ -41,8 +41,37 @@ SCENARIOS = {
     "spike_on_rank0": {0: {30: 5000.0}},
     "always_nan_on_rank0": {0: {"start": 25, "from": math.nan}},
     "gate_nan_on_rank1": {1: {25: math.nan}},
+    "spawn_nan_on_rank1": {1: {25: math.nan}},
 }
 GATED = {"gate_nan_on_rank1"}  # scenarios run with the update gate
+SPAWNED = {"spawn_nan_on_rank1"}  # scenarios run with strategy="ddp_spawn" (the others re-run this script per rank)
+
+
+class WriteResult(pl.Callback):
+    """Each rank writes what it saw and did at the end of fit, in its own process (under ddp_spawn, the code
+    after ``trainer.fit`` runs in the launching process only)."""
+
+    def __init__(self, guard, out):
+        self.guard, self.out = guard, out
+
+    def teardown(self, trainer, pl_module, stage):
+        guard = self.guard
+        params = list(pl_module.parameters())
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest()
+        result = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "spawned": type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher",
+            "decisions": [(d.event.step, d.action.value, d.rollback_to) for d in guard.decisions],
+            "global_step": trainer.global_step,
+            "params_sha256": digest,
+            "finite": all(bool(torch.isfinite(p).all()) for p in params),
+            "checkpoint": guard.checkpoint_path,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        with open(os.path.join(self.out, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(result, f)
 
 
 def main():
@@ -60,30 +89,16 @@ def main():
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy="ddp_spawn" if scenario in SPAWNED else "ddp",
         max_steps=60,
-        callbacks=[guard],
+        callbacks=[guard, WriteResult(guard, out)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out,
     )
-    module = RankScripted(SCENARIOS[scenario])
-    trainer.fit(module)
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in module.parameters())).hexdigest()
-    result = {
-        "rank": trainer.global_rank,
-        "world_size": trainer.world_size,
-        "decisions": [(d.event.step, d.action.value, d.rollback_to) for d in guard.decisions],
-        "global_step": trainer.global_step,
-        "params_sha256": digest,
-        "finite": all(bool(torch.isfinite(p).all()) for p in module.parameters()),
-        "checkpoint": guard.checkpoint_path,
-        "lr": trainer.optimizers[0].param_groups[0]["lr"],
-    }
-    with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
-        json.dump(result, f)
+    trainer.fit(RankScripted(SCENARIOS[scenario]))
 
 
 if __name__ == "__main__":

@@ -79,9 +79,10 @@ class UpdateSkipper:
         if step_loss is not None and self.policy.config.skip_spikes:
             read = lambda: float(self.feed.agreed(trainer, step_loss))  # noqa: E731
         skip = self.policy.should_skip(step, read)
-        if not skip and self.gate is not None:
-            grads = grads_of(optimizer)
-            if grads and self.gate.uses_device(grads[0].device):
+        grads = grads_of(optimizer) if not skip and self.gate is not None else []
+        if grads:  # no gradient at all (training_step returned None): no update to score
+            assert self.gate is not None
+            if self.gate.uses_device(grads[0].device):
                 skip = self._gate_on_device(trainer, step, step_loss, optimizer, module, grads)
             else:
                 skip = self._gate(step, step_loss, grads)
