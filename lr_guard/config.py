@@ -26,6 +26,7 @@ __all__ = [
     "check_setting",
     "per_group_floors",
     "run_sized_plateau",
+    "sized_detector",
 ]
 
 # The detectors LRGuard's keyword switches name, in the order they are fed (and logged)
@@ -235,6 +236,36 @@ def run_sized_plateau(max_steps: int) -> PlateauDetector:
     clamped to 100..1000 steps, and a window of ``min(100, patience)`` values."""
     patience = min(1000, max(100, max_steps // 10))
     return PlateauDetector(patience=patience, window=min(100, patience))
+
+
+def validation_plateau() -> PlateauDetector:
+    """The default plateau detector for one value per validation run (or epoch): torch's ``ReduceLROnPlateau``
+    rule -- patience 10 values, threshold 1e-4 relative, on the value itself."""
+    return PlateauDetector(patience=10, threshold=1e-4, window=1, noise_sigmas=0.0, warmup_steps=0)
+
+
+def validation_divergence() -> DivergenceDetector:
+    """The default divergence detector for one value per validation run. A validation value is an average over a
+    data set, not one batch: a NaN or a 10x blow-up counts at once, 2x the best for two validations in a row
+    counts, and there is no trend test (a validation loss that creeps up is overfitting, not divergence)."""
+    return DivergenceDetector(smoothing_window=1, patience=2, trend_window=0, warmup_steps=1, instant_confirm=0)
+
+
+def sized_detector(slot: str, watch_on: str, total_steps: int | None) -> Detector | None:
+    """The default detector of ``slot`` for a run watched at ``watch_on`` (``"train_step"`` or ``"validation"``)
+    and ``total_steps`` optimizer steps long (``None``: unknown), or ``None`` where the constructor's default fits.
+
+    Per step, the plateau detector is sized to the run (:func:`run_sized_plateau`); per validation, the plateau
+    and divergence detectors count in validations (:func:`validation_plateau`, :func:`validation_divergence`)."""
+    if watch_on == "validation":
+        if slot == "plateau":
+            return validation_plateau()
+        if slot == "divergence":
+            return validation_divergence()
+        return None
+    if slot == "plateau" and total_steps is not None and total_steps > 0:
+        return run_sized_plateau(total_steps)
+    return None
 
 
 def per_group_floors(min_lr: float | Sequence[float], groups_per_optimizer: Sequence[int]) -> list[Any]:

@@ -187,6 +187,10 @@ class Diagnostics:
             writer = getattr(logger, "experiment", None)
             if callable(getattr(writer, "add_text", None)) and callable(getattr(writer, "add_custom_scalars", None)):
                 self._writers.append(writer)
+        self.describe(trainer, settings, detectors)
+
+    def describe(self, trainer: Any, settings: dict[str, Any], detectors: Mapping[str, Detector]) -> None:
+        """Write the configuration and the dashboard layout (again, when the detectors have been sized to the run)."""
         for writer in self._writers:
             writer.add_custom_scalars(layout(detectors))
             writer.add_text(CONFIG_TAG, config_markdown(settings), trainer.global_step)

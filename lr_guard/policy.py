@@ -62,13 +62,14 @@ class GuardPolicy(UpdateResponses):
     """The guard's rules.
 
     * A snapshot is wanted every ``snapshot_every`` steps while every detector is quiet and none is pending; it
-      becomes the good one after ``confirm_steps`` healthy values (finite, no spike or divergence, detectors
-      quiet); an unhealthy value discards it.
+      becomes the good one once the values over ``confirm_steps`` optimizer steps after it are healthy (finite,
+      no spike or divergence, detectors quiet): one value per step when the loss is watched, the first validation
+      that many steps on when a validation metric is; an unhealthy value discards it.
     * Divergence: roll back to the good snapshot with the LR times ``rollback_factor`` and ``skip_batches``
       skipped; after ``max_rollbacks`` rollbacks with no newly confirmed snapshot, stop (restoring it first).
       The detectors are put back to their state at the snapshot. A bad batch keeps the LR
       (``keep_lr_on_bad_batch``): when the first rollback of an incident is set off by one sudden value (non-finite
-      or blown up) after at least ``confirm_steps`` values without any event, outside a warm-up, the LR was not
+      or blown up) after at least ``confirm_steps`` optimizer steps without any event, outside a warm-up, the LR was not
       to blame, and the data stream has moved past the batch; if the trouble comes back, the next rollback cuts.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
       ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
@@ -116,9 +117,16 @@ class GuardPolicy(UpdateResponses):
         progress = [d for d in self._active if d.tracks_progress and d.signal == LOSS]
         self._progress: Detector | None = progress[0] if progress else None
 
-    def replace_detector(self, slot: str, detector: Detector) -> None:
-        """Put ``detector`` in ``slot`` (before training starts, e.g. a plateau detector sized to the run)."""
+    def replace_detector(self, slot: str, detector: Detector, state: Mapping[str, Any] | None = None) -> None:
+        """Put ``detector`` in ``slot`` before it has seen a value of this run (e.g. a plateau detector sized to
+        the run), with a checkpoint's ``state`` for it if one was saved; the snapshot marks taken so far hold its
+        state from now on."""
         self.detectors[slot] = detector
+        if state is not None:
+            load_detector_states({slot: detector}, {slot: state})
+        for mark in (self.good, self.pending, self.origin):
+            if mark is not None:
+                mark.detectors[slot] = detector.state_dict()
         self._index_detectors()
 
     @property
@@ -143,13 +151,12 @@ class GuardPolicy(UpdateResponses):
         self.good: SnapshotMark | None = None
         self.pending: SnapshotMark | None = None
         self.origin: SnapshotMark | None = None  # where training started, kept for a restart until progress
-        self.healthy_after_pending = 0
         self.skips.reset_run()
         self.lr_rising = False  # the schedule's LR is rising (a warm-up): see note_lr
         self._last_lr: float | None = None
         self._last_lr_step: int | None = None
         self.stopped = False
-        self.calm_steps = 0  # values in a row that raised no event
+        self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
 
     def note_lr(self, lr: float, step: int) -> None:
@@ -196,7 +203,6 @@ class GuardPolicy(UpdateResponses):
 
     def snapshot_taken(self, step: int) -> None:
         self.pending = SnapshotMark(step, self.detector_state())
-        self.healthy_after_pending = 0
         self.counts["snapshots"] += 1
 
     def _confirm(self, step: int, healthy: bool) -> None:
@@ -205,8 +211,9 @@ class GuardPolicy(UpdateResponses):
         if not healthy:
             self.pending = None
             return
-        self.healthy_after_pending += 1
-        if self.healthy_after_pending >= self.config.confirm_steps:
+        # confirmed by healthy values over confirm_steps optimizer steps: one per step when the loss is watched,
+        # the first validation that far on when a validation metric is
+        if step - self.pending.step + 1 >= self.config.confirm_steps:
             self.good, self.pending = self.pending, None
             self.incident_rollbacks = 0
 
@@ -251,10 +258,12 @@ class GuardPolicy(UpdateResponses):
             self.skips.observing(step)
         if self.origin is not None and self._progress is not None and self._progress.progress >= RESTART_PROGRESS:
             self.origin = None  # training got going: no restart from scratch any more
+        calm_from = self._calm_from
+        if calm_from is None:
+            calm_from = self._calm_from = step
         if not events:
-            self.calm_steps += 1
             return [gated] if gated is not None else []
-        calm_before, self.calm_steps = self.calm_steps, 0
+        calm_before, self._calm_from = step - calm_from, step + 1  # optimizer steps with no event before this
         intents = [gated] if gated is not None else []
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
             kind = kind_name(event.kind)
@@ -339,7 +348,7 @@ class GuardPolicy(UpdateResponses):
         self, event: Event, step: int, skip_batches: int, factor: float | None = None, reason: str = ""
     ) -> Intent:
         self.counts["rollbacks"] += 1
-        self.calm_steps = 0
+        self._calm_from = None
         self._grad_warning = None
         self.skips.left = skip_batches
         factor = self.config.rollback_factor if factor is None else factor

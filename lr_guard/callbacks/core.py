@@ -16,6 +16,7 @@ snapshots) and :class:`~lr_guard.diagnostics.Diagnostics` (what a person sees).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -32,7 +33,7 @@ from lr_guard.callbacks.live_run import LiveRun, schedulers, targets
 from lr_guard.callbacks.reporter import Reporter
 from lr_guard.callbacks.settings import GuardSettings
 from lr_guard.callbacks.skipper import UpdateSkipper
-from lr_guard.config import GuardConfig, build_detectors, run_sized_plateau
+from lr_guard.config import GuardConfig, build_detectors, sized_detector
 from lr_guard.detectors import (
     Detector,
     DivergenceDetector,
@@ -169,7 +170,9 @@ class GuardCore(GuardSettings):
         self.gate = _gate(gate)
         self.policy = GuardPolicy(_assemble(switches, self.extra_detectors, self.gate), self.config)
         _check_combinations(self.config, self.detectors)
-        self._auto_plateau = plateau is True
+        # the built-in detectors left at their default (True): sized to the run's cadence and length when it starts
+        self._sized_slots = {slot for slot in ("plateau", "divergence") if switches[slot] is True}
+        self._saved_states: dict[str, Any] = {}  # a checkpoint's state of those, loaded once they are sized
         self.executor = IntentExecutor(self.policy, self.config)
         pushed = frozenset({GATE, GRAD_NORM}) if self.gate is not None else frozenset()
         self.feed = ValueFeed(self.config, self.policy.signals, type(self).__name__, pushed)
@@ -228,6 +231,12 @@ class GuardCore(GuardSettings):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("detectors", {})
+        # a detector sized to the run is built when the run starts (after this): its state is loaded into it then
+        self._saved_states = {slot: saved[slot] for slot in self._sized_slots if slot in saved}
+        if self._saved_states:
+            others = {slot: value for slot, value in saved.items() if slot not in self._saved_states}
+            state_dict = {**state_dict, "detectors": others}
         self.policy.load_state_dict(state_dict, warn=lambda text: log.warning("lr_guard: %s", text))
         if "gate" in state_dict:
             self._skipper.gate_state = state_dict["gate"]  # loaded when the run starts (starting resets the gate)
@@ -237,10 +246,6 @@ class GuardCore(GuardSettings):
         if stage != "fit":
             return
         self._start_fit()
-        max_steps = int(getattr(trainer, "max_steps", -1) or -1)
-        if self._auto_plateau and max_steps > 0:
-            # plateau=True sizes the detector to the run (before Lightning restores a checkpoint's state into it)
-            self.policy.replace_detector("plateau", run_sized_plateau(max_steps))
         strategy = {cls.__name__ for cls in type(trainer.strategy).__mro__} & set(_SHARDED)
         if strategy:
             raise ValueError(
@@ -268,6 +273,7 @@ class GuardCore(GuardSettings):
         self.policy.reset()
         self._skipper.gate_state = None
         self._reporter.decisions = []  # a new list: one kept from the last fit stays as it was
+        self._saved_states = {}
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
@@ -285,6 +291,8 @@ class GuardCore(GuardSettings):
             rank=trainer.global_rank,
         )
         self._run = LiveRun(trainer, pl_module, self._store, self.feed, self.checkpoint_dir)
+        if self.watch_on is not None:  # else sized once the first step shows where monitor= is logged
+            self._size_detectors(trainer)
         self.policy.start(trainer.global_step)
         self._reporter.attach(trainer, self.settings(), self.detectors, self.counts, self._run.checkpoint_dir)
         self._skipper.reset(self.feed.world_size)
@@ -403,7 +411,27 @@ class GuardCore(GuardSettings):
             )
         if self.verbose and trainer.is_global_zero:
             log.info("lr_guard: watching monitor=%r %s", monitor, _WHERE[self.watch_on or ""])
+        if self._size_detectors(trainer):
+            self._reporter.describe(trainer, self.settings(), self.detectors)
         return _Cadence(self.config, self._skipper, self.watch_on)
+
+    def _size_detectors(self, trainer: Any) -> bool:
+        """The built-in detectors left at their default, sized to how the run is fed and how long it is: per
+        validation, the plateau and divergence rules count validations (torch's patience of 10 for plateaus); per
+        step, the plateau detector's patience is a tenth of the run (``max_steps``, or the steps ``max_epochs``
+        make). A checkpoint's state for them is loaded now. Whether anything was replaced."""
+        assert self.watch_on is not None
+        total = _total_steps(trainer) if self.watch_on == "train_step" else None
+        replaced = False
+        for slot in sorted(self._sized_slots):
+            detector = sized_detector(slot, self.watch_on, total)
+            if detector is not None:
+                self.policy.replace_detector(slot, detector, self._saved_states.pop(slot, None))
+                replaced = True
+        for slot, state in self._saved_states.items():  # the constructor's default fits: load the state into it
+            self.policy.replace_detector(slot, self.detectors[slot], state)
+        self._saved_states = {}
+        return replaced
 
     def _check(self, trainer: Any, wait: bool = False) -> None:
         """Send the values gathered since the last check on their way to the host (one batch: one copy, and
@@ -473,6 +501,19 @@ class _Cadence:
         self.loss_per_batch = self.every_step and config.monitor is None  # sum the micro-batches' losses
         self.snapshot_every = config.snapshot_every if config.rollback else 0
         self.check_every = 1 if config.skip_spikes else config.check_every_n_steps
+
+
+def _total_steps(trainer: Any) -> int | None:
+    """The optimizer steps the run will take: ``max_steps``, else what ``max_epochs`` makes (Lightning's estimate,
+    which needs the training data's length); ``None`` when neither bounds it."""
+    max_steps = int(getattr(trainer, "max_steps", -1) or -1)
+    if max_steps > 0:
+        return max_steps
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # the data cannot say (no length, no data yet): not sized
+        return None
+    return int(total) if isinstance(total, (int, float)) and math.isfinite(total) and total > 0 else None
 
 
 def _assemble(switches: dict[str, Any], extra: list[Detector], gate: UpdateGate | None) -> dict[str, Detector]:

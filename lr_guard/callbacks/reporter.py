@@ -60,6 +60,11 @@ class Reporter:
                 every = self.config.log_every_n_steps
                 self._log_every = every or int(getattr(trainer, "log_every_n_steps", 50) or 50)
 
+    def describe(self, trainer: Any, settings: dict[str, Any], detectors: Mapping[str, Detector]) -> None:
+        """The configuration once more: the run has shown how it is fed, and the detectors are sized to it."""
+        if self.config.diagnostics:
+            self._loggers.describe(trainer, settings, detectors)
+
     @property
     def logs_values(self) -> bool:
         """Some logger takes the scalars of the watched values."""

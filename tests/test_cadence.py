@@ -1,0 +1,109 @@
+"""The guard's defaults fit the cadence it is fed at: per step, per validation, and runs bounded by epochs."""
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from conftest import make_trainer
+from torch.utils.data import DataLoader
+
+from lr_guard import LRGuard, PlateauLRReducer
+from lr_guard.events import Action
+from lr_guard.testing import TinyRegressionModule
+
+
+class Validated(TinyRegressionModule):
+    """16 steps an epoch (256 samples, batches of 16), a validation run after each: ``val_loss`` is the loss on
+    the training data, or ``flat`` when given (a validation loss that no longer improves)."""
+
+    def __init__(self, flat: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.flat = flat
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=64)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("val_loss", torch.tensor(self.flat) if self.flat is not None else loss)
+
+
+def test_check_on_validation_confirms_a_snapshot_at_the_next_validation_not_ten_validations_later():
+    # NaN inputs at step 100 (epoch 6 of 16-step epochs): the NaN val_loss of that epoch rolls back. Before, a
+    # snapshot needed ten healthy validations to count as good, so the rollback went back to step 0.
+    module = Validated(poison_steps=[100], lr=0.05)
+    guard = LRGuard(monitor="val_loss", check_on="validation", snapshot_every=16, verbose=False)
+    make_trainer([guard], max_steps=160, num_sanity_val_steps=0).fit(module)
+    rollbacks = [d for d in guard.decisions if d.action == Action.ROLLBACK]
+    assert len(rollbacks) == 1, [d.message for d in guard.decisions]
+    assert rollbacks[0].event.step == 112 and 64 <= rollbacks[0].rollback_to < 112
+    assert all(math.isfinite(float(p.sum())) for p in module.parameters())
+
+
+def test_plateau_lr_reducer_on_val_loss_cuts_after_torchs_patience_of_ten_validations():
+    # A val_loss flat from the first validation: torch's ReduceLROnPlateau (patience 10) cuts at the 12th. Before,
+    # the step-sized defaults (a window of 100 values, patience 1000) never cut in 40 epochs.
+    module = Validated(flat=1.0, lr=0.01)
+    reducer = PlateauLRReducer(monitor="val_loss", verbose=False)
+    make_trainer([reducer], max_epochs=40, max_steps=-1, num_sanity_val_steps=0).fit(module)
+    cuts = [d for d in reducer.decisions if d.action == Action.LR_CUT]
+    assert cuts, [d.message for d in reducer.decisions]
+    assert cuts[0].event.step == 12 * 16  # the 12th validation: 11 without improvement after the first
+    assert reducer.detectors["plateau"].patience == 10
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] < 0.01
+
+
+def test_torch_reduce_lr_on_plateau_agrees_on_the_same_flat_validation_loss():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    torch_rule = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    first_cut = next(epoch for epoch in range(1, 40) if (torch_rule.step(1.0), opt.param_groups[0]["lr"])[1] < 0.01)
+    assert first_cut == 12
+
+
+class _StopAtFirstStep(pl.Callback):
+    def __init__(self, guard):
+        self.guard, self.patience = guard, None
+
+    def on_train_batch_end(self, trainer, *args):
+        self.patience = self.guard.detectors["plateau"].patience
+        trainer.should_stop = True
+
+
+def test_a_run_bounded_by_max_epochs_sizes_the_plateau_detector_as_the_same_max_steps_run():
+    # 16 steps an epoch: max_epochs=250 is 4000 steps, as max_steps=4000 (patience 400). Before, max_epochs runs
+    # kept the 1000-step default.
+    sizes = {}
+    for bound in ({"max_epochs": 250, "max_steps": -1}, {"max_steps": 4000}):
+        guard = LRGuard(verbose=False)
+        probe = _StopAtFirstStep(guard)
+        make_trainer([guard, probe], **bound).fit(TinyRegressionModule())
+        sizes[tuple(bound)] = probe.patience
+    assert sizes == {("max_epochs", "max_steps"): 400, ("max_steps",): 400}
+
+
+def test_a_monitored_validation_metric_gets_validation_sized_detectors_when_the_first_step_shows_it():
+    guard = LRGuard(monitor="val_loss", verbose=False)  # check_on chosen at the first step: validation
+    make_trainer([guard], max_steps=32, num_sanity_val_steps=0).fit(Validated())
+    assert guard.watch_on == "validation"
+    assert guard.detectors["plateau"].patience == 10 and guard.detectors["plateau"].window == 1
+    assert guard.detectors["divergence"].trend_window == 0
+
+
+def test_a_resumed_run_bounded_by_max_epochs_restores_the_sized_plateau_state_without_a_warning(tmp_path, recwarn):
+    first = LRGuard(verbose=False)
+    trainer = make_trainer([first], max_epochs=250, max_steps=-1, limit_train_batches=16)
+    probe = _StopAtFirstStep(first)
+    trainer.callbacks.append(probe)
+    module = TinyRegressionModule()
+    trainer.fit(module)
+    path = str(tmp_path / "mid.ckpt")
+    trainer.save_checkpoint(path)
+    saved = first.detectors["plateau"].state_dict()
+    second = LRGuard(verbose=False)
+    probe2 = _StopAtFirstStep(second)
+    resumed = make_trainer([second, probe2], max_epochs=250, max_steps=-1)
+    resumed.fit(TinyRegressionModule(), ckpt_path=path)
+    assert probe2.patience == 400
+    assert not [w for w in recwarn if "other settings" in str(w.message)]
+    assert second.detectors["plateau"].state_dict()["state"]["_n"] >= saved["state"]["_n"]
