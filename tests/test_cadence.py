@@ -107,3 +107,14 @@ def test_a_resumed_run_bounded_by_max_epochs_restores_the_sized_plateau_state_wi
     assert probe2.patience == 400
     assert not [w for w in recwarn if "other settings" in str(w.message)]
     assert second.detectors["plateau"].state_dict()["state"]["_n"] >= saved["state"]["_n"]
+
+
+def test_a_run_whose_validation_never_comes_says_the_guard_watched_nothing(caplog):
+    guard = LRGuard(monitor="val_loss", check_on="validation", verbose=False)
+    make_trainer([guard], max_steps=20, check_val_every_n_epoch=10, num_sanity_val_steps=0).fit(Validated())
+    warned = [r.getMessage() for r in caplog.records if r.name == "lr_guard" and r.levelname == "WARNING"]
+    assert any("none ran in these 20 steps, so the guard watched nothing" in m for m in warned), warned
+    caplog.clear()
+    validated = LRGuard(monitor="val_loss", check_on="validation", verbose=False)
+    make_trainer([validated], max_steps=32, num_sanity_val_steps=0).fit(Validated())
+    assert not [r for r in caplog.records if "watched nothing" in r.getMessage()]

@@ -59,6 +59,30 @@ def test_rollback_across_swa_epoch_start_restores_schedulers_by_identity(schedul
         assert faulty.lrs[step] == pytest.approx(clean.lrs[step], rel=1e-12), step
 
 
+def test_schedulers_that_come_and_go_compose_with_the_cuts_and_are_left_as_they_were():
+    # A NaN at step 40, after SWA swapped its SWALR in at step 16: the rollback's cut is carried by SWALR (it
+    # appeared during the run); after fit both SWALR and the user's StepLR it replaced are their own classes again.
+    guard = LRGuard(snapshot_every=8, confirm_steps=2, check_every_n_steps=1, keep_lr_on_bad_batch=False)
+    recorder = LRRecorder()
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2, annealing_epochs=2)
+    module = ScriptedLossModule(decaying(nan_at=(40,)), scheduler=step_lr, interval="epoch")
+    trainer = make_trainer([guard, swa, recorder], max_steps=-1, max_epochs=4)
+    user_steplr = {}
+
+    class Keep(LRRecorder):
+        def on_train_start(self, trainer, pl_module):
+            user_steplr["it"] = trainer.lr_scheduler_configs[0].scheduler
+
+    trainer.callbacks.append(Keep())
+    trainer.fit(module)
+    assert [d.rollback_to for d in guard.decisions if d.action == Action.ROLLBACK] == [32]
+    swalr = trainer.lr_scheduler_configs[0].scheduler
+    assert type(swalr) is torch.optim.swa_utils.SWALR
+    assert type(user_steplr["it"]) is torch.optim.lr_scheduler.StepLR  # swapped out by SWA, released all the same
+    # SWALR anneals to swa_lrs=0.01 by epoch 3 and holds it: after the cut the LR stepped is half of that
+    assert recorder.lrs[max(recorder.lrs)] == [pytest.approx(0.005)]
+
+
 # ---------------------------------------------------------------- parameters that appear during the run
 class LazyScriptedModule(ScriptedLossModule):
     """The scripted module with an ``nn.LazyLinear`` first layer: its weights exist after the first forward."""

@@ -88,8 +88,11 @@ class GuardCore(GuardSettings):
             that would watch nothing (``"validation"`` without a validation loop, or a metric logged nowhere)
             raises a ``ValueError``.
         spike, oscillation, plateau, divergence: ``True`` for the default detector, ``False`` to switch it off,
-            or a configured detector. ``plateau=True`` with a Trainer ``max_steps`` sizes the plateau detector to
-            the run: ``patience = max_steps // 10`` clamped to 100..1000 steps, ``window = min(100, patience)``.
+            or a configured detector. Left at ``True``, they fit the cadence the guard is fed at: per step, the
+            plateau detector is sized to the run (``patience`` a tenth of its steps -- ``max_steps``, or what
+            ``max_epochs`` makes -- clamped to 100..1000, ``window = min(100, patience)``); per validation, the
+            plateau rule is torch's ``ReduceLROnPlateau`` (patience 10 values, window 1) and the divergence rule
+            counts validations (:func:`~lr_guard.config.sized_detector`).
         detectors: More detectors, each any :class:`~lr_guard.Detector` (a user's own included), fed beside the
             built-in ones and shown under its ``name`` in the counts, TensorBoard, the decision log and replay.
             Its ``kind`` chooses the response: ``"divergence"`` rolls back, ``"plateau"`` / ``"oscillation"`` cut
@@ -103,12 +106,13 @@ class GuardCore(GuardSettings):
         max_rollbacks: Rollbacks allowed without a new healthy snapshot in between; one more stops training.
         keep_lr_on_bad_batch: Keep the LR on the first rollback of an incident when it was set off by one
             sudden value (NaN/inf, or a blow-up to ``instant_factor`` times the best) after at least
-            ``confirm_steps`` values with no event, outside a warm-up: that is a bad batch, which the data stream
-            has moved past, not a too-high LR. If the trouble comes back, the next rollback cuts the LR.
+            ``confirm_steps`` optimizer steps with no event, outside a warm-up: that is a bad batch, which the
+            data stream has moved past, not a too-high LR. If the trouble comes back, the next rollback cuts the LR.
             ``False``: every rollback cuts the LR by ``rollback_factor``.
         skip_spikes: Skip the update of a spiking (or non-finite) step; costs one host sync per step.
         snapshot_every: Take a snapshot every this many optimizer steps.
-        confirm_steps: Healthy values needed after a snapshot before it counts as good.
+        confirm_steps: Optimizer steps of healthy values after a snapshot before it counts as good (with
+            ``check_on="validation"``: the first healthy validation that many steps after it).
         check_every_n_steps: The watched values are gathered on the device and checked in batches, every this
             many optimizer steps, before each snapshot and at the end of each epoch: one transfer (and under DDP
             one collective) per batch, and the detectors run in one tight loop. Decisions therefore come up to
@@ -181,6 +185,7 @@ class GuardCore(GuardSettings):
         self._skips = self.policy.skips
         self._store = SnapshotStore()
         self._lr_hooks: list[Any] = []
+        self._composed: list[Any] = []  # the schedulers composed with the guard's cuts in this fit
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
@@ -188,6 +193,7 @@ class GuardCore(GuardSettings):
         self.policy.reset_run()
         self.feed.reset()
         self._last_global_step = -1
+        self._validations = 0  # values read after a validation run in this fit
         self._logged_in_training: bool | None = None  # is monitor= logged by the training step? (first step)
         self._start_pending = False  # lazy parameters: the starting snapshot waits for the first forward pass
         self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
@@ -279,8 +285,8 @@ class GuardCore(GuardSettings):
         self._reset_run_state()
         self.feed.reset(world_size=int(getattr(trainer, "world_size", 1) or 1))
         self.executor.prepare(trainer.optimizers)
-        for scheduler in schedulers(trainer):
-            compose_with_scheduler(scheduler)
+        self._release_schedulers()
+        self._compose_schedulers(trainer)
         self._release_optimizers()
         self._lr_hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in trainer.optimizers]
         self._last_global_step = trainer.global_step
@@ -321,10 +327,24 @@ class GuardCore(GuardSettings):
         self._skipper.after_step()
         if self._run is not None:
             self._run.release()
-        for scheduler in schedulers(trainer):
-            release_scheduler(scheduler)
+        self._release_schedulers()
         self._release_optimizers()
         self._store.close()
+
+    def _compose_schedulers(self, trainer: Any) -> None:
+        """Compose the Trainer's schedulers with the guard's cuts, also one that appears during the run (SWA's
+        ``SWALR`` at ``swa_epoch_start``); each is remembered, so that teardown leaves every one as it was, also
+        one the run has dropped since."""
+        composed = self._composed
+        for scheduler in schedulers(trainer):
+            if not any(scheduler is known for known in composed):
+                compose_with_scheduler(scheduler)
+                composed.append(scheduler)
+
+    def _release_schedulers(self) -> None:
+        for scheduler in self._composed:
+            release_scheduler(scheduler)
+        self._composed = []
 
     def _release_optimizers(self) -> None:
         for hook in self._lr_hooks:
@@ -438,6 +458,7 @@ class GuardCore(GuardSettings):
         under DDP one collective), and run the policy on every value that has arrived (all of them with
         ``wait``)."""
         self._take_up_written_lrs(trainer)
+        self._compose_schedulers(trainer)
         self._note_schedule(trainer)
         self.feed.send(trainer)
         arrived = self.feed.arrived(wait)
@@ -455,8 +476,19 @@ class GuardCore(GuardSettings):
             return
         assert self.monitor is not None  # checked at construction
         self._take_up_written_lrs(trainer)
+        self._validations += 1
         self.feed.push_now(trainer, trainer.global_step, self.feed.metric(trainer, self.monitor))
         self._process(trainer, self.feed.arrived(wait=True))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.watch_on == "validation" and not self._validations and trainer.is_global_zero:
+            log.warning(
+                "lr_guard: monitor=%r is read after each validation run, and none ran in these %d steps, so the "
+                "guard watched nothing. Validate within the run (val_check_interval, check_val_every_n_epoch) or "
+                "log the metric in training_step and pass check_on='train_step'",
+                self.monitor,
+                trainer.global_step,
+            )
 
     def _take_up_written_lrs(self, trainer: Any) -> None:
         """Before a check: what the decisions report, and the warm-up the policy reads, include an LR written by
