@@ -485,8 +485,8 @@ def test_lightning_cli_builds_the_guard_from_yaml(tmp_path):
     [
         ({"monitor": ""}, ValueError, "monitor must be None"),
         ({"check_on": "epoch"}, ValueError, "check_on must be one of 'train_step', 'validation'; got 'epoch'"),
-        ({"plateau_factor": 1.0}, ValueError, "plateau_factor must be < 1.0, got 1.0"),
-        ({"oscillation_factor": 0}, ValueError, "oscillation_factor must be > 0.0, got 0"),
+        ({"plateau_factor": 1.0}, ValueError, r"plateau_factor must be in \(0.0, 1.0\), got 1.0"),
+        ({"oscillation_factor": 0}, ValueError, r"oscillation_factor must be in \(0.0, 1.0\), got 0"),
         ({"rollback_factor": None}, TypeError, "rollback_factor must be a number, got None"),
         ({"rollback": "yes"}, TypeError, "rollback must be True or False"),
         ({"skip_batches": -1}, ValueError, "skip_batches must be >= 0, got -1"),
@@ -517,15 +517,15 @@ def test_single_job_callbacks_validate_and_need_their_detector():
         PlateauLRReducer(plateau=False)
     with pytest.raises(ValueError, match="divergence must be a DivergenceDetector or True"):
         DivergenceRollback(divergence=False)
-    with pytest.raises(ValueError, match="factor must be < 1.0"):
+    with pytest.raises(ValueError, match=r"factor must be in \(0.0, 1.0\)"):
         DivergenceRollback(factor=2.0)
 
 
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        (lambda: PlateauLRReducer(factor=1.0), ValueError, r"^factor must be < 1.0, got 1.0$"),
-        (lambda: DivergenceRollback(factor=0), ValueError, r"^factor must be > 0.0, got 0$"),
+        (lambda: PlateauLRReducer(factor=1.0), ValueError, r"^factor must be in \(0.0, 1.0\), got 1.0$"),
+        (lambda: DivergenceRollback(factor=0), ValueError, r"^factor must be in \(0.0, 1.0\), got 0$"),
         (lambda: DivergenceRollback(factor="half"), TypeError, r"^factor must be a number, got 'half'"),
         (lambda: PlateauLRReducer(verbose="no"), TypeError, r"^verbose must be True or False, got 'no'$"),
         (lambda: DivergenceRollback(verbose="no"), TypeError, r"^verbose must be True or False, got 'no'$"),
@@ -540,9 +540,9 @@ def test_single_job_callbacks_name_the_parameter_as_passed(make, error, match):
 
 def test_single_job_callbacks_name_their_factor_when_it_is_set_later():
     reducer, rollback = PlateauLRReducer(), DivergenceRollback()
-    with pytest.raises(ValueError, match=r"^factor must be < 1.0, got 1.5$"):
+    with pytest.raises(ValueError, match=r"^factor must be in \(0.0, 1.0\), got 1.5$"):
         reducer.factor = 1.5
-    with pytest.raises(ValueError, match=r"^factor must be > 0.0, got -1$"):
+    with pytest.raises(ValueError, match=r"^factor must be in \(0.0, 1.0\), got -1$"):
         rollback.factor = -1
     reducer.factor, rollback.factor = 0.25, np.float32(0.75)
     assert (reducer.plateau_factor, rollback.rollback_factor) == (0.25, 0.75)

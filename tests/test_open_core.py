@@ -150,7 +150,7 @@ def test_detectors_are_checked_at_construction():
 
 def test_settings_are_validated_when_changed_and_presets_share_them():
     guard = LRGuard()
-    with pytest.raises(ValueError, match=r"rollback_factor must be < 1.0, got 2.0"):
+    with pytest.raises(ValueError, match=r"rollback_factor must be in \(0.0, 1.0\), got 2.0"):
         guard.rollback_factor = 2.0
     with pytest.raises(TypeError, match="skip_batches must be an int"):
         guard.skip_batches = 1.5

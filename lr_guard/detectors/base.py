@@ -49,6 +49,12 @@ def check_number(
     x = float(value)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and high is not None:  # a two-sided range: name it whole
+        outside = (x <= low if low_open else x < low) or (x >= high if high_open else x > high)
+        if outside:
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise ValueError(f"{name} must be in {interval}, got {value!r}")
+        return
     if low is not None and (x <= low if low_open else x < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and (x >= high if high_open else x > high):
