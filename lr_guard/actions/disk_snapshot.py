@@ -166,6 +166,7 @@ def take_disk_snapshot(
     slot: str,
     precision: Any | None = None,
     state_io: StateIO = FULL_STATE,
+    averages: Sequence[dict[str, torch.Tensor]] = (),
 ) -> DiskSnapshot:
     """Stream the full training state to ``directory/slot.bin`` (its manifest to ``slot.manifest``).
 
@@ -185,6 +186,7 @@ def take_disk_snapshot(
         snapshot.optimizers = [stream(state_io.optimizer_state(o)) for o in optimizers]
         snapshot.schedulers = capture_schedulers(schedulers)
         snapshot.precision = stream(precision_state(precision)) if precision is not None else None
+        snapshot.averages = [stream(dict(average)) for average in averages]
         snapshot.rng = capture_rng()
     finally:
         writer.close()

@@ -17,7 +17,7 @@ import copy
 import random
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "iter_tensors",
     "map_tree",
     "precision_state",
+    "restore_averages",
     "restore_precision",
     "restore_rng",
     "restore_schedulers",
@@ -295,6 +296,21 @@ def restore_schedulers(saved: Sequence[tuple[Any, dict[str, Any]]], schedulers: 
             scheduler.load_state_dict(copy.deepcopy(state))
 
 
+def restore_averages(saved: Sequence[dict[str, Any]], live: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Copy saved averages (weight averaging's averaged tensors by name) into the live tensors, in place. A
+    tensor that has appeared since the snapshot (the count SWA creates when it starts averaging) is zeroed:
+    nothing had been averaged into it at the snapshot's step."""
+    if len(saved) != len(live):
+        raise ValueError(f"snapshot holds {len(saved)} weight average(s); the run has {len(live)}")
+    with torch.no_grad():
+        for saved_tensors, live_tensors in zip(saved, live, strict=True):
+            for name, tensor in live_tensors.items():
+                if name in saved_tensors:
+                    tensor.copy_(saved_tensors[name])
+                else:
+                    tensor.zero_()
+
+
 _GUARD_KEYS = frozenset((FACTOR, UNSCALED, EFFECTIVE, MIN_LR))
 
 
@@ -321,6 +337,7 @@ class Snapshot:
     precision: dict[str, Any] | None
     rng: dict[str, Any]
     ready: Any = None  # a CUDA event while the copy runs on a side stream; None when it is complete
+    averages: list[dict[str, Any]] = field(default_factory=list)  # weight averages (EMA, SWA) by name
 
     # -- how saved tensors are read back (memory: they are the tensors) ----------------------------------------
     def _meta(self, leaf: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
@@ -363,7 +380,7 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         """Bytes held by the snapshot's tensors."""
-        return tree_nbytes(self.model) + tree_nbytes(self.optimizers) + tree_nbytes(self.precision)
+        return sum(map(tree_nbytes, (self.model, self.optimizers, self.precision, self.averages)))
 
     def restore(
         self,
@@ -372,8 +389,10 @@ class Snapshot:
         schedulers: Sequence[Any],
         precision: Any | None = None,
         state_io: StateIO = FULL_STATE,
+        averages: Sequence[dict[str, torch.Tensor]] = (),
     ) -> None:
-        """Write this state back into the live objects, in place (also the RNG states)."""
+        """Write this state back into the live objects, in place (also the RNG states and the weight averages:
+        ``averages``, the live tensors of each average by name, as they were handed to the snapshot)."""
         self.synchronize()
         if len(optimizers) != len(self.optimizers):
             raise ValueError(
@@ -392,6 +411,8 @@ class Snapshot:
             restore_schedulers(self.schedulers, schedulers)
             if precision is not None and self.precision:
                 restore_precision(precision, read(self.precision))
+            if averages or self.averages:
+                restore_averages(read(self.averages), averages)
             restore_rng(self.rng)
 
     def _read_tree(self, tree: Any) -> Any:
@@ -425,6 +446,7 @@ def take_snapshot(
     device: str = "cpu",
     reuse: Snapshot | None = None,
     state_io: StateIO = FULL_STATE,
+    averages: Sequence[dict[str, torch.Tensor]] = (),
 ) -> Snapshot:
     """Copy the full training state into memory. ``device="cpu"`` (default) or ``"same"`` (beside the originals).
 
@@ -435,7 +457,8 @@ def take_snapshot(
     host sync) before anything may overwrite the sources -- the guard calls it before the next optimizer step.
     Buffers (BatchNorm statistics) change in the forward pass, so they are copied in order on the compute stream
     (also without blocking). A ``GradScaler``'s (fp16 mixed precision) scale and growth tracker are copied from
-    its own tensors the same way: its ``state_dict`` would read them on the host.
+    its own tensors the same way: its ``state_dict`` would read them on the host. ``averages``: the tensors of
+    each weight average (EMA, SWA) beside the model, by name, copied like the weights.
     """
     target = None if device == "same" else device
     model_state = state_io.model_state(model)
@@ -454,8 +477,11 @@ def take_snapshot(
             "params": {k: v for k, v in model_state.items() if k not in buffers},
             "optimizers": [state_io.optimizer_state(o) for o in optimizers],
             "precision": (precision_state(precision) if precision is not None else None) or None,
+            "averages": list(averages),
         }
-        earlier = {"params": old, **({"optimizers": reuse.optimizers, "precision": reuse.precision} if reuse else {})}
+        earlier: dict[str, Any] = {"params": old}
+        if reuse is not None:
+            earlier.update(optimizers=reuse.optimizers, precision=reuse.precision, averages=reuse.averages)
         copies = _copy_tree(trees, target, earlier, side is not None)
         ready = None
         if side is not None:
@@ -470,4 +496,5 @@ def take_snapshot(
         precision=copies["precision"],
         rng=capture_rng(),
         ready=ready,
+        averages=copies["averages"],
     )

@@ -33,6 +33,7 @@ class Targets:
     optimizers: Sequence[Any]
     schedulers: Sequence[Any]
     precision: Any | None = None
+    averages: Sequence[dict[str, Any]] = ()  # weight averages beside the model (EMA, SWA): live tensors by name
 
 
 class SnapshotStore:
@@ -93,6 +94,7 @@ class SnapshotStore:
                 device=self.storage,
                 reuse=spare if spare is not None and not isinstance(spare, DiskSnapshot) else None,
                 state_io=self.state_io,
+                averages=targets.averages,
             )
         if snapshot.copying:
             self.copying.append(snapshot)
@@ -118,6 +120,7 @@ class SnapshotStore:
             slot,
             precision=targets.precision,
             state_io=self.state_io,
+            averages=targets.averages,
         )
         self._files.add(written.path)
         return written
@@ -150,7 +153,12 @@ class SnapshotStore:
         states after it, which the run has left)."""
         snapshot = self._held[step]
         snapshot.restore(
-            targets.model, targets.optimizers, targets.schedulers, precision=targets.precision, state_io=self.state_io
+            targets.model,
+            targets.optimizers,
+            targets.schedulers,
+            precision=targets.precision,
+            state_io=self.state_io,
+            averages=targets.averages,
         )
         self._held = {step: snapshot}
 

@@ -186,6 +186,8 @@ class GuardCore(GuardSettings):
         self._store = SnapshotStore()
         self._lr_hooks: list[Any] = []
         self._composed: list[Any] = []  # the schedulers composed with the guard's cuts in this fit
+        self._fitting = False  # between on_train_start and teardown: a checkpoint's state checks the values first
+        self._checking = False  # a check is running (its stop writes a checkpoint: no check inside it)
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
@@ -231,6 +233,12 @@ class GuardCore(GuardSettings):
         return self.policy.counts
 
     def state_dict(self) -> dict[str, Any]:
+        """The guard's state for a checkpoint. During training, every value gathered so far is checked first
+        (Lightning asks for this state as it saves, before it reads the optimizers' and schedulers'): a rollback
+        the values call for happens before the file is written, so a checkpoint never holds the weights of steps
+        the guard had not yet checked and would have discarded."""
+        if self._fitting and not self._checking and not self.policy.stopped and self._run is not None:
+            self._check(self._run.trainer, wait=True)
         state = {"version": STATE_VERSION, **self.policy.state_dict()}
         if self.gate is not None:
             state["gate"] = self.gate.state_dict()
@@ -283,6 +291,7 @@ class GuardCore(GuardSettings):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
+        self._fitting = True
         self.feed.reset(world_size=int(getattr(trainer, "world_size", 1) or 1))
         self.executor.prepare(trainer.optimizers)
         self._release_schedulers()
@@ -324,6 +333,7 @@ class GuardCore(GuardSettings):
         return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._fitting = False
         self._skipper.after_step()
         if self._run is not None:
             self._run.release()
@@ -457,13 +467,17 @@ class GuardCore(GuardSettings):
         """Send the values gathered since the last check on their way to the host (one batch: one copy, and
         under DDP one collective), and run the policy on every value that has arrived (all of them with
         ``wait``)."""
-        self._take_up_written_lrs(trainer)
-        self._compose_schedulers(trainer)
-        self._note_schedule(trainer)
-        self.feed.send(trainer)
-        arrived = self.feed.arrived(wait)
-        if arrived:
-            self._process(trainer, arrived)
+        self._checking = True
+        try:
+            self._take_up_written_lrs(trainer)
+            self._compose_schedulers(trainer)
+            self._note_schedule(trainer)
+            self.feed.send(trainer)
+            arrived = self.feed.arrived(wait)
+            if arrived:
+                self._process(trainer, arrived)
+        finally:
+            self._checking = False
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.policy.stopped:

@@ -12,7 +12,7 @@ import torch
 from lr_guard.actions.snapshot_store import SnapshotStore, Targets
 from lr_guard.callbacks.feed import ValueFeed
 
-__all__ = ["LiveRun", "schedulers", "targets"]
+__all__ = ["LiveRun", "schedulers", "targets", "weight_averages"]
 
 log = logging.getLogger("lr_guard")
 
@@ -23,8 +23,32 @@ def schedulers(trainer: Any) -> list[Any]:
 
 
 def targets(trainer: Any, module: Any) -> Targets:
-    """What a snapshot of this run copies: the module, optimizers, schedulers and precision plugin (AMP)."""
-    return Targets(module, trainer.optimizers, schedulers(trainer), trainer.precision_plugin)
+    """What a snapshot of this run copies: the module, optimizers, schedulers, precision plugin (AMP) and the
+    weight averages beside the model (:func:`weight_averages`)."""
+    return Targets(module, trainer.optimizers, schedulers(trainer), trainer.precision_plugin, weight_averages(trainer))
+
+
+_AVERAGING = frozenset(("WeightAveraging", "StochasticWeightAveraging"))  # Lightning's, in either namespace
+
+
+def weight_averages(trainer: Any) -> list[dict[str, torch.Tensor]]:
+    """The live tensors of each weight average the Trainer's callbacks keep -- Lightning's ``WeightAveraging``
+    (``EMAWeightAveraging``) and ``StochasticWeightAveraging``: the averaged model's parameters and buffers and
+    the count of models averaged (``n_averaged``), by name. They take in the weights after every step (or
+    epoch), also during the steps a rollback discards, so a snapshot holds them and a rollback puts them back."""
+    averages = []
+    for callback in trainer.callbacks:
+        if not _AVERAGING & {cls.__name__ for cls in type(callback).__mro__}:
+            continue
+        average = getattr(callback, "_average_model", None)
+        if not isinstance(average, torch.nn.Module):
+            continue  # not set up yet (outside fit)
+        tensors = dict(average.state_dict())  # AveragedModel: its n_averaged is one of its buffers
+        n_averaged = getattr(callback, "n_averaged", None)  # StochasticWeightAveraging: beside the model, once
+        if isinstance(n_averaged, torch.Tensor):  # it averages (a rollback to before that zeroes it)
+            tensors["n_averaged"] = n_averaged
+        averages.append(tensors)
+    return averages
 
 
 class LiveRun:
