@@ -4,7 +4,8 @@
     tensorboard --logdir DIR      # then: Custom Scalars -> lr_guard; Text -> lr_guard/decisions
 
 Scalars: the loss with its trend and the spike alarm level, each detector's score beside its threshold, the
-learning rate and the guard's factor, and counters. Text: one markdown entry per decision, and the configuration.
+learning rate and the guard's factor, and counters. Text: one markdown entry per decision, all decisions as one
+table, and the configuration.
 """
 
 from __future__ import annotations

@@ -25,12 +25,20 @@ Log keys (stable):
 ``lr_guard/lr/opt{i}_group{j}``     the learning rate each param group steps with
 ``lr_guard/lr_factor/opt{i}_group{j}``  the guard's cumulative factor on it
 ``lr_guard/count/{name}``           spike, oscillation, plateau, divergence, lr_cuts, rollbacks,
-                                    skipped_batches, snapshots
+                                    skipped_batches, snapshots: step functions, logged where they change
 ``lr_guard/<name>/<key>``           what any other detector reports (its ``diagnostics()``), under its name
 ``lr_guard/<signal>/<key>``         what a detector reports of its signal (``signal_diagnostics()``)
 ``lr_guard/decisions`` (text)       one markdown entry per decision
+``lr_guard/all_decisions`` (text)   every decision of the run as one table, one row each (at the end)
 ``lr_guard/config`` (text)          the guard's settings, once
 =================================  =====================================================================
+
+Every tag of a Custom Scalars chart is logged at the same steps: the tags of charts that share a tag are logged
+together or not at all (a detector's statistic that is not known yet, or a NaN loss, leaves the step out of
+every chart that draws it), so no chart shows TensorBoard's "The steps for value, lower, and upper tags do not
+match". The counters are step functions: each step where one changes gets every counter twice, the value before
+and the value after, with nothing in between; a line chart then draws exact steps (TensorBoard's smoothing,
+one slider for every chart, bends them: read the counters with smoothing 0).
 """
 
 from __future__ import annotations
@@ -48,10 +56,20 @@ from lr_guard.events import Decision, kind_name
 from lr_guard.executor import ACTIONS
 from lr_guard.policy import GATE, LOSS
 
-__all__ = ["CONFIG_TAG", "DECISIONS_TAG", "Diagnostics", "config_markdown", "decision_markdown", "layout", "scalars"]
+__all__ = [
+    "CONFIG_TAG",
+    "DECISIONS_TAG",
+    "DECISION_TABLE_TAG",
+    "Diagnostics",
+    "config_markdown",
+    "decision_markdown",
+    "layout",
+    "scalars",
+]
 
 DECISIONS_TAG = "lr_guard/decisions"
 CONFIG_TAG = "lr_guard/config"
+DECISION_TABLE_TAG = "lr_guard/all_decisions"
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -62,11 +80,11 @@ def scalars(
     values: float | Mapping[str, float],
     detectors: Mapping[str, Detector],
     groups: Iterable[tuple[str, dict[str, Any]]],
-    counts: Mapping[str, int],
+    counts: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
     """The scalars for one step's watched values -- the loss as a number, or signals by name -- and what each
-    detector reports of itself (``lr_guard/<slot>/...``) and of its signal (``lr_guard/<signal>/...``). Non-finite
-    entries are left out (a NaN loss shows in the text log)."""
+    detector reports of itself (``lr_guard/<slot>/...``) and of its signal (``lr_guard/<signal>/...``), with the
+    ``counts`` where given. Non-finite entries are left out (a NaN loss shows in the text log)."""
     signals = values if isinstance(values, Mapping) else {LOSS: values}
     out: dict[str, float] = {f"lr_guard/{name}/raw": value for name, value in signals.items() if name != GATE}
     for slot, detector in detectors.items():
@@ -79,9 +97,38 @@ def scalars(
     for name, group in groups:
         out[f"lr_guard/lr/{name}"] = float(group["lr"])
         out[f"lr_guard/lr_factor/{name}"] = float(group.get("lr_guard_factor", 1.0))
-    for key, count in counts.items():
+    for key, count in (counts or {}).items():
         out[f"lr_guard/count/{key}"] = float(count)
     return _finite(out)
+
+
+def count_scalars(counts: Mapping[str, int]) -> dict[str, float]:
+    return {f"lr_guard/count/{key}": float(count) for key, count in counts.items()}
+
+
+def chart_groups(dashboard: Mapping[str, Mapping[str, list[Any]]]) -> list[frozenset[str]]:
+    """The tags the dashboard's charts name (not their patterns), in groups that must be logged at the same
+    steps: two charts that share a tag are in one group."""
+    groups: list[set[str]] = []
+    for charts in dashboard.values():
+        for _kind, tags in charts.values():
+            named = {t for t in tags if not any(c in t for c in ".*+?[]()|^$")}
+            joined = [g for g in groups if g & named]
+            for g in joined:
+                groups.remove(g)
+                named |= g
+            if named:
+                groups.append(named)
+    return [frozenset(g) for g in groups]
+
+
+def drawable(metrics: dict[str, float], groups: Iterable[frozenset[str]]) -> dict[str, float]:
+    """``metrics`` less the tags of any chart group not complete in it: what every chart can draw at this step."""
+    missing = [g for g in groups if not g <= metrics.keys()]
+    if not missing:
+        return metrics
+    left_out = frozenset().union(*missing)
+    return {k: v for k, v in metrics.items() if k not in left_out}
 
 
 def layout(detectors: Mapping[str, Detector]) -> dict[str, dict[str, list[Any]]]:
@@ -97,16 +144,28 @@ def layout(detectors: Mapping[str, Detector]) -> dict[str, dict[str, list[Any]]]
             charts[title.format(slot=slot, signal=detector.signal)] = [kind, names]
     charts["learning rates"] = ["Multiline", [r"lr_guard/lr/.*"]]
     charts["the guard's LR factors"] = ["Multiline", [r"lr_guard/lr_factor/.*"]]
-    charts["counters"] = ["Multiline", [r"lr_guard/count/.*"]]
+    charts["counters (step functions: read them with smoothing 0)"] = ["Multiline", [r"lr_guard/count/.*"]]
     return {"lr_guard": charts}
+
+
+def _done(decision: Decision) -> str:
+    done = ACTIONS[decision.action].done_text(decision)
+    if decision.lr_before != decision.lr_after:
+        done += f"; lr {decision.lr_before:.3g} → {decision.lr_after:.3g}"
+    return done
+
+
+def _seen(decision: Decision) -> str:
+    event = decision.event
+    return (
+        f"{kind_name(event.kind)}: value {event.value:.4g}, score {event.score:.3g} (threshold {event.threshold:.3g})"
+    )
 
 
 def decision_markdown(decision: Decision, counts: dict[str, int]) -> str:
     """One decision as a small markdown table: what was seen, what was done, the running totals."""
     event = decision.event
-    done = ACTIONS[decision.action].done_text(decision)
-    if decision.lr_before != decision.lr_after:
-        done += f"; lr {decision.lr_before:.3g} → {decision.lr_after:.3g}"
+    done = _done(decision)
     totals = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
     return "\n".join(
         [
@@ -114,13 +173,26 @@ def decision_markdown(decision: Decision, counts: dict[str, int]) -> str:
             "",
             "| | |",
             "|---|---|",
-            f"| seen | {kind_name(event.kind)}: value {event.value:.4g}, score {event.score:.3g} "
-            f"(threshold {event.threshold:.3g}) |",
+            f"| seen | {_seen(decision)} |",
             f"| why | {event.message} |",
             f"| done | {done} |",
             f"| totals | {totals or 'none'} |",
         ]
     )
+
+
+def decision_table_markdown(decisions: Iterable[Decision]) -> str:
+    """Every decision as one markdown table, one row each, oldest first."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = [
+        f"| {d.event.step} | {d.action.value} | {cell(_seen(d))} | {cell(_done(d))} | {cell(d.event.message)} |"
+        for d in decisions
+    ]
+    header = "| step | action | seen | done | why |\n|---|---|---|---|---|"
+    return f"**lr_guard decisions** ({len(rows)})\n\n" + ("\n".join([header, *rows]) if rows else "none")
 
 
 def config_markdown(settings: dict[str, Any]) -> str:
@@ -163,6 +235,9 @@ class Diagnostics:
         self._one_event: list[SummaryWriter | None] = []  # per logger: its writer, where one event serves
         self._writers: list[Any] = []
         self._warned = False
+        self._groups: list[frozenset[str]] = []
+        self._counts: dict[str, int] = {}  # the counters as last logged
+        self._counts_step = 0
 
     @property
     def active(self) -> bool:
@@ -191,17 +266,45 @@ class Diagnostics:
 
     def describe(self, trainer: Any, settings: dict[str, Any], detectors: Mapping[str, Detector]) -> None:
         """Write the configuration and the dashboard layout (again, when the detectors have been sized to the run)."""
+        dashboard = layout(detectors)
+        self._groups = chart_groups(dashboard)
         for writer in self._writers:
-            writer.add_custom_scalars(layout(detectors))
+            writer.add_custom_scalars(dashboard)
             writer.add_text(CONFIG_TAG, config_markdown(settings), trainer.global_step)
 
     def log_scalars(self, metrics: dict[str, float], step: int) -> None:
+        """One step's scalars, less those some chart could not draw beside the rest of its tags."""
+        self._write(drawable(metrics, self._groups), step)
+
+    def _write(self, metrics: dict[str, float], step: int) -> None:
+        if not metrics:
+            return
         for logger, writer in zip(self._loggers, self._one_event, strict=True):
             if writer is None or not write_one_event(logger, writer, metrics, step):
                 logger.log_metrics(metrics, step=step)
+
+    def start_counts(self, counts: Mapping[str, int], step: int) -> None:
+        """The counters where a run starts (zero, or a checkpoint's)."""
+        self._counts, self._counts_step = dict(counts), step
+        self._write(count_scalars(self._counts), step)
+
+    def log_counts(self, counts: Mapping[str, int], step: int, force: bool = False) -> None:
+        """The counters, where one has changed since they were last logged (or with ``force``): every counter's
+        value before and after, at one step, so that each draws as a step function."""
+        if counts == self._counts and not force:
+            return
+        step = max(step, self._counts_step)  # a skip is decided before the values of earlier steps are checked
+        if counts != self._counts:
+            self._write(count_scalars(self._counts), step)
+        self._write(count_scalars(counts), step)
+        self._counts, self._counts_step = dict(counts), step
 
     def log_decision(self, decision: Decision, counts: dict[str, int]) -> None:
         text = decision_markdown(decision, counts)
         for writer in self._writers:
             writer.add_text(DECISIONS_TAG, text, decision.event.step)
-        self.log_scalars({f"lr_guard/count/{k}": float(v) for k, v in counts.items()}, decision.event.step)
+
+    def log_decision_table(self, decisions: Iterable[Decision], step: int) -> None:
+        text = decision_table_markdown(decisions)
+        for writer in self._writers:
+            writer.add_text(DECISION_TABLE_TAG, text, step)

@@ -312,6 +312,7 @@ class GuardCore(GuardSettings):
         self._reporter.attach(trainer, self.settings(), self.detectors, self.counts, self._run.checkpoint_dir)
         self._skipper.reset(self.feed.world_size)
         self._cadence = _Cadence(self.config, self._skipper, self.watch_on)
+        self._reporter.per_validation = self.watch_on == "validation"
         if self.rollback:
             self._start_pending = True
             self._take_start_snapshot(trainer, pl_module)
@@ -443,6 +444,7 @@ class GuardCore(GuardSettings):
             log.info("lr_guard: watching monitor=%r %s", monitor, _WHERE[self.watch_on or ""])
         if self._size_detectors(trainer):
             self._reporter.describe(trainer, self.settings(), self.detectors)
+        self._reporter.per_validation = self.watch_on == "validation"
         return _Cadence(self.config, self._skipper, self.watch_on)
 
     def _size_detectors(self, trainer: Any) -> bool:
@@ -495,6 +497,7 @@ class GuardCore(GuardSettings):
         self._process(trainer, self.feed.arrived(wait=True))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._reporter.finish()
         if self.watch_on == "validation" and not self._validations and trainer.is_global_zero:
             log.warning(
                 "lr_guard: monitor=%r is read after each validation run, and none ran in these %d steps, so the "

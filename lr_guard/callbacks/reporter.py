@@ -1,5 +1,10 @@
 """What the guard tells a person about a live run: every decision (kept, logged to the Trainer's loggers and to
-Python logging on rank zero) and, at the logging cadence, the scalars of the watched values."""
+Python logging on rank zero) and, at the logging cadence, the scalars of the watched values.
+
+The scalars sit at the steps Lightning logs its own metrics at, so that the guard's charts line up with
+``train_loss``: Lightning logs a training step's metrics when ``(its index + 1) % log_every_n_steps == 0``,
+at its index (steps 4, 9, 14... for 5), and a validation's at the index of the training step before it
+(``global_step - 1``)."""
 
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ class Reporter:
         self._trainer: Any = None
         self._detectors: Mapping[str, Detector] = {}
         self._counts: Mapping[str, int] = {}
+        self.per_validation = False  # the watched values come after validation runs (set by the callback)
+        self._last_step = 0
 
     def attach(
         self,
@@ -59,6 +66,8 @@ class Reporter:
             if self._loggers.active:
                 every = self.config.log_every_n_steps
                 self._log_every = every or int(getattr(trainer, "log_every_n_steps", 50) or 50)
+                self._last_step = trainer.global_step
+                self._loggers.start_counts(counts, trainer.global_step)
 
     def describe(self, trainer: Any, settings: dict[str, Any], detectors: Mapping[str, Detector]) -> None:
         """The configuration once more: the run has shown how it is fed, and the detectors are sized to it."""
@@ -71,14 +80,30 @@ class Reporter:
         return self._log_every > 0
 
     def value(self, step: int, value: Any) -> None:
-        """A watched value (or signals by name) has been dealt with: its scalars, at the logging cadence."""
-        if self._log_every and step % self._log_every == 0:
-            groups = [
-                (f"opt{i}_group{j}", g)
-                for i, opt in enumerate(self._trainer.optimizers)
-                for j, g in enumerate(opt.param_groups)
-            ]
-            self._loggers.log_scalars(scalars(value, self._detectors, groups, self._counts), step)
+        """A watched value (or signals by name) has been dealt with: the counters where they changed, and its
+        scalars at the logging cadence, at Lightning's step for it (every validation's, like Lightning)."""
+        self._loggers.log_counts(self._counts, step)
+        self._last_step = step
+        if self.per_validation:
+            logged_at = max(step - 1, 0)
+        elif (step + 1) % self._log_every == 0:
+            logged_at = step
+        else:
+            return
+        groups = [
+            (f"opt{i}_group{j}", g)
+            for i, opt in enumerate(self._trainer.optimizers)
+            for j, g in enumerate(opt.param_groups)
+        ]
+        self._loggers.log_scalars(scalars(value, self._detectors, groups), logged_at)
+
+    def finish(self) -> None:
+        """Training has ended: the counters' last values (the end of each step function) and every decision of
+        the run as one table."""
+        if self._log_every:
+            self._loggers.log_counts(self._counts, self._last_step, force=True)
+        if self.config.diagnostics and self._loggers.active:
+            self._loggers.log_decision_table(self.decisions, self._last_step)
 
     def decision(self, decision: Decision) -> None:
         self.decisions.append(decision)
