@@ -481,6 +481,7 @@ class GuardCore(GuardSettings):
         self._process(trainer, self.feed.arrived(wait=True))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._reporter.finish()  # the run's picture
         if self.watch_on == "validation" and not self._validations and trainer.is_global_zero:
             log.warning(
                 "lr_guard: monitor=%r is read after each validation run, and none ran in these %d steps, so the "

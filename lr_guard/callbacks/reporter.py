@@ -1,8 +1,10 @@
 """What the guard tells a person about a live run: every decision (kept, logged to the Trainer's loggers and to
-Python logging on rank zero) and, at the logging cadence, the scalars of the watched values."""
+Python logging on rank zero) and, at the logging cadence, the scalars of the watched values; at the end of
+training, a picture of the run (its loss with each decision marked, and the LR) in TensorBoard."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -14,12 +16,15 @@ from lr_guard.config import GuardConfig
 from lr_guard.detectors import Detector
 from lr_guard.diagnostics import Diagnostics, scalars
 from lr_guard.events import Action, Decision
+from lr_guard.policy import LOSS
+from lr_guard.run_record import RunRecord
 
 __all__ = ["Reporter"]
 
 log = logging.getLogger("lr_guard")
 
 SKIPPED_UPDATES = "skipped_updates.json"  # beside the guard's checkpoints: every skipped update, with its batch
+PICTURE_TAG = "lr_guard/picture"  # the run's picture (lr_guard.plot), an image written when training ends
 
 
 class Reporter:
@@ -27,8 +32,9 @@ class Reporter:
 
     Args:
         config: The guard's settings; of them ``diagnostics`` (send scalars, decisions, the configuration and the
-            dashboard layout to the loggers), ``log_every_n_steps`` and ``verbose`` (log every decision through
-            Python logging, logger ``"lr_guard"``, on rank zero).
+            dashboard layout to the loggers, and the run's picture to a TensorBoard logger when matplotlib is
+            installed), ``log_every_n_steps`` and ``verbose`` (log every decision through Python logging, logger
+            ``"lr_guard"``, on rank zero).
     """
 
     def __init__(self, config: GuardConfig) -> None:
@@ -39,6 +45,8 @@ class Reporter:
         self._trainer: Any = None
         self._detectors: Mapping[str, Detector] = {}
         self._counts: Mapping[str, int] = {}
+        self.record = RunRecord()  # the watched values and the LR, for the picture (bounded memory)
+        self._draws = False
 
     def attach(
         self,
@@ -54,11 +62,14 @@ class Reporter:
         self._records_path = os.path.join(records_dir, SKIPPED_UPDATES) if records_dir else None
         self._skipped: list[dict[str, Any]] = []
         self._log_every = 0
+        self.record.clear()
+        self._draws = False
         if self.config.diagnostics:
             self._loggers.attach(trainer, settings, detectors)
             if self._loggers.active:
                 every = self.config.log_every_n_steps
                 self._log_every = every or int(getattr(trainer, "log_every_n_steps", 50) or 50)
+            self._draws = self._loggers.takes_images and importlib.util.find_spec("matplotlib") is not None
 
     def describe(self, trainer: Any, settings: dict[str, Any], detectors: Mapping[str, Detector]) -> None:
         """The configuration once more: the run has shown how it is fed, and the detectors are sized to it."""
@@ -67,11 +78,16 @@ class Reporter:
 
     @property
     def logs_values(self) -> bool:
-        """Some logger takes the scalars of the watched values."""
-        return self._log_every > 0
+        """Some logger takes the watched values: their scalars, or the run's picture."""
+        return self._log_every > 0 or self._draws
 
     def value(self, step: int, value: Any) -> None:
-        """A watched value (or signals by name) has been dealt with: its scalars, at the logging cadence."""
+        """A watched value (or signals by name) has been dealt with: kept for the picture, and its scalars at the
+        logging cadence."""
+        if self._draws:
+            optimizers = self._trainer.optimizers
+            lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
+            self.record.add(step, float(value.get(LOSS, math.nan) if isinstance(value, Mapping) else value), lr)
         if self._log_every and step % self._log_every == 0:
             groups = [
                 (f"opt{i}_group{j}", g)
@@ -91,6 +107,15 @@ class Reporter:
             loud = (Action.ROLLBACK, Action.STOP, Action.SKIP, Action.CLIP)
             level = logging.WARNING if decision.action in loud else logging.INFO
             log.log(level, "lr_guard: %s", decision.message)
+
+    def finish(self) -> None:
+        """Training has ended: draw the run's picture into TensorBoard (rank zero, with matplotlib installed)."""
+        if not self._draws or not len(self.record):
+            return
+        from lr_guard.plot import draw_record, to_rgb
+
+        figure = draw_record(self.record, self.decisions, value_label=self.config.monitor or "loss")
+        self._loggers.log_image(PICTURE_TAG, to_rgb(figure), self._trainer.global_step)
 
     def note(self, text: str) -> None:
         """Something the user should know about how the guard meets their code (at INFO, on rank zero)."""
