@@ -31,6 +31,7 @@ Log keys (stable):
 ``lr_guard/decisions`` (text)       one markdown entry per decision
 ``lr_guard/all_decisions`` (text)   every decision of the run as one table, one row each (at the end)
 ``lr_guard/config`` (text)          the guard's settings, once
+``lr_guard/picture`` (image)        the run's loss and decisions, and the LR, when training ends (matplotlib)
 =================================  =====================================================================
 
 Every tag of a Custom Scalars chart is logged at the same steps: the tags of charts that share a tag are logged
@@ -271,6 +272,17 @@ class Diagnostics:
         for writer in self._writers:
             writer.add_custom_scalars(dashboard)
             writer.add_text(CONFIG_TAG, config_markdown(settings), trainer.global_step)
+
+    @property
+    def takes_images(self) -> bool:
+        """Some logger is a TensorBoard one (where the run's picture goes)."""
+        return any(callable(getattr(writer, "add_image", None)) for writer in self._writers)
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        """An ``(height, width, 3)`` uint8 image to each TensorBoard logger."""
+        for writer in self._writers:
+            if callable(getattr(writer, "add_image", None)):
+                writer.add_image(tag, image, step, dataformats="HWC")
 
     def log_scalars(self, metrics: dict[str, float], step: int) -> None:
         """One step's scalars, less those some chart could not draw beside the rest of its tags."""

@@ -9,6 +9,7 @@ beside the original, so both can be viewed together.
     lr-guard replay lightning_logs/version_3
     lr-guard replay run.csv --set skip_batches=100 --set spike.threshold=7
     lr-guard replay lightning_logs/version_3 --config guard.yaml --tensorboard
+    lr-guard replay run.csv --plot run.png
 
 The learning rate, where the log has it (a CSV's ``lr`` column; in event files ``--lr-tag``, by default the first
 tag LearningRateMonitor writes, ``lr-<optimizer>``), tells the rules when a warm-up is under way, as the live
@@ -25,6 +26,7 @@ import argparse
 import csv
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -263,6 +265,7 @@ class ReplayResult:
     settings: dict[str, Any] = field(default_factory=dict)
     scalars: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     detectors: dict[str, Any] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
 
 
 class _PaperOptimizer:
@@ -366,7 +369,8 @@ def replay(
         raise ReplayError(f"invalid guard settings: {err}") from err
     paper = _PaperGuard(config, detectors, lr, log_every_n_steps)
     paper.run(series, steps_per_epoch)
-    return ReplayResult(paper.rows, len(series), paper.factor, _settings(config, detectors), paper.logged, detectors)
+    settings_shown = _settings(config, detectors)
+    return ReplayResult(paper.rows, len(series), paper.factor, settings_shown, paper.logged, detectors, paper.decisions)
 
 
 class _PaperGuard:
@@ -382,6 +386,7 @@ class _PaperGuard:
         self.paper = _PaperRun(lr[0][1] if lr else 1.0)
         self.executor.prepare(self.paper.optimizers)
         self.rows: list[ReplayRow] = []
+        self.decisions: list[Decision] = []
         self.logged: list[tuple[int, dict[str, float]]] = []
         self._next_lr = 0
 
@@ -422,6 +427,7 @@ class _PaperGuard:
         from lr_guard.executor import ACTIONS
 
         event = decision.event
+        self.decisions.append(decision)
         detail = ACTIONS[decision.action].detail(decision, self.factor)
         row = (event.step, str(event.kind), event.value, event.score, event.threshold, str(decision.action))
         self.rows.append(ReplayRow(*row, detail, decision.message))
@@ -470,6 +476,26 @@ def write_tensorboard(result: ReplayResult, out_dir: str | os.PathLike[str]) -> 
     finally:
         writer.close()
     return str(out_dir)
+
+
+def write_plot(
+    result: ReplayResult, series: Sequence[tuple[int, float]], path: str | os.PathLike[str], lr_known: bool
+) -> str:
+    """Write the picture of the replayed run (:mod:`lr_guard.plot`): the logged loss with the guard's decisions,
+    and beneath it the LR the guard would have trained with (its factor alone where the log has no LR)."""
+    from lr_guard.plot import draw_record, save_figure
+    from lr_guard.run_record import RunRecord
+
+    lr_tag = "lr_guard/lr/opt0_group0" if lr_known else "lr_guard/lr_factor/opt0_group0"
+    lrs = sorted((step, metrics[lr_tag]) for step, metrics in result.scalars if lr_tag in metrics)
+    record, k, lr = RunRecord(), 0, math.nan
+    for step, value in series:
+        while k < len(lrs) and lrs[k][0] <= step:
+            lr = lrs[k][1]
+            k += 1
+        record.add(step, value, lr)
+    figure = draw_record(record, result.decisions, lr_label="learning rate" if lr_known else "the guard's LR factor")
+    return str(save_figure(figure, path))
 
 
 def format_table(result: ReplayResult) -> str:
@@ -529,6 +555,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the run's optimizer steps per epoch: the live guard also checks at each epoch's end",
     )
+    rp.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the replayed run -- its loss with each decision marked, and the LR -- to FILE "
+        "(.png, .svg or .pdf; needs matplotlib: pip install 'lr_guard[plot]')",
+    )
     rp.add_argument("--json", action="store_true", help="print the events as JSON instead of a table")
     return parser
 
@@ -536,6 +568,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.plot is not None:
+            _check_plot_option(args.plot)
         series, tag, source = load_series(args.path, args.tag)
         lr, lr_tag = load_lr_series(args.path, args.lr_tag)
         settings = guard_settings(args.config, args.set)
@@ -559,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"final LR factor x{result.lr_factor:.3g}"
             + (" (a stop restores the last good state, with its LR)" if "stop" in actions else "")
         )
+    if args.plot is not None:
+        print(f"picture written to {write_plot(result, series, args.plot, lr_tag is not None)}")
     if args.tensorboard is not None:
         base = Path(args.path)
         out = args.tensorboard or str((base if base.is_dir() else base.parent) / "lr_guard_replay")
@@ -567,6 +603,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"tensorboard --logdir {Path(out).parent}"
         )
     return 0
+
+
+def _check_plot_option(path: str) -> None:
+    """``--plot FILE`` can be written: a known extension, and matplotlib installed (checked before replaying)."""
+    formats = ("png", "svg", "pdf")  # lr_guard.plot.FORMATS, without importing it (and numpy) here
+    if Path(path).suffix.lower().lstrip(".") not in formats:
+        raise ReplayError(f"--plot takes a file ending in .{', .'.join(formats)} (png, svg, pdf), got {path!r}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReplayError("--plot needs matplotlib, which is not installed: pip install 'lr_guard[plot]'")
 
 
 if __name__ == "__main__":  # pragma: no cover

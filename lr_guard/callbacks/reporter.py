@@ -1,5 +1,6 @@
 """What the guard tells a person about a live run: every decision (kept, logged to the Trainer's loggers and to
-Python logging on rank zero) and, at the logging cadence, the scalars of the watched values.
+Python logging on rank zero) and, at the logging cadence, the scalars of the watched values; at the end of
+training, a picture of the run (its loss with each decision marked, and the LR) in TensorBoard.
 
 The scalars sit at the steps Lightning logs its own metrics at, so that the guard's charts line up with
 ``train_loss``: Lightning logs a training step's metrics when ``(its index + 1) % log_every_n_steps == 0``,
@@ -8,6 +9,7 @@ at its index (steps 4, 9, 14... for 5), and a validation's at the index of the t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -19,12 +21,15 @@ from lr_guard.config import GuardConfig
 from lr_guard.detectors import Detector
 from lr_guard.diagnostics import Diagnostics, scalars
 from lr_guard.events import Action, Decision
+from lr_guard.policy import LOSS
+from lr_guard.run_record import RunRecord
 
 __all__ = ["Reporter"]
 
 log = logging.getLogger("lr_guard")
 
 SKIPPED_UPDATES = "skipped_updates.json"  # beside the guard's checkpoints: every skipped update, with its batch
+PICTURE_TAG = "lr_guard/picture"  # the run's picture (lr_guard.plot), an image written when training ends
 
 
 class Reporter:
@@ -32,8 +37,9 @@ class Reporter:
 
     Args:
         config: The guard's settings; of them ``diagnostics`` (send scalars, decisions, the configuration and the
-            dashboard layout to the loggers), ``log_every_n_steps`` and ``verbose`` (log every decision through
-            Python logging, logger ``"lr_guard"``, on rank zero).
+            dashboard layout to the loggers, and the run's picture to a TensorBoard logger when matplotlib is
+            installed), ``log_every_n_steps`` and ``verbose`` (log every decision through Python logging, logger
+            ``"lr_guard"``, on rank zero).
     """
 
     def __init__(self, config: GuardConfig) -> None:
@@ -46,6 +52,8 @@ class Reporter:
         self._counts: Mapping[str, int] = {}
         self.per_validation = False  # the watched values come after validation runs (set by the callback)
         self._last_step = 0
+        self.record = RunRecord()  # the watched values and the LR, for the picture (bounded memory)
+        self._draws = False
 
     def attach(
         self,
@@ -61,6 +69,8 @@ class Reporter:
         self._records_path = os.path.join(records_dir, SKIPPED_UPDATES) if records_dir else None
         self._skipped: list[dict[str, Any]] = []
         self._log_every = 0
+        self.record.clear()
+        self._draws = False
         if self.config.diagnostics:
             self._loggers.attach(trainer, settings, detectors)
             if self._loggers.active:
@@ -68,6 +78,7 @@ class Reporter:
                 self._log_every = every or int(getattr(trainer, "log_every_n_steps", 50) or 50)
                 self._last_step = trainer.global_step
                 self._loggers.start_counts(counts, trainer.global_step)
+            self._draws = self._loggers.takes_images and importlib.util.find_spec("matplotlib") is not None
 
     def describe(self, trainer: Any, settings: dict[str, Any], detectors: Mapping[str, Detector]) -> None:
         """The configuration once more: the run has shown how it is fed, and the detectors are sized to it."""
@@ -76,12 +87,19 @@ class Reporter:
 
     @property
     def logs_values(self) -> bool:
-        """Some logger takes the scalars of the watched values."""
-        return self._log_every > 0
+        """Some logger takes the watched values: their scalars, or the run's picture."""
+        return self._log_every > 0 or self._draws
 
     def value(self, step: int, value: Any) -> None:
-        """A watched value (or signals by name) has been dealt with: the counters where they changed, and its
-        scalars at the logging cadence, at Lightning's step for it (every validation's, like Lightning)."""
+        """A watched value (or signals by name) has been dealt with: kept for the picture, the counters where they
+        changed, and its scalars at the logging cadence, at Lightning's step for it (every validation's, like
+        Lightning)."""
+        if self._draws:
+            optimizers = self._trainer.optimizers
+            lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
+            self.record.add(step, float(value.get(LOSS, math.nan) if isinstance(value, Mapping) else value), lr)
+        if not self._log_every:
+            return
         self._loggers.log_counts(self._counts, step)
         self._last_step = step
         if self.per_validation:
@@ -98,12 +116,17 @@ class Reporter:
         self._loggers.log_scalars(scalars(value, self._detectors, groups), logged_at)
 
     def finish(self) -> None:
-        """Training has ended: the counters' last values (the end of each step function) and every decision of
-        the run as one table."""
+        """Training has ended: the counters' last values (the end of each step function), every decision of the
+        run as one table, and the run's picture (rank zero, with matplotlib installed)."""
         if self._log_every:
             self._loggers.log_counts(self._counts, self._last_step, force=True)
         if self.config.diagnostics and self._loggers.active:
             self._loggers.log_decision_table(self.decisions, self._last_step)
+        if self._draws and len(self.record):
+            from lr_guard.plot import draw_record, to_rgb
+
+            figure = draw_record(self.record, self.decisions, value_label=self.config.monitor or "loss")
+            self._loggers.log_image(PICTURE_TAG, to_rgb(figure), self._trainer.global_step)
 
     def decision(self, decision: Decision) -> None:
         self.decisions.append(decision)
