@@ -47,15 +47,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard import SummaryWriter
+from typing import TYPE_CHECKING, Any
 
 from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Decision, kind_name
 from lr_guard.executor import ACTIONS
 from lr_guard.policy import GATE, LOSS
+
+if TYPE_CHECKING:  # torch and tensorboard are imported where they are used: a replay's scalars need neither
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "CONFIG_TAG",
@@ -211,6 +211,8 @@ def one_event_writer(logger: Any) -> SummaryWriter | None:
     log_metrics = getattr(type(logger), "log_metrics", None)
     if getattr(log_metrics, "__module__", None) not in _LIGHTNING_TENSORBOARD:
         return None
+    from torch.utils.tensorboard import SummaryWriter
+
     writer = getattr(logger, "experiment", None)
     return writer if isinstance(writer, SummaryWriter) else None
 
@@ -223,6 +225,8 @@ def write_one_event(logger: Any, writer: SummaryWriter, metrics: dict[str, float
         return False
     prefix = getattr(logger, "_prefix", "")  # TensorBoardLogger(prefix=...), set at construction
     join = f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
     summary = Summary(value=[Summary.Value(tag=f"{join}{k}", simple_value=v) for k, v in metrics.items()])
     file_writer.add_summary(summary, step)
     return True

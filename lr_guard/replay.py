@@ -24,19 +24,25 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import functools
 import importlib
 import importlib.util
+import inspect
+import itertools
 import json
 import math
 import os
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lr_guard.detectors import Detector
     from lr_guard.events import Decision
 
 __all__ = [
@@ -187,8 +193,32 @@ def _instantiate(spec: Any) -> Any:
                 f"cannot import {spec['class_path']!r} ({err}); a detector of your own must be importable, "
                 "e.g. run lr-guard from the folder of its module or put that folder on PYTHONPATH"
             ) from err
-        return cls(**{k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
+        kwargs = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        parameters = inspect.signature(cls).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            for key in kwargs:
+                if key not in parameters:
+                    raise ReplayError(f"{spec['class_path']}: {_not_one_of(key, 'one of its arguments', parameters)}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ReplayError(f"{spec['class_path']}: {err}") from err
     return spec
+
+
+def _not_one_of(key: str, what: str, valid: Iterable[str]) -> str:
+    """``'key' is not <what>``, with the closest valid name, or the valid names when none is close."""
+    names = sorted(valid)
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return f"{key!r} is not {what}; did you mean {close[0]!r}?"
+    return f"{key!r} is not {what}; the valid names are: {', '.join(names)}"
+
+
+def _setting_names() -> set[str]:
+    from lr_guard.config import BUILT_IN_DETECTORS, GuardConfig
+
+    return {*GuardConfig.names(), *BUILT_IN_DETECTORS, "detectors"}
 
 
 def guard_settings(config: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -226,7 +256,11 @@ def guard_settings(config: str | os.PathLike[str] | None = None, overrides: Sequ
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ReplayError(f"--set takes key=value, got {item!r}")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ReplayError(f"--set {item}: {raw!r} is not a YAML value ({problem})") from err
         if "." in key:
             detector, _, arg = key.partition(".")
             spec = settings.get(detector)
@@ -235,12 +269,20 @@ def guard_settings(config: str | os.PathLike[str] | None = None, overrides: Sequ
 
                 cls = BUILT_IN_DETECTORS.get(detector)
                 if cls is None:
-                    raise ReplayError(f"--set {item}: {detector!r} is not a detector ({', '.join(BUILT_IN_DETECTORS)})")
+                    raise ReplayError(f"--set {item}: {_not_one_of(detector, 'a detector', BUILT_IN_DETECTORS)}")
+                arguments = inspect.signature(cls).parameters
+                if arg not in arguments:
+                    raise ReplayError(f"--set {item}: {_not_one_of(arg, f'an argument of {cls.__name__}', arguments)}")
                 spec = {"class_path": f"lr_guard.{cls.__name__}", "init_args": {}}
             spec.setdefault("init_args", {})[arg] = value
             settings[detector] = spec
         else:
+            if key not in _setting_names():
+                raise ReplayError(f"--set {item}: {_not_one_of(key, 'an LRGuard setting', _setting_names())}")
             settings[key] = value
+    unknown = sorted(set(settings) - _setting_names())
+    if unknown:
+        raise ReplayError(f"{config}: {_not_one_of(unknown[0], 'an LRGuard setting', _setting_names())}")
     return {k: _instantiate(v) for k, v in settings.items()}
 
 
@@ -266,6 +308,8 @@ class ReplayResult:
     scalars: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     detectors: dict[str, Any] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
+    spacing: int = 1  # the steps between logged values
+    rescaled: dict[str, dict[str, tuple[Any, Any]]] = field(default_factory=dict)  # slot -> setting -> before, after
 
 
 class _PaperOptimizer:
@@ -305,21 +349,27 @@ class _PaperRun:
 
 
 def _checks(
-    series: Iterator[tuple[int, float]], n: int, config: Any, steps_per_epoch: int | None
+    series: Iterator[tuple[int, float]], n: int, config: Any, steps_per_epoch: int | None, start: int
 ) -> Iterator[tuple[list[tuple[int, float]], int | None]]:
     """The values in the batches the live guard checks them in, each with the step of the snapshot due after it
     (else ``None``): it checks every ``check_every_n_steps`` optimizer steps (every step with ``skip_spikes``),
-    before each snapshot and at the end of each epoch (of ``steps_per_epoch`` steps, when known)."""
+    before each snapshot and at the end of each epoch (of ``steps_per_epoch`` steps, when known). On a log that
+    holds every k-th step, a check (or snapshot) falls on the first logged step at or after the live guard's."""
     every = 1 if config.skip_spikes else config.check_every_n_steps
     batch: list[tuple[int, float]] = []
+    before = start  # Lightning's global_step before the step of the first value trained
     for i, (step, value) in enumerate(series):
         batch.append((step, value))
         after = step + 1  # Lightning's global_step once this step has trained
-        snapshot_due = config.rollback and after % config.snapshot_every == 0
-        epoch_end = steps_per_epoch is not None and after % steps_per_epoch == 0
-        if snapshot_due or after % every == 0 or epoch_end or i == n - 1:
-            yield batch, after if snapshot_due else None
+
+        def passed(period: int | None, after: int = after, before: int = before) -> bool:
+            return period is not None and after // period > before // period  # a multiple of period in (before, after]
+
+        snapshot_due = config.rollback and passed(config.snapshot_every)
+        if snapshot_due or passed(every) or passed(steps_per_epoch) or i == n - 1:
+            yield batch, after // config.snapshot_every * config.snapshot_every if snapshot_due else None
             batch = []
+        before = after
 
 
 def replay(
@@ -356,9 +406,9 @@ def replay(
         if max_steps is not None and switches.get("plateau", True) is True:  # as the live guard sizes it
             switches["plateau"] = run_sized_plateau(max_steps)
         detectors = build_detectors(switches, settings.get("detectors") or ())
-        unknown = set(settings) - set(GuardConfig.names()) - set(BUILT_IN_DETECTORS) - {"detectors"}
+        unknown = sorted(set(settings) - _setting_names())
         if unknown:
-            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+            raise ValueError(_not_one_of(unknown[0], "an LRGuard setting", _setting_names()))
         other = sorted({f"{name} (signal={d.signal!r})" for name, d in detectors.items() if d.signal != "loss"})
         if other:
             raise ValueError(
@@ -367,10 +417,47 @@ def replay(
             )
     except (TypeError, ValueError, AttributeError) as err:
         raise ReplayError(f"invalid guard settings: {err}") from err
+    spacing = logged_spacing(series)
+    scaled = {slot: per_logged_value(detector, spacing) for slot, detector in detectors.items()}
+    detectors = {slot: detector for slot, (detector, _) in scaled.items()}
     paper = _PaperGuard(config, detectors, lr, log_every_n_steps)
-    paper.run(series, steps_per_epoch)
-    settings_shown = _settings(config, detectors)
-    return ReplayResult(paper.rows, len(series), paper.factor, settings_shown, paper.logged, detectors, paper.decisions)
+    paper.run(series, steps_per_epoch, spacing)
+    result = ReplayResult(
+        paper.rows, len(series), paper.factor, _settings(config, detectors), paper.logged, detectors, paper.decisions
+    )
+    result.spacing = spacing
+    result.rescaled = {slot: changes for slot, (_, changes) in scaled.items() if changes}
+    return result
+
+
+def logged_spacing(series: Sequence[tuple[int, float]]) -> int:
+    """The steps between logged values: the most common gap (1 for a log of every step; Lightning's default
+    ``log_every_n_steps=50`` and a logger's ``log_every_n_steps=10`` make 50 and 10)."""
+    gaps = Counter(b[0] - a[0] for a, b in itertools.pairwise(series) if b[0] > a[0])
+    return max(gaps.most_common(1)[0][0], 1) if gaps else 1
+
+
+def per_logged_value(detector: Detector, spacing: int) -> tuple[Detector, dict[str, tuple[Any, Any]]]:
+    """``detector`` rebuilt for a log that holds every ``spacing``-th step, and the settings changed (name ->
+    (before, after)): its ``value_counts`` divided by ``spacing``, rounded up (to the least it accepts), and its
+    ``value_decays`` raised to the power ``spacing``, so that each still spans the steps it spans live."""
+    cls = type(detector)
+    if spacing == 1 or not (cls.value_counts or cls.value_decays):
+        return detector, {}
+    settings = detector.settings()
+    for name in cls.value_decays:
+        settings[name] = settings[name] ** spacing
+    for name in cls.value_counts:
+        original = int(settings[name])
+        for count in range(math.ceil(original / spacing), original + 1):
+            try:
+                cls(**{**settings, name: count})
+            except (TypeError, ValueError):
+                continue
+            settings[name] = count
+            break
+    changes = {k: (v, settings[k]) for k, v in detector.settings().items() if settings[k] != v}
+    return cls(**settings), changes
 
 
 class _PaperGuard:
@@ -396,12 +483,13 @@ class _PaperGuard:
 
         return lr_factors(self.paper.optimizers)[0][0]
 
-    def run(self, series: Sequence[tuple[int, float]], steps_per_epoch: int | None) -> None:
+    def run(self, series: Sequence[tuple[int, float]], steps_per_epoch: int | None, spacing: int = 1) -> None:
         policy = self.policy
-        policy.start(series[0][0])
-        self.paper.snapshot(series[0][0])
-        values = _with_skips(series, policy, self.config)
-        for batch, snapshot_step in _checks(values, len(series), self.config, steps_per_epoch):
+        start = max(0, series[0][0] - spacing + 1)  # a log of every k-th step starts k - 1 steps into the run
+        policy.start(start)
+        self.paper.snapshot(start)
+        values = _with_skips(series, policy, self.config, start)
+        for batch, snapshot_step in _checks(values, len(series), self.config, steps_per_epoch, start):
             self._follow_lr(batch[-1][0])
             self.paper.step = batch[-1][0] + 1
             self.executor.process(batch, self.paper, self._report, self._log_value)
@@ -443,10 +531,17 @@ class _PaperGuard:
             self.logged.append((step, metrics))
 
 
-def _with_skips(series: Sequence[tuple[int, float]], policy: Any, config: Any) -> Iterator[tuple[int, float]]:
+def _with_skips(
+    series: Sequence[tuple[int, float]], policy: Any, config: Any, start: int
+) -> Iterator[tuple[int, float]]:
     """The series, telling the policy of each update the live guard would skip before it is applied (after a
-    rollback, and with ``skip_spikes`` a spiking step), as the live guard does before each optimizer step."""
+    rollback, and with ``skip_spikes`` a spiking step), as the live guard does before each optimizer step: the
+    steps a subsampled log leaves out count too (``skip_batches`` counts steps)."""
+    next_step = start
     for step, value in series:
+        for unlogged in range(next_step, step):
+            policy.should_skip(unlogged)
+        next_step = step + 1
         policy.should_skip(step, (lambda v=value: v) if config.skip_spikes else None)
         yield step, value
 
@@ -498,6 +593,30 @@ def write_plot(
     return str(save_figure(figure, path))
 
 
+def subsampled_note(result: ReplayResult) -> str:
+    """What a replay of a log that holds every k-th step does about it, in a few plain lines."""
+    k = result.spacing
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    changed = "; ".join(
+        f"{slot}: " + ", ".join(f"{name} {before:g} -> {after:g}" for name, (before, after) in changes.items())
+        for slot, changes in result.rescaled.items()
+    )
+    lines = [
+        f"the log holds every {k}{suffix} step: the guard would have seen {k} times as many values. The replay "
+        f"counts its settings in steps: snapshot_every, check_every_n_steps, confirm_steps and skip_batches as "
+        f"they are, the detectors' windows and patience per logged value ({changed or 'none to change'}). A "
+        f"decision falls on the first logged step at or after the live guard's, up to {k - 1} steps later; "
+        f"a rise or a NaN between two logged steps is seen only where it lasts to a logged one.",
+    ]
+    fixed = [slot for slot, d in result.detectors.items() if not (type(d).value_counts or type(d).value_decays)]
+    fixed = [slot for slot in fixed if type(result.detectors[slot]).kind != "off"]
+    if fixed:
+        lines.append(
+            f"{', '.join(fixed)}: no value_counts or value_decays declared, so its settings count logged values"
+        )
+    return "\n".join(lines)
+
+
 def format_table(result: ReplayResult) -> str:
     header = f"{'step':>8}  {'event':<11} {'value':>10} {'score':>9} {'thresh':>7}  {'action':<9} detail"
     lines = [header, "-" * len(header)]
@@ -511,13 +630,21 @@ def format_table(result: ReplayResult) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- command line
+def _plain(text: str) -> str:
+    """Docstring markup as plain text for a terminal: ``code`` as code, :class:`~a.B` as B, :func:`a.b` as a.b."""
+    text = re.sub(r":[a-z]+:`~[\w.]*?(\w+)`", r"\1", text)
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
+    text = re.sub(r"``(.+?)``", r"\1", text, flags=re.DOTALL)
+    return re.sub(r"\*(\w[^*]*)\*", r"\1", text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lr-guard", description="lr_guard's command-line tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser(
         "replay",
         help="what would lr_guard have done on a finished run?",
-        description=__doc__,
+        description=_plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rp.add_argument("path", help="a TensorBoard event file or log directory, or a CSV with step,loss columns")
@@ -585,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no learning rate in the log: the whole run counts as past its warm-up (see --lr-tag)")
         else:
             print(f"learning rate from {lr_tag!r}: warm-ups seen where it rises")
+        if result.spacing > 1:
+            print(subsampled_note(result))
         print(format_table(result))
         actions = [r.action for r in result.rows]
         print(

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import pytest
 from conftest import make_trainer
@@ -206,3 +207,78 @@ def test_console_script_is_installed():
     assert exe, "pip install -e . installs the lr-guard command"
     out = subprocess.run([exe, "replay", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "what would lr_guard have done" in out.stdout
+
+
+def _noisy_descent(n, seed=0):
+    rng = random.Random(seed)
+    return [2.0 / (1.0 + 0.02 * t) * math.exp(0.05 * rng.gauss(0.0, 1.0)) for t in range(n)]
+
+
+@pytest.mark.parametrize("every", [10, 7])
+def test_a_subsampled_log_is_said_so_and_replayed_as_the_live_guard_decides(tmp_path, capsys, every):
+    """A loss that blows up to 3x at step 400 and stays there: the live guard rolls back a few steps after it (a
+    spike logged first).
+    The same run logged every step and every ``every``-th step (Lightning's ``log_every_n_steps``): the replay
+    of the subsampled log says so and takes the same first decision, within the spacing."""
+    values = _noisy_descent(500)
+    values[400:] = [3.0 * v for v in values[400:]]
+    guard = LRGuard(verbose=False)
+    make_trainer([guard], max_steps=500).fit(ScriptedLossModule(values, optimizer="adam", lr=0.01))
+    live = next(d for d in guard.decisions if d.action.value != "none")  # the first that acts (a spike is logged)
+    assert (str(live.event.kind), str(live.action)) == ("divergence", "rollback")
+    logger = TensorBoardLogger(tmp_path, name="sparse", version=0)
+    module = ScriptedLossModule(values, optimizer="adam", lr=0.01)
+    make_trainer([], max_steps=500, logger=logger, log_every_n_steps=every).fit(module)
+    assert main(["replay", logger.log_dir]) == 0
+    out = capsys.readouterr().out
+    assert f"the log holds every {every}th step" in out and "patience 2 -> 1" in out
+    series, _, _ = load_series(logger.log_dir)
+    first = next(r for r in replay(series).rows if r.action != "none")
+    assert (first.kind, first.action) == ("divergence", "rollback")
+    assert 0 <= first.step - live.event.step < every
+    assert f"back to step {live.rollback_to}" in first.detail
+
+
+def test_a_full_log_is_not_called_subsampled(unguarded_run, capsys):
+    _root, log_dir = unguarded_run
+    assert main(["replay", log_dir]) == 0
+    assert "the log holds every" not in capsys.readouterr().out
+
+
+def test_typos_in_settings_get_one_line_naming_the_closest_key(capsys):
+    path = "lr_guard/data/curves/criteo_dlrm_warmup_divergence_inf_nan_algoperf.csv"
+    cases = {
+        "spike.treshold=7": "'treshold' is not an argument of SpikeDetector; did you mean 'threshold'?",
+        "skip_batchs=7": "'skip_batchs' is not an LRGuard setting; did you mean 'skip_batches'?",
+        "zzz=1": "'zzz' is not an LRGuard setting; the valid names are: check_every_n_steps, check_on",
+        "spike.threshold=high": "SpikeDetector: threshold must be a number, got 'high'",
+        "skip_batches=[1": "'[1' is not a YAML value",
+    }
+    for item, message in cases.items():
+        assert main(["replay", path, "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert "GuardConfig" not in err
+
+
+def test_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["replay", "--help"])
+    out = capsys.readouterr().out
+    assert "what would lr_guard have done" in out and "GuardPolicy" in out
+    assert "``" not in out and ":class:" not in out and "*without*" not in out
+
+
+def test_replay_of_a_csv_imports_neither_lightning_nor_torch():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lr_guard.replay import main; "
+        "main(['replay', 'lr_guard/data/curves/criteo_dlrm_warmup_divergence_inf_nan_algoperf.csv']); "
+        "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'torch', 'scipy') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -100,6 +100,10 @@ class Detector(abc.ABC):
 
     kind: ClassVar[str]
     tracks_progress: ClassVar[bool] = False  # True: ``progress`` says how far training got (see the policy)
+    # Settings that count values, and per-value decay rates: fed one value a step, both mean steps. A replay of a
+    # log that holds every k-th step divides the counts by k (rounded up) and raises the decays to the power k.
+    value_counts: ClassVar[tuple[str, ...]] = ()
+    value_decays: ClassVar[tuple[str, ...]] = ()
     STATE_VERSION: ClassVar[int] = 1
     _STATE_FIELDS: ClassVar[tuple[str, ...]] = ()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from statistics import NormalDist
 
 import numpy as np
-from scipy.special import ndtri
 
 from lr_guard.detectors.base import (
     Detector,
@@ -75,6 +75,7 @@ class DivergenceDetector(Detector):
     """
 
     kind = EventKind.DIVERGENCE
+    value_counts = ("instant_confirm", "smoothing_window", "patience", "trend_window", "warmup_steps")
     _STATE_FIELDS = (
         "_n",
         "_n_nonfinite",
@@ -135,7 +136,7 @@ class DivergenceDetector(Detector):
 
     def _reset(self) -> None:
         self._to_y = LogOrLinear(self.space, self.name)
-        self._z_crit = float(ndtri(1.0 - self.significance))
+        self._z_crit = NormalDist().inv_cdf(1.0 - self.significance)  # stdlib: a replay imports no scipy
         self._log_factor = math.log(self.factor)
         self._log_instant = math.log(self.instant_factor)
         self._log_rise = math.log1p(self.min_rise)

@@ -59,6 +59,7 @@ class OscillationDetector(Detector):
     """
 
     kind = EventKind.OSCILLATION
+    value_counts = ("stride", "warmup_steps")  # not the window: the line and autocorrelation fit need its values
     _STATE_FIELDS = ("_n", "_n_nonfinite", "_recent", "_noise", "_prev", "_quiet_left", "_score", "_oscillating")
 
     def __init__(

@@ -53,6 +53,7 @@ class PlateauDetector(Detector):
 
     kind = EventKind.PLATEAU
     tracks_progress = True
+    value_counts = ("patience", "cooldown", "window", "warmup_steps")
     _STATE_FIELDS = (
         "_n",
         "_n_nonfinite",

@@ -48,6 +48,8 @@ class SpikeDetector(Detector):
     """
 
     kind = EventKind.SPIKE
+    value_counts = ("warmup_steps", "rebase_steps")
+    value_decays = ("trend_alpha", "noise_alpha")
     _STATE_FIELDS = ("_n", "_n_nonfinite", "_trend", "_prev", "_noise", "_excursion", "_score")
 
     def __init__(
