@@ -107,6 +107,8 @@ def decision_markdown(decision: Decision, counts: dict[str, int]) -> str:
     done = ACTIONS[decision.action].done_text(decision)
     if decision.lr_before != decision.lr_after:
         done += f"; lr {decision.lr_before:.3g} → {decision.lr_after:.3g}"
+    if decision.dry_run:
+        done = f"nothing (dry run); the guard would have {done}"
     totals = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
     return "\n".join(
         [

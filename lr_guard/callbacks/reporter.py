@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from lr_guard.callbacks.console import show_on_console
 from lr_guard.config import GuardConfig
 from lr_guard.detectors import Detector
 from lr_guard.diagnostics import Diagnostics, scalars
@@ -54,6 +55,8 @@ class Reporter:
         self._records_path = os.path.join(records_dir, SKIPPED_UPDATES) if records_dir else None
         self._skipped: list[dict[str, Any]] = []
         self._log_every = 0
+        if self.config.verbose and trainer.is_global_zero:
+            show_on_console()  # every decision reaches the console, as Lightning's own messages do
         if self.config.diagnostics:
             self._loggers.attach(trainer, settings, detectors)
             if self._loggers.active:
@@ -82,7 +85,7 @@ class Reporter:
 
     def decision(self, decision: Decision) -> None:
         self.decisions.append(decision)
-        if decision.action in (Action.SKIP, Action.CLIP):
+        if decision.action in (Action.SKIP, Action.CLIP) and not decision.dry_run:
             self._record_skip(decision)
         if self.config.diagnostics:
             self._loggers.log_decision(decision, dict(self._counts))
