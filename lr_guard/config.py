@@ -126,6 +126,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "diagnostics": _flag,
     "log_every_n_steps": _count(1, optional=True),
     "verbose": _flag,
+    "dry_run": _flag,
 }
 
 
@@ -169,6 +170,7 @@ class GuardConfig:
     diagnostics: bool = True
     log_every_n_steps: int | None = None
     verbose: bool = True
+    dry_run: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _CHECKS.get(name)

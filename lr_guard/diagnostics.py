@@ -153,6 +153,8 @@ def _done(decision: Decision) -> str:
     done = ACTIONS[decision.action].done_text(decision)
     if decision.lr_before != decision.lr_after:
         done += f"; lr {decision.lr_before:.3g} → {decision.lr_after:.3g}"
+    if decision.dry_run:
+        done = f"nothing (dry run); the guard would have {done}"
     return done
 
 

@@ -85,6 +85,8 @@ class Decision:
         reason: Why an action was held, skipped or only logged ("" otherwise).
         epoch, batch_idx: Where the event's step was trained (the epoch and the batch index in it), where known:
             a skipped update's batch can be found again.
+        dry_run: Nothing was done (``dry_run=True``): ``action`` is what the guard would have done, and the LRs
+            are those the guard would have had.
     """
 
     event: Event
@@ -100,6 +102,7 @@ class Decision:
     reason: str = ""
     epoch: int | None = None
     batch_idx: int | None = None
+    dry_run: bool = False
 
     def __str__(self) -> str:
         return self.message

@@ -53,23 +53,45 @@ class _Context:
     max_rollbacks: int
     incident: int
     checkpoint: str | None
+    step: int  # the step at which the guard acted
+    dry_run: bool = False  # nothing was done: the message says what would have been
+
+
+def _lr_change(intent: Intent, c: _Context) -> tuple[str, str]:
+    """How a rollback's LR change reads: ``lr a -> b``, or ``lr a kept``; and why, where the change is not the
+    factor alone (the restored schedule's LR differs from the current one)."""
+    before, after = f"{c.lr_before:.3g}", f"{c.lr_after:.3g}"
+    if before == after and intent.lr_factor == 1.0:
+        return f"lr {before} kept", ""
+    change = f"lr {before} -> {after}"
+    if c.lr_after > c.lr_before * (1 + 1e-9):
+        return change, f"the LR rises: the schedule's LR at step {intent.rollback_to} is higher than at step {c.step}"
+    if before == after:
+        return (
+            change,
+            f"the schedule's LR at step {intent.rollback_to} is higher, which offsets the x{intent.lr_factor:g}",
+        )
+    return change, ""
 
 
 def _rollback_message(intent: Intent, c: _Context) -> str:
     event = intent.event
-    if event.kind == EventKind.PLATEAU:  # a failed start: a restart
-        return (
-            f"{event.message} -- {intent.reason}: restarted from step {intent.rollback_to}, "
-            f"lr {c.lr_before:.3g} -> {c.lr_after:.3g}"
-        )
+    change, why = _lr_change(intent, c)
+    verb = "would roll back" if c.dry_run else "rolled back"
+    if event.kind == EventKind.PLATEAU:  # a failed start: a rollback to where training started
+        notes = "; ".join(note for note in (intent.reason, why) if note)
+        return f"{event.message} -- {verb} to step {intent.rollback_to}, where training started, {change} ({notes})"
     skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
-    return (
-        f"{event.message} -- rolled back to step {intent.rollback_to}, lr {c.lr_before:.3g} -> {c.lr_after:.3g}"
-        f"{skip} (rollback {c.incident} of {c.max_rollbacks}{'; ' + intent.reason if intent.reason else ''})"
-    )
+    notes = "; ".join(note for note in (f"rollback {c.incident} of {c.max_rollbacks}", why, intent.reason) if note)
+    return f"{event.message} -- {verb} to step {intent.rollback_to}, {change}{skip} ({notes})"
 
 
 def _stop_message(intent: Intent, c: _Context) -> str:
+    if c.dry_run:
+        return (
+            f"{intent.event.message} -- still diverging after {c.incident} rollback(s): would stop training with the "
+            f"state of step {intent.rollback_to} restored (dry run: the guard watches no further)"
+        )
     where = (
         f" The last good state (step {intent.rollback_to}) is saved at {c.checkpoint}; resume with "
         f"Trainer.fit(model, ckpt_path={c.checkpoint!r}) after changing what made it diverge"
@@ -80,11 +102,18 @@ def _stop_message(intent: Intent, c: _Context) -> str:
 
 
 def _cut_message(intent: Intent, c: _Context) -> str:
-    return f"{intent.event.message} -- lr {c.lr_before:.3g} -> {c.lr_after:.3g} (x{intent.lr_factor:g})"
+    would = "would cut the LR: " if c.dry_run else ""
+    return f"{intent.event.message} -- {would}lr {c.lr_before:.3g} -> {c.lr_after:.3g} (x{intent.lr_factor:g})"
 
 
 def _reason_message(intent: Intent, c: _Context) -> str:
     return f"{intent.event.message} -- {intent.reason}"
+
+
+def _skip_message(intent: Intent, c: _Context) -> str:
+    if c.dry_run:
+        return f"{intent.event.message} -- would skip its update (dry run: it was applied)"
+    return _reason_message(intent, c)
 
 
 def _rollback_detail(decision: Decision, factor: float) -> str:
@@ -122,7 +151,7 @@ ACTIONS: dict[Action, ActionSpec] = {
     Action.LR_CUT: ActionSpec(
         "_cut", _cut_message, lambda d: "cut the LR", lambda d, f: f"LR x{d.lr_factor:g} (cumulative x{f:.3g})"
     ),
-    Action.SKIP: ActionSpec("_nothing", _reason_message, lambda d: "skipped the update", lambda d, f: d.reason),
+    Action.SKIP: ActionSpec("_nothing", _skip_message, lambda d: "skipped the update", lambda d, f: d.reason),
     Action.CLIP: ActionSpec("_nothing", _reason_message, lambda d: "scaled the update down", lambda d, f: d.reason),
     Action.HELD: ActionSpec("_nothing", _reason_message, lambda d: "held back", lambda d, f: d.reason),
     Action.NONE: ActionSpec("_nothing", _reason_message, lambda d: "logged it", lambda d, f: d.reason),
@@ -135,12 +164,14 @@ class IntentExecutor:
     def __init__(self, policy: GuardPolicy, config: GuardConfig) -> None:
         self.policy = policy
         self.config = config
+        self._dry_factors: list[list[float]] | None = None  # a dry run's LR factors, as the live guard's would be
 
     def prepare(self, optimizers: Sequence[Any]) -> None:
         """Record ``min_lr`` in the optimizers' param groups (one value, or one per group of all optimizers)."""
         floors = per_group_floors(self.config.min_lr, [len(opt.param_groups) for opt in optimizers])
         for optimizer, floor in zip(optimizers, floors, strict=True):
             set_min_lr(optimizer, floor)
+        self._dry_factors = None
 
     def process(
         self,
@@ -160,16 +191,28 @@ class IntentExecutor:
                 rolled_back = rolled_back or intent.action == Action.ROLLBACK
             if after_value is not None:
                 after_value(step, value)
-            if rolled_back or self.policy.stopped:
-                return
+            if (rolled_back and not self.config.dry_run) or self.policy.stopped:
+                return  # a dry run's weights are not gone: its values go on being watched
 
     def execute(self, intent: Intent, run: RunState) -> Decision:
-        lr_before = _first_lr(run.optimizers)
-        spec = ACTIONS[intent.action]
-        intent, checkpoint = getattr(self, spec.handler)(intent, run)
+        dry_run = self.config.dry_run
+        checkpoint = None
+        if dry_run:
+            intent, lr_before, lr_after = self._as_if(intent, run)
+        else:
+            lr_before = _first_lr(run.optimizers)
+            intent, checkpoint = getattr(self, ACTIONS[intent.action].handler)(intent, run)
+            lr_after = _first_lr(run.optimizers)
         spec = ACTIONS[intent.action]  # a cut that could not be made is held
-        lr_after = _first_lr(run.optimizers)
-        context = _Context(lr_before, lr_after, self.config.max_rollbacks, self.policy.incident_rollbacks, checkpoint)
+        context = _Context(
+            lr_before,
+            lr_after,
+            self.config.max_rollbacks,
+            self.policy.incident_rollbacks,
+            checkpoint,
+            run.step,
+            dry_run,
+        )
         where = run.locate(intent.event.step)
         return Decision(
             intent.event,
@@ -185,7 +228,28 @@ class IntentExecutor:
             intent.reason,
             where[0] if where else None,
             where[1] if where else None,
+            dry_run,
         )
+
+    def _as_if(self, intent: Intent, run: RunState) -> tuple[Intent, float, float]:
+        """A dry run: the intent's LR change made on copies of the param groups that carry the LR factors the live
+        guard would have by now, and nothing done to the run; the intent (a cut that could not be made is held)
+        and the first group's LR before and after, as the live guard would have had them. A rollback's LR after
+        is the one before times its factor: the schedule's LR at the restored step is not known without
+        restoring it."""
+        paper = [_ParamGroups([dict(g) for g in opt.param_groups]) for opt in run.optimizers]
+        if self._dry_factors is not None:
+            set_lr_factors(paper, self._dry_factors)
+        lr_before = _first_lr(paper)
+        if intent.action == Action.LR_CUT:
+            if cut_lr(paper, intent.lr_factor, eps=self.config.eps):
+                self.policy.lr_cut_made()  # counted as the live guard counts its cuts
+            else:
+                intent = replace(intent, action=Action.HELD, lr_factor=1.0, reason=NO_CUT)
+        elif intent.action == Action.ROLLBACK:
+            set_lr_factors(paper, [[f * intent.lr_factor for f in fs] for fs in lr_factors(paper)])
+        self._dry_factors = lr_factors(paper)
+        return intent, lr_before, _first_lr(paper)
 
     def _rollback(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
         assert intent.rollback_to is not None
@@ -206,6 +270,13 @@ class IntentExecutor:
 
     def _nothing(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
         return intent, None
+
+
+@dataclass
+class _ParamGroups:
+    """Copies of an optimizer's param groups, for a dry run's LR changes."""
+
+    param_groups: list[dict[str, Any]]
 
 
 def _first_lr(optimizers: Sequence[Any]) -> float:

@@ -338,10 +338,12 @@ class GuardPolicy(UpdateResponses):
         self.good = origin  # the snapshots taken since hold the broken model
         if self.restarts >= self.config.max_rollbacks:
             self.origin = None  # the last restart: later plateaus get LR cuts
-        reason = (
-            f"a failed start: the loss has improved only {100 * progress:.1f}% on where training started "
-            f"(restart {self.restarts} of {self.config.max_rollbacks})"
+        where = (
+            f"is {100 * -progress:.1f}% above where training started"
+            if progress < 0
+            else f"has improved only {100 * progress:.1f}% on where training started"
         )
+        reason = f"a failed start: the loss {where} (restart {self.restarts} of {self.config.max_rollbacks})"
         return self._rollback(event, origin.step, 0, reason=reason)
 
     def _rollback(

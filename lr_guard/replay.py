@@ -618,12 +618,16 @@ def subsampled_note(result: ReplayResult) -> str:
 
 
 def format_table(result: ReplayResult) -> str:
+    from lr_guard.events import EventKind
+
     header = f"{'step':>8}  {'event':<11} {'value':>10} {'score':>9} {'thresh':>7}  {'action':<9} detail"
     lines = [header, "-" * len(header)]
     for r in result.rows:
-        lines.append(
-            f"{r.step:>8}  {r.kind:<11} {r.value:>10.4g} {r.score:>9.3g} {r.threshold:>7.3g}  {r.action:<9} {r.detail}"
-        )
+        score, threshold, detail = f"{r.score:>9.3g}", f"{r.threshold:>7.3g}", r.detail
+        if r.kind == EventKind.PLATEAU.value:  # its score is a count of steps: said in words, not as a statistic
+            score, threshold = f"{'':>9}", f"{'':>7}"
+            detail = f"{r.score:.0f} steps without improvement (patience {r.threshold:.0f}); {detail}"
+        lines.append(f"{r.step:>8}  {r.kind:<11} {r.value:>10.4g} {score} {threshold}  {r.action:<9} {detail}")
     if not result.rows:
         lines.append("(no events: the guard would have done nothing)")
     return "\n".join(lines)

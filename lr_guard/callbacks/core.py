@@ -133,7 +133,12 @@ class GuardCore(GuardSettings):
         diagnostics: Send scalars, the decision log, the configuration and a dashboard layout to the Trainer's
             loggers (see :mod:`lr_guard.diagnostics` for the keys).
         log_every_n_steps: Cadence of the scalars; default: the Trainer's ``log_every_n_steps``.
-        verbose: Log every decision through Python ``logging`` (logger ``"lr_guard"``) on rank zero.
+        verbose: Log every decision through Python ``logging`` (logger ``"lr_guard"``) on rank zero; with no
+            logging set up, the lines reach the console, each on its own line beside a progress bar.
+        dry_run: Log every decision as it would be taken ("would roll back to step 350, lr 0.01 -> 0.005") and
+            change nothing: no rollback, LR cut, skipped update or stop, and no snapshot is taken. The detectors
+            and the rules run as in a live run, counters included (``counts`` are what the live guard would have
+            counted); after a rollback that was not made they go on watching the values that follow.
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class GuardCore(GuardSettings):
         diagnostics: bool = True,
         log_every_n_steps: int | None = None,
         verbose: bool = True,
+        dry_run: bool = False,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k in GuardConfig.names()}
         self.config = GuardConfig(**arguments)
@@ -173,7 +179,7 @@ class GuardCore(GuardSettings):
         self.extra_detectors = list(_as_list(detectors))
         self.gate = _gate(gate)
         self.policy = GuardPolicy(_assemble(switches, self.extra_detectors, self.gate), self.config)
-        _check_combinations(self.config, self.detectors)
+        _check_combinations(self.config, self.detectors, self.gate)
         # the built-in detectors left at their default (True): sized to the run's cadence and length when it starts
         self._sized_slots = {slot for slot in ("plateau", "divergence") if switches[slot] is True}
         self._saved_states: dict[str, Any] = {}  # a checkpoint's state of those, loaded once they are sized
@@ -327,8 +333,9 @@ class GuardCore(GuardSettings):
         step = trainer.global_step
         if self.policy.good is None or self.policy.good.step != step:
             self.policy.start(step)
-        self._store.take(step, targets(trainer, pl_module), self._copies())
-        self._run.snapshot_taken(step)  # type: ignore[union-attr]
+        if not self.config.dry_run:  # a dry run restores nothing: the rules keep the step alone
+            self._store.take(step, targets(trainer, pl_module), self._copies())
+            self._run.snapshot_taken(step)  # type: ignore[union-attr]
 
     def _copies(self) -> int:
         return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
@@ -423,9 +430,10 @@ class GuardCore(GuardSettings):
         if snapshot_due or global_step % cadence.check_every == 0:
             self._check(trainer)
         if snapshot_due and not self._start_pending and self.policy.wants_snapshot(global_step):
-            self._store.take(global_step, targets(trainer, pl_module), self._copies())
+            if not self.config.dry_run:  # a dry run restores nothing: the rules keep the step alone
+                self._store.take(global_step, targets(trainer, pl_module), self._copies())
+                self._run.snapshot_taken(global_step)  # type: ignore[union-attr]
             self.policy.snapshot_taken(global_step)
-            self._run.snapshot_taken(global_step)  # type: ignore[union-attr]
 
     def _choose_watch_on(self, trainer: Any) -> _Cadence:
         """``monitor=`` without ``check_on``, at the first optimizer step: watch the metric where it is logged --
@@ -580,8 +588,13 @@ def _assemble(switches: dict[str, Any], extra: list[Detector], gate: UpdateGate 
     return build_detectors(switches, [*extra, *built_in])
 
 
-def _check_combinations(config: GuardConfig, detectors: dict[str, Detector]) -> None:
+def _check_combinations(config: GuardConfig, detectors: dict[str, Detector], gate: UpdateGate | None) -> None:
     """Settings that are valid alone but not together."""
+    if config.dry_run and gate is not None:
+        raise ValueError(
+            "dry_run=True cannot be combined with gate=True: the update gate scales or skips an update on the "
+            "device before it lands, which a dry run does not do. Pass gate=False for a dry run"
+        )
     spike = detectors["spike"]
     if config.skip_spikes and not (isinstance(spike, SpikeDetector) and spike.signal == "loss"):
         raise ValueError(

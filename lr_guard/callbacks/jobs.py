@@ -27,7 +27,7 @@ class PlateauLRReducerCore(GuardCore):
         factor: LR factor per plateau, in (0, 1) (``LRGuard``'s ``plateau_factor``).
         min_lr: Floor of the cuts, one value or one per param group.
         eps: Smallest LR change made.
-        check_every_n_steps, diagnostics, log_every_n_steps, verbose: as ``LRGuard``.
+        check_every_n_steps, diagnostics, log_every_n_steps, verbose, dry_run: as ``LRGuard``.
     """
 
     factor = Setting("plateau_factor")
@@ -44,6 +44,7 @@ class PlateauLRReducerCore(GuardCore):
         diagnostics: bool = True,
         log_every_n_steps: int | None = None,
         verbose: bool = True,
+        dry_run: bool = False,
     ) -> None:
         if plateau is False:
             raise ValueError("plateau must be a PlateauDetector or True: a plateau LR reducer needs its detector")
@@ -66,6 +67,7 @@ class PlateauLRReducerCore(GuardCore):
             diagnostics=diagnostics,
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
+            dry_run=dry_run,
         )
 
 
@@ -102,6 +104,7 @@ class DivergenceRollbackCore(GuardCore):
         diagnostics: bool = True,
         log_every_n_steps: int | None = None,
         verbose: bool = True,
+        dry_run: bool = False,
     ) -> None:
         if divergence is False:
             raise ValueError("divergence must be a DivergenceDetector or True: a rollback needs its detector")
@@ -133,4 +136,5 @@ class DivergenceRollbackCore(GuardCore):
             diagnostics=diagnostics,
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
+            dry_run=dry_run,
         )

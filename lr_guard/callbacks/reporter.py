@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from lr_guard.callbacks.console import show_on_console
 from lr_guard.config import GuardConfig
 from lr_guard.detectors import Detector
 from lr_guard.diagnostics import Diagnostics, scalars
@@ -71,6 +72,8 @@ class Reporter:
         self._log_every = 0
         self.record.clear()
         self._draws = False
+        if self.config.verbose and trainer.is_global_zero:
+            show_on_console()  # every decision reaches the console, as Lightning's own messages do
         if self.config.diagnostics:
             self._loggers.attach(trainer, settings, detectors)
             if self._loggers.active:
@@ -130,7 +133,7 @@ class Reporter:
 
     def decision(self, decision: Decision) -> None:
         self.decisions.append(decision)
-        if decision.action in (Action.SKIP, Action.CLIP):
+        if decision.action in (Action.SKIP, Action.CLIP) and not decision.dry_run:
             self._record_skip(decision)
         if self.config.diagnostics:
             self._loggers.log_decision(decision, dict(self._counts))

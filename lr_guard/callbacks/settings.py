@@ -76,6 +76,7 @@ class GuardSettings:
     diagnostics = Setting()
     log_every_n_steps = Setting()
     verbose = Setting()
+    dry_run = Setting()
 
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments (detectors as their repr), as recorded in the configuration entry."""

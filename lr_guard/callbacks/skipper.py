@@ -86,7 +86,7 @@ class UpdateSkipper:
                 skip = self._gate_on_device(trainer, step, step_loss, optimizer, module, grads)
             else:
                 skip = self._gate(step, step_loss, grads)
-        if skip:
+        if skip and not self.policy.config.dry_run:  # a dry run only says what it would skip
             drop_gradients(optimizer)
             if self._buffers is not None:
                 restore_buffers(module, self._buffers)

@@ -135,9 +135,18 @@ class PlateauDetector(Detector):
     def charts(self) -> dict[str, list[str]]:
         return {"{slot}: steps without improvement vs patience": ["{slot}/bad_steps", "{slot}/patience"]}
 
-    def _margin(self) -> float:
+    def _margins(self) -> tuple[float, float]:
+        """torch's margin and the noise margin, an improvement must beat both."""
         torch_margin = abs(self._best) * self.threshold if self.threshold_mode == "rel" else self.threshold
-        return max(torch_margin, self.noise_sigmas * self._noise.sigma / math.sqrt(self.window))
+        return torch_margin, self.noise_sigmas * self._noise.sigma / math.sqrt(self.window)
+
+    def _margin(self) -> float:
+        return max(self._margins())
+
+    def _margin_name(self) -> str:
+        """What sets the margin an improvement must beat: torch's threshold, or the noise of the mean."""
+        torch_margin, noise_margin = self._margins()
+        return "threshold" if torch_margin >= noise_margin else "noise margin"
 
     def update(self, value: float, step: int) -> Event | None:
         if type(value) is not float:
@@ -180,8 +189,8 @@ class PlateauDetector(Detector):
                 float(bad),
                 float(self.patience),
                 self.name,
-                f"step {step}: no improvement for {bad} steps: mean of the last {self.window} values "
-                f"{mean:.4g} has not beaten the best {self.best:.4g} by more than {margin:.2g} "
-                f"(patience {self.patience})",
+                f"step {step}: no improvement for {bad} steps (patience {self.patience}): the mean of the last "
+                f"{self.window} values, {mean:.4g}, has not improved on the best, {self.best:.4g}, by more than "
+                f"the {self._margin_name()} {margin:.2g}",
             )
         return None
