@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import textwrap
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -84,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     steps = 150 if args.fast else 600
     results = {}
-    for name, callbacks in (("without a guard", []), ("with LRGuard", [LRGuard(skip_batches=3, snapshot_every=20)])):
+    runs = (("without a guard", []), ("with LRGuard", [LRGuard(skip_batches=3, snapshot_every=20)]))
+    print(f"A small causal transformer, {steps} steps of Adam warmed up to a peak LR of {args.peak_lr}: two runs.")
+    for i, (name, callbacks) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] training {name} ...", flush=True)
         pl.seed_everything(0, verbose=False)
         model = TinyGPT(args.peak_lr, steps)
         losses: list[float] = []
@@ -109,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{name:>16}: mean loss over the last 20 steps {results[name]:.3f}")
         for guard in callbacks:
             for d in guard.decisions:
-                print(f"{'':>18}{d.message[:160]}")
+                print(textwrap.fill(d.message, width=118, initial_indent=" " * 18, subsequent_indent=" " * 20))
     return results
 
 

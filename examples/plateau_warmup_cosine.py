@@ -63,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return log
 
     reducer = PlateauLRReducer(plateau=PlateauDetector(patience=steps // 10, window=10, warmup_steps=0, cooldown=steps))
-    plain, guarded = train([]), train([reducer])
+    print(f"A loss that stalls at step {steps // 2}, warm-up + cosine schedule, {steps} steps: two runs.")
+    print("[1/2] training with the schedule alone ...", flush=True)
+    plain = train([])
+    print("[2/2] training with PlateauLRReducer ...", flush=True)
+    guarded = train([reducer])
     for d in reducer.decisions:
         print(d.message)
     last = steps - 1

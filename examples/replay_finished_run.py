@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -25,8 +24,9 @@ from lr_guard.testing import ScriptedLossModule
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
-    parser.add_argument("--logdir", default=os.path.join(tempfile.gettempdir(), "lr_guard_replay_example"))
+    parser.add_argument("--logdir", default=None, help="TensorBoard log directory (default: a fresh one per run)")
     args = parser.parse_args(argv)
+    args.logdir = args.logdir or tempfile.mkdtemp(prefix="lr_guard_replay_example_")  # one run, not one per call
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     steps = 150 if args.fast else 600

@@ -1,6 +1,6 @@
 """The guard's TensorBoard dashboard: a run with a data spike, a plateau cut and a NaN rollback.
 
-    python examples/tensorboard_dashboard.py [--fast] [--logdir DIR]
+    python examples/tensorboard_dashboard.py [--fast] [--logdir DIR]    # default DIR: a fresh folder per run
     tensorboard --logdir DIR      # then: Custom Scalars -> lr_guard; Text -> lr_guard/decisions
 
 Scalars: the loss with its trend and the spike alarm level, each detector's score beside its threshold, the
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -28,8 +27,9 @@ from lr_guard.testing import ScriptedLossModule
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
-    parser.add_argument("--logdir", default=os.path.join(tempfile.gettempdir(), "lr_guard_dashboard"))
+    parser.add_argument("--logdir", default=None, help="TensorBoard log directory (default: a fresh one per run)")
     args = parser.parse_args(argv)
+    args.logdir = args.logdir or tempfile.mkdtemp(prefix="lr_guard_dashboard_")  # no runs of earlier calls to overlay
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lr_guard").setLevel(logging.ERROR)  # the decisions are printed below
@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     script[3 * steps // 4 + 10] = math.nan  # a NaN
     guard = LRGuard(plateau=PlateauDetector(patience=steps // 10, window=20, warmup_steps=0))
     logger = pl.loggers.TensorBoardLogger(args.logdir, name="dashboard")
+    print(
+        f"Training {steps} steps with LRGuard (a spike, a plateau, a NaN), logging to {logger.log_dir} ...", flush=True
+    )
     pl.Trainer(
         max_steps=steps,
         callbacks=[guard],

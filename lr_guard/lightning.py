@@ -1,7 +1,8 @@
 """lr_guard's callbacks for the ``lightning`` package (``import lightning.pytorch as pl``).
 
-A ``lightning.pytorch.Trainer`` rejects callbacks built on ``pytorch_lightning.Callback`` and vice versa, so
-these are the same classes as ``lr_guard.LRGuard`` & co. on the other namespace's base (one implementation)::
+The type-checked ``trainer.callbacks`` of ``lightning.pytorch``'s ``LightningCLI`` accepts only classes built on
+``lightning.pytorch.Callback``, so these are the same classes as ``lr_guard.LRGuard`` & co. on that namespace's
+base (one implementation). They need the ``lightning`` package: ``pip install 'lr_guard[lightning]'``::
 
     from lr_guard.lightning import LRGuard
     trainer = lightning.pytorch.Trainer(callbacks=[LRGuard()])
@@ -11,8 +12,8 @@ try:
     from lightning.pytorch import Callback
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "lr_guard.lightning needs the 'lightning' package (pip install lightning); with "
-        "pytorch_lightning use lr_guard.LRGuard instead"
+        f"lr_guard.lightning needs the 'lightning' package ({err}): install lr_guard's 'lightning' extra "
+        "(pip install 'lr_guard[lightning]'), or, with pytorch_lightning, use lr_guard.LRGuard instead"
     ) from err
 
 from lr_guard.callbacks.core import GuardCore

@@ -136,8 +136,10 @@ def test_snapshot_benchmark_runs_and_reports_its_keys(capsys):
     assert last["snapshot_gbps"] > 0 and last["restore_gbps"] > 0
 
 
-def test_plateau_example_cuts_once_after_the_warmup_and_the_cut_persists():
+def test_plateau_example_cuts_once_after_the_warmup_and_the_cut_persists(capsys):
     out = load("plateau_warmup_cosine").main(["--fast"])
+    printed = capsys.readouterr().out
+    assert "[1/2] training" in printed and "[2/2] training" in printed  # a line per run, before it starts
     [decision] = [d for d in out["decisions"] if d.action.value == "lr_cut"]
     assert decision.event.step > 30  # after the warm-up (30 steps in fast mode)
     cut_at = decision.step  # where it was made: the values are checked in batches of 8 steps
@@ -151,11 +153,30 @@ def test_rollback_example_keeps_the_run_finite():
     assert not math.isfinite(out["without"]) and out["with DivergenceRollback"] < 0.5
 
 
-def test_dashboard_example_writes_event_files(tmp_path):
+def test_dashboard_example_writes_event_files(tmp_path, capsys):
     out = load("tensorboard_dashboard").main(["--fast", "--logdir", str(tmp_path)])
     actions = {d.action.value for d in out["decisions"]}
     assert {"rollback", "lr_cut"} <= actions
     assert list(Path(out["log_dir"]).glob("events.out.tfevents.*"))
+    assert capsys.readouterr().out.startswith(
+        f"Training 400 steps with LRGuard (a spike, a plateau, a NaN), logging to {out['log_dir']}"
+    )
+
+
+def test_examples_write_each_run_to_a_fresh_folder_by_default(capsys):
+    """A fixed default folder piles up ``version_N`` runs that overlay in TensorBoard and in ``lr-guard replay``."""
+    import shutil
+
+    example = load("replay_finished_run")
+    first, second = example.main(["--fast"]), example.main(["--fast"])
+    try:
+        assert Path(first["log_dir"]).parent != Path(second["log_dir"]).parent
+        for out in (first, second):
+            assert Path(out["log_dir"]).name == "version_0"  # the only run in its folder
+        assert f"logged to {first['log_dir']}" in capsys.readouterr().out
+    finally:
+        for out in (first, second):
+            shutil.rmtree(Path(out["log_dir"]).parent.parent)
 
 
 def test_replay_example(tmp_path, capsys):
@@ -178,9 +199,13 @@ def test_cli_example_builds_the_guard_from_yaml_and_trains():
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
 
 
-def test_llm_example_rescues_the_too_high_warmup():
+def test_llm_example_rescues_the_too_high_warmup(capsys):
     out = load("llm_warmup_spike").main(["--fast"])
     assert out["with LRGuard"] < 3.0 and out["without a guard"] > 2 * out["with LRGuard"]
+    printed = capsys.readouterr().out
+    assert "[1/2] training without a guard" in printed and "[2/2] training with LRGuard" in printed
+    decisions = " ".join(line.strip() for line in printed.splitlines() if line.startswith(" " * 18))
+    assert "rolled back to step" in decisions and "(rollback 1 of 3" in decisions  # whole messages, not cut at 160
 
 
 def test_rescue_benchmark_smoke(capsys, tmp_path, monkeypatch):
