@@ -1,0 +1,139 @@
+"""find_lr: the LR range test on real Trainers (state restored exactly, threshold, early stop, bad arguments)."""
+
+import math
+import sys
+
+import pytest
+import torch
+from conftest import make_trainer
+
+import lr_guard
+from lr_guard import DivergenceDetector, find_lr
+from lr_guard.range_test import SUGGESTED_FRACTION, read_sweep
+from lr_guard.testing import TinyRegressionModule
+
+
+def _state(trainer, model):
+    optimizer = trainer.optimizers[0]
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for i, s in optimizer.state_dict()["state"].items()
+        },
+        [g["lr"] for g in optimizer.param_groups],
+        trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        trainer.global_step,
+        torch.get_rng_state(),
+    )
+
+
+def _same(a, b):
+    weights_a, opt_a, lrs_a, sched_a, step_a, rng_a = a
+    weights_b, opt_b, lrs_b, sched_b, step_b, rng_b = b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for k, v in opt_a[i].items():
+            assert torch.equal(v, opt_b[i][k]) if torch.is_tensor(v) else v == opt_b[i][k]
+    assert lrs_a == lrs_b and sched_a == sched_b and step_a == step_b
+    assert torch.equal(rng_a, rng_b)
+
+
+def test_state_after_a_fit_is_restored_exactly():
+    model = TinyRegressionModule(
+        lr=0.01, optimizer="adam", scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5), batch_size=64
+    )
+    trainer = make_trainer(max_steps=10)
+    trainer.fit(model)
+    before = _state(trainer, model)
+    result = find_lr(trainer, model, min_lr=1e-4, max_lr=1.0, num_steps=20)
+    assert len(result.losses) > 1
+    _same(before, _state(trainer, model))
+    assert trainer.callbacks is not None and not any(type(c).__name__ == "_SweepCallback" for c in trainer.callbacks)
+
+
+def test_a_fit_after_the_sweep_is_the_fit_without_it():
+    def train(sweep_first):
+        torch.manual_seed(3)
+        model = TinyRegressionModule(lr=0.05, batch_size=32)
+        trainer = make_trainer(max_steps=15)
+        if sweep_first:
+            find_lr(trainer, model, num_steps=30)
+            assert trainer.global_step == 0
+        trainer.fit(model)
+        return trainer.global_step, model.state_dict()
+
+    step_plain, plain = train(False)
+    step_swept, swept = train(True)
+    assert step_plain == step_swept == 15
+    assert all(torch.equal(plain[k], swept[k]) for k in plain)
+
+
+def _diverges_at(lr, steps=60):
+    model = TinyRegressionModule(lr=lr, batch_size=64)
+    start = model.full_loss()
+    make_trainer(max_steps=steps).fit(model)
+    end = model.full_loss()
+    return not math.isfinite(end) or end > start
+
+
+def test_threshold_is_near_where_plain_sgd_diverges():
+    grid = [0.02 * 2**i for i in range(8)]  # 0.02 .. 2.56
+    diverging = next(lr for lr in grid if _diverges_at(lr))
+    result = find_lr(make_trainer(), TinyRegressionModule(lr=0.05, batch_size=64), min_lr=1e-4, max_lr=10.0)
+    assert result.threshold is not None
+    assert diverging / 3 <= result.threshold <= diverging * 3, (result.threshold, diverging)
+    assert result.steepest is not None and result.steepest <= result.threshold
+    assert result.suggestion == pytest.approx(result.threshold * SUGGESTED_FRACTION)
+    assert f"{result.threshold:.3g}" in result.reason
+
+
+def test_divergence_stops_the_sweep_early():
+    result = find_lr(make_trainer(), TinyRegressionModule(lr=0.05, batch_size=64), min_lr=1e-3, max_lr=1e3)
+    assert result.stopped_early
+    assert len(result.losses) < 100
+    assert result.threshold is not None and result.threshold < result.lrs[-1]
+
+
+def test_a_sweep_that_never_rises_gives_no_threshold():
+    result = find_lr(make_trainer(), TinyRegressionModule(lr=0.05, batch_size=64), min_lr=1e-5, max_lr=1e-3)
+    assert not result.stopped_early and len(result.losses) == 100
+    assert result.threshold is None and result.suggestion is None
+    assert "raise max_lr" in result.reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"min_lr": 0.0}, ValueError, "min_lr"),
+        ({"min_lr": 1.0, "max_lr": 0.1}, ValueError, r"max_lr must be greater than min_lr; got min_lr=1.0, max_lr=0.1"),
+        ({"num_steps": 5}, ValueError, "num_steps"),
+        ({"divergence": "divergence"}, TypeError, r"divergence must be a lr_guard Detector .* got 'divergence'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_training(kwargs, error, match):
+    model = TinyRegressionModule()
+    trainer = make_trainer()
+    with pytest.raises(error, match=match):
+        find_lr(trainer, model, **kwargs)
+    assert trainer.global_step == 0
+
+
+def test_a_custom_divergence_detector_is_used():
+    strict = DivergenceDetector(factor=1.2, instant_factor=1.5, instant_confirm=0, patience=1, warmup_steps=2)
+    result = find_lr(make_trainer(), TinyRegressionModule(lr=0.05, batch_size=64), divergence=strict)
+    assert result.stopped_early
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
+    result = read_sweep([1e-3 * 1.1**k for k in range(30)], [1.0 / (k + 1) for k in range(30)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"pip install 'lr_guard\[plot\]'"):
+        result.plot()
+
+
+def test_find_lr_is_exported():
+    assert "find_lr" in lr_guard.__all__ and lr_guard.find_lr is find_lr
