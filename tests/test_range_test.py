@@ -137,3 +137,47 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
 
 def test_find_lr_is_exported():
     assert "find_lr" in lr_guard.__all__ and lr_guard.find_lr is find_lr
+
+
+def test_with_gradient_accumulation_each_sweep_step_is_one_optimizer_step():
+    trainer = make_trainer(accumulate_grad_batches=2)
+    result = find_lr(trainer, TinyRegressionModule(batch_size=32), min_lr=1e-5, max_lr=1e-4, num_steps=12)
+    assert len(result.losses) == 12 and not result.stopped_early
+    assert all(math.isfinite(v) and v > 0 for v in result.losses)
+    assert trainer.global_step == 0
+
+
+def test_other_param_groups_keep_their_ratio_to_the_first():
+    seen = []
+
+    class Recording(TinyRegressionModule):
+        def on_before_optimizer_step(self, optimizer):
+            seen.append([g["lr"] for g in optimizer.param_groups])
+
+    result = find_lr(make_trainer(), Recording(param_groups=2, batch_size=64), min_lr=1e-4, max_lr=1e-2, num_steps=10)
+    assert [first for first, _ in seen] == pytest.approx(result.lrs)
+    assert all(second == pytest.approx(0.1 * first) for first, second in seen)
+
+
+def test_a_lightning_pytorch_trainer_runs_the_sweep():
+    lightning = pytest.importorskip("lightning.pytorch")
+    from test_guard import _lightning_scripted
+
+    script = [2.0 / (1 + 0.1 * t) for t in range(50)] + [100.0] * 50  # the loss blows up at sweep step 50
+    trainer = make_trainer(trainer_class=lightning.Trainer)
+    result = find_lr(trainer, _lightning_scripted(script), min_lr=1e-4, max_lr=1.0, num_steps=100)
+    assert result.stopped_early and len(result.losses) < 55
+    assert result.threshold == pytest.approx(result.lrs[49]) and trainer.global_step == 0
+
+
+def test_the_benchmark_runs_in_its_fast_mode(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "range_test.py"
+    spec = importlib.util.spec_from_file_location("range_test_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.main(["--seeds", "1", "--steps", "20", "--tasks", "regression"])
+    assert set(table["regression"]) >= {"threshold", "suggestion", "lightning", "run x0.33", "run lightning"}
+    assert "regression (1 seeds)" in capsys.readouterr().out

@@ -34,6 +34,15 @@ def sweep_divergence_detector() -> DivergenceDetector:
     )
 
 
+def _lightning_modules() -> tuple[type[torch.nn.Module], ...]:
+    """``LightningModule`` of ``pytorch_lightning`` and, where installed, of ``lightning.pytorch``."""
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover - depends on the environment
+        return (pl.LightningModule,)
+    return (pl.LightningModule, LightningModule)
+
+
 class _SweepCallback(pl.Callback):
     """Sets the LR of each sweep step before its first micro-batch, records the step's loss, stops on divergence."""
 
@@ -127,7 +136,7 @@ def find_lr(
         raise TypeError(
             f"divergence must be a lr_guard Detector (e.g. DivergenceDetector(...)) or None; got {divergence!r}"
         )
-    if not isinstance(model, pl.LightningModule):
+    if not isinstance(model, _lightning_modules()):
         raise TypeError(f"model must be a LightningModule; got {type(model).__name__}")
     detector = divergence if divergence is not None else sweep_divergence_detector()
     detector.reset()
