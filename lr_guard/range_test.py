@@ -124,6 +124,8 @@ def read_sweep(lrs: Sequence[float], losses: Sequence[float], stopped_at: int | 
         steps = (tuple(map(float, lr_arr)), tuple(map(float, loss_arr)))
         return RangeTestResult(*steps, threshold, steepest, suggestion, reason, stopped_at is not None, tuple(smoothed))
 
+    if end < 5 and end == len(loss_arr) and stopped_at is None:
+        return result(None, None, f"the sweep ran only {end} step(s): too few to read (at least 5)")
     if end < 5:
         return result(None, None, f"the loss diverged after {end} step(s), already at lr {lr_arr[0]:.3g}: lower min_lr")
     head = loss_arr[:end]

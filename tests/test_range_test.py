@@ -121,10 +121,27 @@ def test_bad_arguments_are_refused_before_training(kwargs, error, match):
     assert trainer.global_step == 0
 
 
+def test_the_trainers_epoch_and_step_limits_neither_cut_nor_hold_off_the_sweep():
+    trainer = make_trainer(max_epochs=1, max_steps=-1, min_steps=500)  # 4 batches an epoch; a minimum of 500 steps
+    result = find_lr(trainer, TinyRegressionModule(batch_size=64), min_lr=1e-4, max_lr=1e3)
+    assert result.stopped_early and 10 < len(result.losses) < 100  # ran past the first epoch, stopped before 500
+    assert (trainer.max_epochs, trainer.min_steps, trainer.max_steps, trainer.global_step) == (1, 500, -1, 0)
+
+
+def test_fast_dev_run_is_refused():
+    with pytest.raises(ValueError, match=r"fast_dev_run=True"):
+        find_lr(make_trainer(fast_dev_run=True), TinyRegressionModule())
+
+
 def test_a_custom_divergence_detector_is_used():
     strict = DivergenceDetector(factor=1.2, instant_factor=1.5, instant_confirm=0, patience=1, warmup_steps=2)
     result = find_lr(make_trainer(), TinyRegressionModule(lr=0.05, batch_size=64), divergence=strict)
     assert result.stopped_early
+
+
+def test_a_sweep_too_short_or_diverging_at_once_says_which():
+    assert "too few to read" in read_sweep([1e-3, 1e-2, 1e-1], [1.0, 0.9, 0.8]).reason
+    assert "lower min_lr" in read_sweep([1e-3, 1e-2, 1e-1], [1.0, 0.9, math.nan]).reason
 
 
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch):

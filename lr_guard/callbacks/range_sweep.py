@@ -136,6 +136,11 @@ def find_lr(
         raise TypeError(
             f"divergence must be a lr_guard Detector (e.g. DivergenceDetector(...)) or None; got {divergence!r}"
         )
+    if getattr(trainer, "fast_dev_run", False):
+        raise ValueError(
+            f"find_lr cannot sweep on a Trainer with fast_dev_run={trainer.fast_dev_run!r} (it runs one batch); "
+            "build the Trainer without fast_dev_run for the sweep"
+        )
     if not isinstance(model, _lightning_modules()):
         raise TypeError(f"model must be a LightningModule; got {type(model).__name__}")
     detector = divergence if divergence is not None else sweep_divergence_detector()
@@ -151,6 +156,9 @@ def find_lr(
         "lr_scheduler_configs": trainer.strategy.lr_scheduler_configs,
         "limit_val_batches": trainer.limit_val_batches,
         "max_steps": loop.epoch_loop.max_steps,
+        "min_steps": loop.epoch_loop.min_steps,
+        "max_epochs": loop.max_epochs,
+        "min_epochs": loop.min_epochs,
         "loop": copy.deepcopy(loop.state_dict()),
     }
     schedulers = [c.scheduler for c in trainer.strategy.lr_scheduler_configs]
@@ -159,7 +167,8 @@ def find_lr(
     trainer.callbacks = [sweep]
     trainer.loggers = []
     trainer.limit_val_batches = 0
-    loop.epoch_loop.max_steps = trainer.global_step + num_steps
+    loop.epoch_loop.max_steps = trainer.global_step + num_steps  # however many epochs that takes, and no
+    loop.epoch_loop.min_steps, loop.max_epochs, loop.min_epochs = None, -1, None  # minimum that holds off the stop
     try:
         trainer.fit(model, train_dataloaders=train_dataloaders, datamodule=datamodule)
     finally:
@@ -169,6 +178,8 @@ def find_lr(
         trainer.strategy.lr_scheduler_configs = saved["lr_scheduler_configs"]
         trainer.limit_val_batches = saved["limit_val_batches"]
         loop.epoch_loop.max_steps = saved["max_steps"]
+        loop.epoch_loop.min_steps, loop.max_epochs = saved["min_steps"], saved["max_epochs"]
+        loop.min_epochs = saved["min_epochs"]
         loop.load_state_dict(copy.deepcopy(saved["loop"]))
         loop.restarting = False
         loop.epoch_loop.restarting = False
