@@ -22,6 +22,7 @@ from lr_guard.events import Action, Decision, Event, EventKind
 if TYPE_CHECKING:
     from lr_guard.actions.gate import UpdateGate
     from lr_guard.callbacks import DivergenceRollback, LRGuard, PlateauLRReducer
+    from lr_guard.callbacks.range_sweep import find_lr
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "SpikeDetector",
     "UpdateGate",
     "__version__",
+    "find_lr",
 ]
 
 _CALLBACKS = ("LRGuard", "PlateauLRReducer", "DivergenceRollback")
@@ -51,6 +53,10 @@ def __getattr__(name: str) -> Any:
         from lr_guard.actions.gate import UpdateGate
 
         return UpdateGate
+    if name == "find_lr":
+        from lr_guard.callbacks.range_sweep import find_lr
+
+        return find_lr
     if name in _CALLBACKS:
         from lr_guard import callbacks
 
