@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lr_guard.config import sized_detector
 from lr_guard.detectors import (
     Detector,
     DivergenceDetector,
@@ -111,6 +112,31 @@ def test_resnet_epoch_plateau_before_the_hand_set_decay(curve):
     assert steps and 40 <= steps[0] < 81
     torch_defaults = PlateauDetector(patience=10, threshold=1e-4, window=1, noise_sigmas=0.0, warmup_steps=0)
     assert not [s for s, x in data[:81] if torch_defaults.update(x, s)], "torch's defaults never fire here"
+    per_epoch_default = sized_detector("plateau", "validation", None)  # what the callbacks use per validation
+    assert [s for s, x in data[:81] if per_epoch_default.update(x, s)] == [79]
+
+
+def run_share_plateau():
+    return PlateauDetector(patience=5, window=1000, noise_sigmas=1.25, patience_share=0.25, level_quantile=0.1)
+
+
+def test_share_patience_finds_the_stuck_ctc_run_early(curve):
+    data = curve("ctc_conformer_stuck_plateau_algoperf")  # one value every 100 steps, flat from about step 1,000
+    det = run_share_plateau()
+    steps = [s for s, x in data if det.update(x, s)]
+    assert steps and steps[0] <= 15_000, steps
+    assert not [s for s, x in data if PlateauDetector().update(x, s)], "a patience of 1000 values never fires here"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["vit_imagenet_noisy_upper_tail_algoperf", "lm_gpt2_124m_scaleshortcuts_spikes", "lm_gpt2_124m_llmc_healthy"],
+)
+def test_share_patience_calls_no_plateau_on_a_slowly_improving_noisy_run(curve, name):
+    data = curve(name)
+    det = run_share_plateau()
+    last = data[-1][0]
+    assert all(s > 0.85 * last for s, x in data if det.update(x, s)), name
 
 
 # --- behaviour details --------------------------------------------------------------------------------------------

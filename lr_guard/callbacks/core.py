@@ -91,8 +91,8 @@ class GuardCore(GuardSettings):
             or a configured detector. Left at ``True``, they fit the cadence the guard is fed at: per step, the
             plateau detector is sized to the run (``patience`` a tenth of its steps -- ``max_steps``, or what
             ``max_epochs`` makes -- clamped to 100..1000, ``window = min(100, patience)``); per validation, the
-            plateau rule is torch's ``ReduceLROnPlateau`` (patience 10 values, window 1) and the divergence rule
-            counts validations (:func:`~lr_guard.config.sized_detector`).
+            plateau rule is torch's ``ReduceLROnPlateau`` with patience 5 values and threshold 1e-2 (window 1), and
+            the divergence rule counts validations (:func:`~lr_guard.config.sized_detector`).
         detectors: More detectors, each any :class:`~lr_guard.Detector` (a user's own included), fed beside the
             built-in ones and shown under its ``name`` in the counts, TensorBoard, the decision log and replay.
             Its ``kind`` chooses the response: ``"divergence"`` rolls back, ``"plateau"`` / ``"oscillation"`` cut

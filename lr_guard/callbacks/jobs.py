@@ -23,7 +23,7 @@ class PlateauLRReducerCore(GuardCore):
         monitor: ``None`` for the training loss, or a logged metric's name.
         check_on: ``"train_step"`` or ``"validation"`` (default: by ``monitor``, as ``LRGuard``).
         plateau: A configured ``PlateauDetector``, or ``True`` for the default one, sized to the run and its
-            cadence (per validation: torch's rule, patience 10; per step: a tenth of the run's steps).
+            cadence (per validation: torch's rule, patience 5, threshold 1e-2; per step: a tenth of the run's steps).
         factor: LR factor per plateau, in (0, 1) (``LRGuard``'s ``plateau_factor``).
         min_lr: Floor of the cuts, one value or one per param group.
         eps: Smallest LR change made.

@@ -12,9 +12,12 @@ __all__ = ["CURVES", "load_curve"]
 
 CURVES = (
     "criteo_dlrm_warmup_divergence_inf_nan_algoperf",
+    "ctc_conformer_stuck_plateau_algoperf",
     "lm_gpt2_124m_llmc_healthy",
     "lm_gpt2_124m_modded_muon_dataspike",
+    "lm_gpt2_124m_scaleshortcuts_spikes",
     "resnet110_cifar10_steplr_per_epoch",
+    "vit_imagenet_noisy_upper_tail_algoperf",
 )
 
 
