@@ -22,6 +22,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -154,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     steps = 240 if args.fast else 800
     poison = steps // 2
     logdir = args.logdir or os.path.join(tempfile.gettempdir(), "lr_guard_demo")
+    if args.logdir is None:  # the demo's own folder: this run's three runs only, not those of earlier demos
+        shutil.rmtree(logdir, ignore_errors=True)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "lightning_utilities"):
