@@ -117,13 +117,19 @@ class GuardPolicy(UpdateResponses):
         progress = [d for d in self._active if d.tracks_progress and d.signal == LOSS]
         self._progress: Detector | None = progress[0] if progress else None
 
-    def replace_detector(self, slot: str, detector: Detector, state: Mapping[str, Any] | None = None) -> None:
+    def replace_detector(
+        self,
+        slot: str,
+        detector: Detector,
+        state: Mapping[str, Any] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         """Put ``detector`` in ``slot`` before it has seen a value of this run (e.g. a plateau detector sized to
         the run), with a checkpoint's ``state`` for it if one was saved; the snapshot marks taken so far hold its
-        state from now on."""
+        state from now on; ``warn`` hears of a state written by another class (the detector then stays fresh)."""
         self.detectors[slot] = detector
         if state is not None:
-            load_detector_states({slot: detector}, {slot: state})
+            load_detector_states({slot: detector}, {slot: state}, warn)
         for mark in (self.good, self.pending, self.origin):
             if mark is not None:
                 mark.detectors[slot] = detector.state_dict()

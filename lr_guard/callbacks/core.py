@@ -257,7 +257,7 @@ class GuardCore(GuardSettings):
         if self._saved_states:
             others = {slot: value for slot, value in saved.items() if slot not in self._saved_states}
             state_dict = {**state_dict, "detectors": others}
-        self.policy.load_state_dict(state_dict, warn=lambda text: log.warning("lr_guard: %s", text))
+        self.policy.load_state_dict(state_dict, warn=_warn)
         if "gate" in state_dict:
             self._skipper.gate_state = state_dict["gate"]  # loaded when the run starts (starting resets the gate)
 
@@ -466,10 +466,10 @@ class GuardCore(GuardSettings):
         for slot in sorted(self._sized_slots):
             detector = sized_detector(slot, self.watch_on, total)
             if detector is not None:
-                self.policy.replace_detector(slot, detector, self._saved_states.pop(slot, None))
+                self.policy.replace_detector(slot, detector, self._saved_states.pop(slot, None), _warn)
                 replaced = True
         for slot, state in self._saved_states.items():  # the constructor's default fits: load the state into it
-            self.policy.replace_detector(slot, self.detectors[slot], state)
+            self.policy.replace_detector(slot, self.detectors[slot], state, _warn)
         self._saved_states = {}
         return replaced
 
@@ -560,16 +560,17 @@ class _Cadence:
         self.check_every = 1 if config.skip_spikes else config.check_every_n_steps
 
 
+def _warn(text: str) -> None:
+    log.warning("lr_guard: %s", text)
+
+
 def _total_steps(trainer: Any) -> int | None:
     """The optimizer steps the run will take: ``max_steps``, else what ``max_epochs`` makes (Lightning's estimate,
     which needs the training data's length); ``None`` when neither bounds it."""
     max_steps = int(getattr(trainer, "max_steps", -1) or -1)
     if max_steps > 0:
         return max_steps
-    try:
-        total = trainer.estimated_stepping_batches
-    except Exception:  # the data cannot say (no length, no data yet): not sized
-        return None
+    total = trainer.estimated_stepping_batches  # inf for data with no length
     return int(total) if isinstance(total, (int, float)) and math.isfinite(total) and total > 0 else None
 
 
