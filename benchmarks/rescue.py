@@ -1,7 +1,7 @@
 """Rescue benchmark: lr_guard against what users would otherwise use, on the faults they hit.
 
     python benchmarks/rescue.py                 # 13 scenarios x 7 methods x 3 seeds (~10 minutes on 2 cores)
-    python benchmarks/rescue.py --seeds 1 --steps 300 --scenarios samples_nan --methods none lr_guard_gate
+    python benchmarks/rescue.py --seeds 1 --steps 300 --scenarios samples_nan --methods none lr_guard lr_guard_no_gate
 
 Task: an MLP on scikit-learn's bundled digits (the demo's model), 600 steps, validation at the end.
 Scenarios: ``healthy`` (Adam 3e-3, cosine), ``lr_too_high`` (Adam 0.5), ``warmup_too_high`` (linear warm-up to
@@ -15,8 +15,9 @@ then cosine): ``lm_healthy`` and ``lm_corrupt_batch`` (every label of the batch 
 Methods: no guard; Lightning's ``EarlyStopping(monitor="val_loss", check_finite=True)`` (validation every 50
 steps); torch's ``ReduceLROnPlateau`` on ``val_loss`` (factor 0.5, patience 2, validation every 50 steps), added
 beside the scenario's scheduler as a user would; ``zclip`` (its ZClip with defaults, if the package is installed;
-its column is skipped otherwise); ``LRGuard()`` with defaults; ``LRGuard(gate=True)`` (the update gate, skip mode)
-and ``LRGuard(gate=UpdateGate(mode="clip"))``.
+its column is skipped otherwise); ``LRGuard()`` with defaults (the update gate on, skip mode);
+``LRGuard(gate=False)`` (the update gate off, as the guard was before the gate became its default) and
+``LRGuard(gate=UpdateGate(mode="clip"))``.
 
 Figure: final validation loss (a run whose weights are not finite counts as infinite) and wall time; mean and
 standard deviation over seeds. The last line is one JSON object ``{scenario: {method: mean_final_val_loss}}``.
@@ -180,7 +181,7 @@ def _has_zclip() -> bool:
     return importlib.util.find_spec("zclip") is not None
 
 
-METHODS = ["none", "early_stopping", "reduce_on_plateau", "zclip", "lr_guard", "lr_guard_gate", "lr_guard_gate_clip"]
+METHODS = ["none", "early_stopping", "reduce_on_plateau", "zclip", "lr_guard", "lr_guard_no_gate", "lr_guard_gate_clip"]
 
 
 def _quiet() -> None:
@@ -222,8 +223,8 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
         callbacks.append(ZClipCallback())
     elif method == "lr_guard":
         callbacks.append(LRGuard())
-    elif method == "lr_guard_gate":
-        callbacks.append(LRGuard(gate=True))
+    elif method == "lr_guard_no_gate":
+        callbacks.append(LRGuard(gate=False))
     elif method == "lr_guard_gate_clip":
         callbacks.append(LRGuard(gate=UpdateGate(mode="clip")))
     _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads

@@ -5,8 +5,10 @@ download). Halfway through, one training batch arrives corrupted (NaN pixels, as
 bad augmentation produces). The run is trained twice from the same seed:
 
 * without a guard: the NaN reaches the weights and the run is dead;
-* with ``LRGuard()``: the guard sees the NaN loss, rolls back in place to the last healthy snapshot, halves the
-  learning rate, and training carries on.
+* with ``LRGuard()``: the guard's update gate sees the NaN loss and gradient before the update lands and skips
+  that one update exactly (weights and optimizer state untouched); training carries on and ends where the run
+  without the fault ends. A fault the gate lets through (a lasting blow-up) is rolled back in place to the last
+  healthy snapshot instead.
 
 A third run without the fault shows what the run would have reached.
 

@@ -1,4 +1,5 @@
-"""The guard's TensorBoard dashboard: a run with a data spike, a plateau cut and a NaN rollback.
+"""The guard's TensorBoard dashboard: a run with a data spike (its update skipped by the gate), a plateau cut, a
+NaN batch (skipped), and a blow-up that lasts (the gate lets it through after 3 skips in a row; rolled back).
 
     python examples/tensorboard_dashboard.py [--fast] [--logdir DIR]    # default DIR: a fresh folder per run
     tensorboard --logdir DIR      # then: Custom Scalars -> lr_guard; Text -> lr_guard/decisions
@@ -38,11 +39,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     script[steps // 4] *= 3.0  # a data spike
     for t in range(steps // 2, 3 * steps // 4):  # a plateau
         script[t] = script[steps // 2 - 1] * (1 + 0.02 * math.sin(1.7 * t))
-    script[3 * steps // 4 + 10] = math.nan  # a NaN
+    script[3 * steps // 4] = math.nan  # a NaN batch
+    blow_up = 3 * steps // 4 + 20
+    script[blow_up : blow_up + 8] = [20 * script[blow_up]] * 8  # a blow-up that lasts
     guard = LRGuard(plateau=PlateauDetector(patience=steps // 10, window=20, warmup_steps=0))
     logger = pl.loggers.TensorBoardLogger(args.logdir, name="dashboard")
     print(
-        f"Training {steps} steps with LRGuard (a spike, a plateau, a NaN), logging to {logger.log_dir} ...", flush=True
+        f"Training {steps} steps with LRGuard (a spike, a plateau, a NaN, a blow-up), logging to {logger.log_dir} ...",
+        flush=True,
     )
     pl.Trainer(
         max_steps=steps,

@@ -35,7 +35,7 @@ class ScalerRecorder(pl.Callback):
 
 
 def test_bf16_mixed_on_cpu_rolls_back_a_nan():
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     module = ScriptedLossModule(script(nan_at=[35]), optimizer="adam", lr=0.01)
     make_trainer([guard], max_steps=60, precision="bf16-mixed").fit(module)
     assert [(d.action, d.rollback_to) for d in guard.decisions] == [(Action.ROLLBACK, 30)]
@@ -49,7 +49,7 @@ def fp16_plugin(device="cpu", init_scale=2.0**24):
 def test_fp16_overflow_skips_are_not_divergence_and_the_scaler_is_in_the_snapshot():
     # A huge initial scale makes the first steps overflow in fp16: the scaler skips them and halves its scale.
     # The loss stays finite, so the guard sees nothing wrong; a real NaN later is rolled back with the scaler.
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     recorder = ScalerRecorder(guard)
     module = ScriptedLossModule(script(nan_at=[45], scale=100.0), optimizer="adam", lr=0.01)
     trainer = make_trainer([guard, recorder], max_steps=60, plugins=[fp16_plugin()])
@@ -66,7 +66,7 @@ def test_snapshots_copy_the_scalers_tensors_without_reading_them_on_the_host():
     reads = []
     state_dict = plugin.scaler.state_dict
     plugin.scaler.state_dict = lambda: reads.append(1) or state_dict()
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     module = ScriptedLossModule(script(nan_at=[45], scale=100.0), optimizer="adam", lr=0.01)
     make_trainer([guard], max_steps=60, plugins=[plugin]).fit(module)
     assert guard.counts["rollbacks"] == 1 and guard.counts["snapshots"] >= 5
@@ -96,7 +96,7 @@ def test_a_scalers_tensors_restore_into_a_scaler_that_has_none_yet(tmp_path):
 
 
 def test_skipped_batches_work_under_a_grad_scaler():
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, skip_batches=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, skip_batches=3)
     module = ScriptedLossModule(script(nan_at=[25]), optimizer="adam", lr=0.01)
     make_trainer([guard], max_steps=40, plugins=[fp16_plugin(init_scale=2.0**8)]).fit(module)
     assert guard.counts["skipped_batches"] == 3 and guard.counts["rollbacks"] == 1

@@ -33,7 +33,7 @@ def test_check_on_validation_confirms_a_snapshot_at_the_next_validation_not_ten_
     # NaN inputs at step 100 (epoch 6 of 16-step epochs): the NaN val_loss of that epoch rolls back. Before, a
     # snapshot needed ten healthy validations to count as good, so the rollback went back to step 0.
     module = Validated(poison_steps=[100], lr=0.05)
-    guard = LRGuard(monitor="val_loss", check_on="validation", snapshot_every=16, verbose=False)
+    guard = LRGuard(gate=False, monitor="val_loss", check_on="validation", snapshot_every=16, verbose=False)
     make_trainer([guard], max_steps=160, num_sanity_val_steps=0).fit(module)
     rollbacks = [d for d in guard.decisions if d.action == Action.ROLLBACK]
     assert len(rollbacks) == 1, [d.message for d in guard.decisions]

@@ -31,7 +31,7 @@ def rollbacks(guard):
 
 
 def swa_run(nan_at, scheduler):
-    guard = DivergenceRollback(snapshot_every=8, confirm_steps=2, check_every_n_steps=1)
+    guard = DivergenceRollback(snapshot_every=8, confirm_steps=2, check_every_n_steps=1, gate=False)
     recorder = LRRecorder()
     swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2, annealing_epochs=2)
     module = ScriptedLossModule(decaying(nan_at=nan_at), scheduler=scheduler, interval="epoch")
@@ -62,7 +62,7 @@ def test_rollback_across_swa_epoch_start_restores_schedulers_by_identity(schedul
 def test_schedulers_that_come_and_go_compose_with_the_cuts_and_are_left_as_they_were():
     # A NaN at step 40, after SWA swapped its SWALR in at step 16: the rollback's cut is carried by SWALR (it
     # appeared during the run); after fit both SWALR and the user's StepLR it replaced are their own classes again.
-    guard = LRGuard(snapshot_every=8, confirm_steps=2, check_every_n_steps=1, keep_lr_on_bad_batch=False)
+    guard = LRGuard(gate=False, snapshot_every=8, confirm_steps=2, check_every_n_steps=1, keep_lr_on_bad_batch=False)
     recorder = LRRecorder()
     swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2, annealing_epochs=2)
     module = ScriptedLossModule(decaying(nan_at=(40,)), scheduler=step_lr, interval="epoch")
@@ -100,7 +100,9 @@ def test_lazy_module_trains_and_rolls_back_to_its_materialised_start():
             if trainer.global_step == 0:
                 seen["start"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
-    guard = LRGuard(snapshot_every=50, confirm_steps=2, check_every_n_steps=1, plateau=False, oscillation=False)
+    guard = LRGuard(
+        gate=False, snapshot_every=50, confirm_steps=2, check_every_n_steps=1, plateau=False, oscillation=False
+    )
     restored = {}
 
     class AfterRollback(LRRecorder):
@@ -128,7 +130,7 @@ class GrowingModule(ScriptedLossModule):
 
 
 def test_rollback_past_a_parameter_registered_mid_run_says_what_happened():
-    guard = DivergenceRollback(snapshot_every=4, confirm_steps=2, check_every_n_steps=1)
+    guard = DivergenceRollback(gate=False, snapshot_every=4, confirm_steps=2, check_every_n_steps=1)
     trainer = make_trainer([guard], max_steps=30)
     with pytest.raises(RuntimeError, match=r"roll back to step 8.*'late'.*registered after.*before training starts"):
         trainer.fit(GrowingModule(decaying(nan_at=(11,))))

@@ -57,7 +57,7 @@ def _plateau_then_nan_module():
 
 def _guard(**kwargs):
     plateau = PlateauDetector(patience=8, window=1, noise_sigmas=0, warmup_steps=0)
-    return LRGuard(plateau=plateau, snapshot_every=10, check_every_n_steps=1, **kwargs)
+    return LRGuard(plateau=plateau, snapshot_every=10, check_every_n_steps=1, **{"gate": False, **kwargs})
 
 
 def test_every_decision_reaches_the_console_on_its_own_line_beside_the_progress_bar(plain_script, monkeypatch):
@@ -114,7 +114,7 @@ def _decaying(optimizer):
 def test_a_rollback_whose_lr_rises_says_it_is_the_schedules_lr_at_the_restored_step():
     script = [1.0 - 0.005 * t + 0.002 * (t % 3) for t in range(80)]
     script[55] = math.nan  # a bad batch after a calm stretch: the LR factor is kept
-    guard = LRGuard(plateau=False, snapshot_every=10, check_every_n_steps=8)
+    guard = LRGuard(gate=False, plateau=False, snapshot_every=10, check_every_n_steps=8)
     make_trainer([guard], max_steps=70).fit(ScriptedLossModule(script, scheduler=_decaying))
     (rollback,) = [d for d in guard.decisions if d.action == Action.ROLLBACK]
     assert rollback.lr_after > rollback.lr_before
@@ -124,7 +124,7 @@ def test_a_rollback_whose_lr_rises_says_it_is_the_schedules_lr_at_the_restored_s
 def test_a_rollback_that_keeps_the_lr_says_kept_and_why():
     script = [1.0 - 0.005 * t + 0.002 * (t % 3) for t in range(80)]
     script[55] = math.nan
-    guard = LRGuard(plateau=False, snapshot_every=10, check_every_n_steps=8)
+    guard = LRGuard(gate=False, plateau=False, snapshot_every=10, check_every_n_steps=8)
     make_trainer([guard], max_steps=70).fit(ScriptedLossModule(script))
     (rollback,) = [d for d in guard.decisions if d.action == Action.ROLLBACK]
     assert "lr 0.05 kept (rollback 1 of 3; LR factor kept: a sudden blow-up" in rollback.message

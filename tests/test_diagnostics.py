@@ -34,7 +34,7 @@ def text_entries(acc, tag):
 @pytest.fixture
 def guarded_run(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, skip_batches=2, keep_lr_on_bad_batch=False)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, skip_batches=2, keep_lr_on_bad_batch=False)
     script = decaying(nan_at=[45])
     make_trainer([guard], max_steps=80, logger=logger, log_every_n_steps=5).fit(
         ScriptedLossModule(script, optimizer="adam", lr=0.01)

@@ -129,8 +129,8 @@ class FilesSeen(pl.Callback):
 def test_guard_with_disk_snapshots_rolls_back_exactly(tmp_path):
     script = [2.0 / (1.0 + 0.05 * t) for t in range(200)]
     script[45] = math.nan
-    memory = LRGuard(snapshot_every=10, confirm_steps=3)
-    disk = LRGuard(snapshot_every=10, confirm_steps=3, snapshot_device="disk", snapshot_dir=str(tmp_path))
+    memory = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
+    disk = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, snapshot_device="disk", snapshot_dir=str(tmp_path))
     files = FilesSeen(tmp_path)
     modules = []
     for guard in (memory, disk):

@@ -57,7 +57,13 @@ def test_a_dry_run_says_what_the_live_guard_does_where_the_weights_do_not_tell_t
     def run(dry_run):
         plateau = PlateauDetector(patience=8, window=1, noise_sigmas=0, warmup_steps=0)
         guard = LRGuard(
-            plateau=plateau, snapshot_every=10, check_every_n_steps=1, skip_batches=2, max_rollbacks=2, dry_run=dry_run
+            gate=False,
+            plateau=plateau,
+            snapshot_every=10,
+            check_every_n_steps=1,
+            skip_batches=2,
+            max_rollbacks=2,
+            dry_run=dry_run,
         )
         _fit([guard])
         # a stop's LR after is the restored state's, which a dry run cannot know without restoring it

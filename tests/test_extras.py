@@ -65,7 +65,7 @@ def test_a_lightning_pytorch_trainer_runs_the_pytorch_lightning_class(monkeypatc
     run too. Only the type-checked CLI refuses it (below)."""
     import lightning.pytorch as L
 
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     make_trainer([guard], max_steps=40, trainer_class=L.Trainer).fit(_lightning_scripted(decaying(nan_at=[25])))
     assert [(d.action, d.rollback_to) for d in guard.decisions] == [(Action.ROLLBACK, 20)]
 

@@ -30,7 +30,7 @@ def finite(module):
 
 
 def guarded(module, max_steps=60, **guard_kwargs):
-    guard = LRGuard(**{"snapshot_every": 10, "confirm_steps": 3, **guard_kwargs})
+    guard = LRGuard(**{"gate": False, "snapshot_every": 10, "confirm_steps": 3, **guard_kwargs})
     make_trainer([guard], max_steps=max_steps).fit(module)
     return guard
 
@@ -97,7 +97,7 @@ def test_a_run_that_diverges_every_time_stops_cleanly_with_a_loadable_checkpoint
     stop = guard.decisions[-1]
     assert "still diverging after 3 rollback(s); training stopped" in stop.message and str(tmp_path) in stop.message
     resumed = ScriptedLossModule(script(), optimizer="adam")
-    trainer = make_trainer([LRGuard()], max_steps=60)
+    trainer = make_trainer([LRGuard(gate=False)], max_steps=60)
     trainer.fit(resumed, ckpt_path=stop.checkpoint)
     assert finite(resumed) and trainer.global_step == 60
 
@@ -161,7 +161,12 @@ class TwoOptimizersNaN(ScriptedLossModule):
 def test_several_param_groups_and_a_second_optimizer():
     module = TwoOptimizersNaN()
     guard = LRGuard(
-        monitor="train_loss", check_on="train_step", snapshot_every=10, confirm_steps=3, keep_lr_on_bad_batch=False
+        gate=False,
+        monitor="train_loss",
+        check_on="train_step",
+        snapshot_every=10,
+        confirm_steps=3,
+        keep_lr_on_bad_batch=False,
     )
     trainer = make_trainer([guard], max_steps=80)
     trainer.fit(module)
@@ -172,7 +177,7 @@ def test_several_param_groups_and_a_second_optimizer():
 
 def test_gradient_accumulation():
     module = ScriptedLossModule(script(at={25: math.nan}), optimizer="adam")
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     make_trainer([guard], max_steps=40, accumulate_grad_batches=3).fit(module)
     assert [(d.event.step, d.rollback_to) for d in guard.decisions] == [(25, 20)] and finite(module)
 
@@ -188,7 +193,7 @@ class BufferRecorder(pl.Callback):
 def test_batchnorm_buffers_are_restored_with_the_rollback():
     module = ScriptedLossModule(script(at={35: math.nan}), optimizer="adam")
     recorder = BufferRecorder()
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     make_trainer([guard, recorder], max_steps=36).fit(module)  # stop right after the rollback
     restored = dict(module.named_buffers())
     assert set(restored) == {"net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"}

@@ -25,7 +25,7 @@ def finite(module):
 def diverging_run(tmp_path, **trainer_kwargs):
     """A run that diverges at step 40 and every time after: two rollbacks, then the guard stops."""
     module = ScriptedLossModule(decaying(n=40) + [math.nan] * 400, optimizer="adam", lr=0.01)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=str(tmp_path))
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=str(tmp_path))
     trainer = make_trainer([guard], max_steps=300, **trainer_kwargs)
     trainer.fit(module)
     return trainer, guard, module
@@ -45,7 +45,7 @@ def test_the_guards_stop_ends_the_run_before_min_steps_or_min_epochs(tmp_path, m
 # -- monitor=: watched where the metric is logged, or a clear error ----------------------------------------------
 def test_a_monitored_training_metric_is_watched_after_every_step_in_a_run_without_validation():
     module = ScriptedLossModule(decaying(nan_at=(60,)), optimizer="adam", lr=0.01)  # logs train_loss every step
-    guard = LRGuard(monitor="train_loss", snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, monitor="train_loss", snapshot_every=10, confirm_steps=3)
     make_trainer([guard], max_steps=100).fit(module)
     assert guard.check_on == "train_step"
     [rollback] = guard.decisions
@@ -62,7 +62,7 @@ class WithValidation(ScriptedLossModule):
 
 def test_a_monitored_training_metric_is_watched_after_every_step_beside_a_validation_loop():
     module = WithValidation(decaying(nan_at=(60,)), optimizer="adam", lr=0.01)
-    guard = LRGuard(monitor="train_loss", snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, monitor="train_loss", snapshot_every=10, confirm_steps=3)
     trainer = make_trainer([guard], max_steps=100, val_check_interval=50, check_val_every_n_epoch=None)
     trainer.fit(module)
     assert guard.check_on == "train_step"
@@ -90,7 +90,7 @@ def test_resuming_from_the_guards_stop_checkpoint_gets_a_fresh_rollback_budget(t
     resumed_at = trainer.global_step
     bad = resumed_at + 10  # one bad batch before the resumed run has confirmed a snapshot of its own
     module = ScriptedLossModule(decaying(nan_at=(bad,)), optimizer="adam", lr=0.01)
-    again = LRGuard(snapshot_every=50, confirm_steps=3, max_rollbacks=2)
+    again = LRGuard(gate=False, snapshot_every=50, confirm_steps=3, max_rollbacks=2)
     make_trainer([again], max_steps=resumed_at + 30).fit(module, ckpt_path=stop.checkpoint)
     assert [(d.action, d.event.step) for d in again.decisions] == [(Action.ROLLBACK, bad)]
     assert finite(module)

@@ -208,7 +208,9 @@ def test_gate_settings_are_checked():
         UpdateGate(mode="zero")
     with pytest.raises(ValueError, match="threshold must be > 0.0"):
         UpdateGate(threshold=0)
-    with pytest.raises(TypeError, match="gate must be True, False or an lr_guard UpdateGate"):
+    with pytest.raises(
+        TypeError, match=r"gate must be None \(on, the default\), True, False or an lr_guard UpdateGate"
+    ):
         LRGuard(gate="on")
 
 
@@ -226,7 +228,8 @@ def test_the_device_path_skips_exactly_and_decides_as_the_host_path(name, poison
     for on_device in (False, True):
         pl.seed_everything(0, verbose=False)  # the same initial weights and batches for both runs
         around = StateAround(step=40)
-        guard = LRGuard(gate=UpdateGate(on_device=on_device), verbose=False)
+        # fuse=False: the plain Adam stays as it is and reads the verdict (the fallback); fused below
+        guard = LRGuard(gate=UpdateGate(on_device=on_device, fuse=False), verbose=False)
         module = BatchNormNet(optimizers[name], poison_at=40, poison=poison)
         make_trainer([around, guard], max_steps=60).fit(module)
         assert_equal_states(around.before, around.after)
@@ -234,6 +237,49 @@ def test_the_device_path_skips_exactly_and_decides_as_the_host_path(name, poison
         assert not hasattr(module.trainer.optimizers[0], "found_inf")  # taken back after each step
     assert runs[True][0] == runs[False][0] == [(40, "skip")]
     assert_equal_states(runs[True][1], runs[False][1])
+
+
+class FoundInfSpy(pl.Callback):
+    """Whether every optimizer step was handed a ``found_inf`` (the device path: nothing read on the host)."""
+
+    def __init__(self):
+        self.handed = []
+
+    def on_train_start(self, trainer, module):
+        optimizer = trainer.optimizers[0]
+        step = optimizer.step
+
+        def spied(closure):  # the closure runs backward and the hooks; the step then reads ``found_inf``
+            def closure_then_look():
+                loss = closure()
+                self.handed.append(getattr(optimizer, "found_inf", None) is not None)
+                return loss
+
+            return step(closure_then_look)
+
+        optimizer.step = spied
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd_momentum"])
+def test_the_device_path_switches_a_default_adam_adamw_or_sgd_to_fused_and_skips_on_the_device(name):
+    """torch's Adam, AdamW and SGD at their default implementation are switched to fused=True by the device path,
+    so every step is handed the gate's verdict as ``found_inf`` (no host read), and a NaN step leaves the weights,
+    buffers and optimizer state bit-identical. ``fuse=False`` leaves the optimizer as it was."""
+    pl.seed_everything(0, verbose=False)
+    around, spy = StateAround(step=40), FoundInfSpy()
+    guard = LRGuard(gate=UpdateGate(on_device=True), verbose=False)
+    module = BatchNormNet(OPTIMIZERS[name], poison_at=40, poison="nan")
+    make_trainer([around, spy, guard], max_steps=60).fit(module)
+    optimizer = module.trainer.optimizers[0]
+    assert all(group["fused"] for group in optimizer.param_groups)
+    assert spy.handed and all(spy.handed)
+    assert_equal_states(around.before, around.after)
+    assert [(d.event.step, d.action.value) for d in guard.decisions] == [(40, "skip")]
+
+    kept = BatchNormNet(OPTIMIZERS[name], poison_at=40, poison="nan")
+    spy = FoundInfSpy()
+    make_trainer([spy, LRGuard(gate=UpdateGate(on_device=True, fuse=False), verbose=False)], max_steps=20).fit(kept)
+    assert not any(g.get("fused") for g in kept.trainer.optimizers[0].param_groups) and not any(spy.handed)
 
 
 def test_the_device_path_keeps_its_state_across_a_resume(tmp_path):

@@ -76,7 +76,7 @@ def assert_same_tensors(a, b, path=""):
 
 
 def test_nan_rollback_restores_weights_moments_and_scheduler_exactly():
-    guard = LRGuard(snapshot_every=20, confirm_steps=5)
+    guard = LRGuard(gate=False, snapshot_every=20, confirm_steps=5)
     recorder = StateRecorder(guard, steps=[40])
     module = ScriptedLossModule(
         decaying(nan_at=[50]), optimizer="adam", lr=0.01, scheduler=lambda o: S.StepLR(o, step_size=15, gamma=0.5)
@@ -96,7 +96,7 @@ def test_nan_rollback_restores_weights_moments_and_scheduler_exactly():
 
 
 def test_a_second_blow_up_in_the_same_incident_cuts_the_lr():
-    guard = LRGuard(snapshot_every=20, confirm_steps=5)
+    guard = LRGuard(gate=False, snapshot_every=20, confirm_steps=5)
     recorder = LRRecorder()
     module = ScriptedLossModule(decaying(nan_at=[50, 58]), optimizer="adam", lr=0.01)
     make_trainer([guard, recorder], max_steps=80).fit(module)
@@ -161,7 +161,7 @@ def test_values_are_checked_in_batches_and_a_rollback_drops_the_rest_of_its_batc
             return super().update(value, step)
 
     divergence = Recording()
-    guard = LRGuard(divergence=divergence, snapshot_every=20, confirm_steps=5, check_every_n_steps=8)
+    guard = LRGuard(gate=False, divergence=divergence, snapshot_every=20, confirm_steps=5, check_every_n_steps=8)
     module = ScriptedLossModule(decaying(nan_at=[50, 51]), optimizer="adam", lr=0.01)
     make_trainer([guard], max_steps=80).fit(module)
     # steps 48..55 are checked together at step 56: the NaN of 50 rolls back there; 51..55 (NaN at 51 included)
@@ -215,7 +215,7 @@ def test_host_scalars_hand_out_batches_in_order():
 
 
 def test_snapshot_survives_being_restored_twice():
-    guard = LRGuard(snapshot_every=1000, max_rollbacks=5, skip_batches=0)
+    guard = LRGuard(gate=False, snapshot_every=1000, max_rollbacks=5, skip_batches=0)
     recorder = StateRecorder(guard, steps=[0])
     make_trainer([guard, recorder], max_steps=60).fit(
         ScriptedLossModule(decaying(nan_at=[20, 40]), optimizer="adam", lr=0.01)
@@ -227,7 +227,7 @@ def test_snapshot_survives_being_restored_twice():
 
 
 def test_skipped_batches_leave_weights_and_optimizer_state_untouched():
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, skip_batches=3, check_every_n_steps=1)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, skip_batches=3, check_every_n_steps=1)
     recorder = StateRecorder(guard, steps=[31, 32, 33, 34])
     module = ScriptedLossModule(decaying(nan_at=[30]), optimizer="adam", lr=0.01)
     make_trainer([guard, recorder], max_steps=40).fit(module)
@@ -243,7 +243,7 @@ def test_no_snapshot_taken_during_an_anomaly_is_used():
     # A spike at 49 makes the snapshot pending at 50 unconfirmed... and the NaN at 52 rolls back to 40, not 50.
     script = decaying()
     script[49], script[52] = 5.0, math.nan
-    guard = LRGuard(snapshot_every=10, confirm_steps=5)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=5)
     make_trainer([guard], max_steps=70).fit(ScriptedLossModule(script, optimizer="adam", lr=0.01))
     rollback = next(d for d in guard.decisions if d.action == Action.ROLLBACK)
     assert rollback.rollback_to == 40
@@ -251,7 +251,7 @@ def test_no_snapshot_taken_during_an_anomaly_is_used():
 
 def test_max_rollbacks_exhausted_stops_with_a_loadable_checkpoint(tmp_path):
     script = decaying(n=40) + [math.nan] * 200
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=str(tmp_path))
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=str(tmp_path))
     trainer = make_trainer([guard], max_steps=200)
     module = ScriptedLossModule(script, optimizer="adam", lr=0.01)
     trainer.fit(module)
@@ -267,7 +267,7 @@ def test_max_rollbacks_exhausted_stops_with_a_loadable_checkpoint(tmp_path):
     assert any(k.startswith("LRGuard") for k in checkpoint["callbacks"])
     # The checkpoint resumes: a healthy continuation trains on from it.
     resumed = ScriptedLossModule(decaying(n=200), optimizer="adam", lr=0.01)
-    again = make_trainer([LRGuard()], max_steps=trainer.global_step + 20)
+    again = make_trainer([LRGuard(gate=False)], max_steps=trainer.global_step + 20)
     again.fit(resumed, ckpt_path=stop.checkpoint)
     assert again.global_step == trainer.global_step + 20 and finite(resumed)
     assert_same_tensors(checkpoint["state_dict"], dict(checkpoint["state_dict"]))
@@ -280,7 +280,7 @@ def test_nan_batch_is_survived_and_the_run_ends_close_to_a_clean_one():
     make_trainer(max_steps=300).fit(poisoned)
     assert not finite(poisoned)  # without a guard one NaN batch ruins the run
     guarded = TinyRegressionModule(lr=0.05, seed=1, poison_steps=[150])
-    guard = LRGuard()
+    guard = LRGuard(gate=False)
     make_trainer([guard], max_steps=300).fit(guarded)
     assert finite(guarded) and guard.counts["rollbacks"] == 1
     assert guarded.full_loss() < 1.5 * clean.full_loss() + 0.01
@@ -354,7 +354,7 @@ def test_users_callbacks_and_gradient_clipping_keep_working(tmp_path):
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train_loss", every_n_train_steps=10)
     stopper = EarlyStopping(monitor="train_loss", patience=1000, check_on_train_epoch_end=True)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, keep_lr_on_bad_batch=False)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, keep_lr_on_bad_batch=False)
     trainer = make_trainer(
         [guard, checkpoint, stopper, LearningRateMonitor(logging_interval="step")],
         max_steps=60,
@@ -393,7 +393,7 @@ def test_lightning_namespace_is_served_by_its_own_class():
 
     assert issubclass(LightningGuard, L.Callback) and not issubclass(LightningGuard, pl.Callback)
     assert issubclass(LRGuard, pl.Callback) and not issubclass(LRGuard, L.Callback)
-    guard = LightningGuard(snapshot_every=10, confirm_steps=3)
+    guard = LightningGuard(snapshot_every=10, confirm_steps=3, gate=False)
     trainer = L.Trainer(
         callbacks=[guard],
         max_steps=40,
@@ -550,6 +550,7 @@ def test_single_job_callbacks_name_their_factor_when_it_is_set_later():
 
 def test_numpy_numbers_are_taken_as_the_python_numbers_they_are():
     guard = DivergenceRollback(
+        gate=False,
         factor=np.float64(0.5),
         snapshot_every=np.int64(8),
         confirm_steps=np.int32(2),
@@ -571,7 +572,7 @@ def test_min_lr_per_group_must_match_the_groups():
 
 def test_divergence_rollback_alone():
     guard = DivergenceRollback(
-        snapshot_every=10, confirm_steps=3, factor=0.25, skip_batches=1, keep_lr_on_bad_batch=False
+        gate=False, snapshot_every=10, confirm_steps=3, factor=0.25, skip_batches=1, keep_lr_on_bad_batch=False
     )
     recorder = LRRecorder()
     make_trainer([guard, recorder], max_steps=40).fit(ScriptedLossModule(decaying(nan_at=[25]), lr=0.1))
@@ -597,7 +598,7 @@ def test_manual_optimization_needs_a_monitor():
 
 
 def test_spike_detector_setting_is_used():
-    guard = LRGuard(spike=SpikeDetector(threshold=3.0), plateau=False, oscillation=False)
+    guard = LRGuard(gate=False, spike=SpikeDetector(threshold=3.0), plateau=False, oscillation=False)
     script = decaying()
     script[60] = 3.0
     make_trainer([guard], max_steps=80).fit(ScriptedLossModule(script))
@@ -700,7 +701,7 @@ class WithValidation(ScriptedLossModule):
 def test_validation_level_monitor_rolls_back_on_a_nan_validation_loss():
     val = [1.0 / (1 + i) for i in range(20)]
     val[4] = math.nan  # the fifth validation run
-    guard = LRGuard(monitor="val_loss", snapshot_every=5, confirm_steps=1)
+    guard = LRGuard(gate=False, monitor="val_loss", snapshot_every=5, confirm_steps=1)
     assert guard.check_on is None  # chosen where val_loss is logged, at the first optimizer step
     module = WithValidation(val)
     make_trainer(
@@ -727,7 +728,7 @@ def test_rollback_restores_the_random_number_generators():
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.draws.setdefault(trainer.global_step, []).append(torch.rand(1).item())
 
-    guard = LRGuard(snapshot_every=10, confirm_steps=2, check_every_n_steps=1)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=2, check_every_n_steps=1)
     draws = Draws()
     make_trainer([guard, draws], max_steps=16).fit(ScriptedLossModule(decaying(nan_at=[12]), optimizer="adam"))
     assert guard.decisions[0].rollback_to == 10
@@ -738,7 +739,7 @@ def test_rollback_restores_the_random_number_generators():
 
 
 def test_settings_changed_after_construction_take_effect():
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     guard.max_rollbacks = 0  # one source of truth: the rules see the change
     assert guard.policy.config.max_rollbacks == 0 and guard.settings()["max_rollbacks"] == 0
     make_trainer([guard], max_steps=40).fit(ScriptedLossModule(decaying(nan_at=[25]), optimizer="adam"))

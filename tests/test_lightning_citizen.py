@@ -144,7 +144,7 @@ def copy_state(state):
 
 def test_gan_style_manual_optimization_with_two_optimizers_rolls_back_both():
     module = TinyGAN(nan_at_step=50)  # two optimizer steps per batch: global_step moves by 2
-    guard = LRGuard(monitor="d_loss", check_on="train_step", snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, monitor="d_loss", check_on="train_step", snapshot_every=10, confirm_steps=3)
     recorder = StateRecorder(guard)
     make_trainer([guard, recorder], max_steps=100).fit(module)
     rollbacks = [d for d in guard.decisions if d.action == Action.ROLLBACK]
@@ -207,7 +207,7 @@ class Streamed(ScriptedLossModule):
 )
 def test_an_iterable_dataset_without_a_length(passes, loop):
     module = Streamed(decaying(nan_at=[35]), passes)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     trainer = make_trainer([guard], **loop)
     trainer.fit(module)
     assert trainer.num_training_batches == math.inf  # Lightning does not know the epoch's length
@@ -222,7 +222,7 @@ def test_lr_find_with_the_guard_attached_then_a_guarded_fit():
     from pytorch_lightning.tuner import Tuner
 
     module = TinyRegressionModule(lr=0.01, poison_steps=[35])
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     trainer = make_trainer([guard], max_steps=60)
     start = {k: v.clone() for k, v in module.state_dict().items()}
     finder = Tuner(trainer).lr_find(module, min_lr=1e-4, max_lr=10.0, num_training=40, early_stop_threshold=None)
@@ -251,7 +251,7 @@ def test_lightning_pytorch_classes_rescue_a_nan(callback, gate, expected):
 
     import lr_guard.lightning
 
-    kwargs = {"gate": True} if gate else {}
+    kwargs = {"gate": gate}
     guard = getattr(lr_guard.lightning, callback)(snapshot_every=10, confirm_steps=3, **kwargs)
     module = _lightning_scripted(decaying(nan_at=[25]))
     make_trainer([guard], max_steps=40, trainer_class=L.Trainer).fit(module)

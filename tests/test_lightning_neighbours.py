@@ -36,7 +36,7 @@ class ManualWarmupModule(TinyRegressionModule):
 
 def test_a_manual_warm_up_in_optimizer_step_composes_with_the_rollback_cut(caplog):
     caplog.set_level("INFO", logger="lr_guard")
-    guard = LRGuard(plateau=False, snapshot_every=20, check_every_n_steps=1)
+    guard = LRGuard(gate=False, plateau=False, snapshot_every=20, check_every_n_steps=1)
     recorder = LRRecorder()
     model = ManualWarmupModule(lr=0.05, poison_steps=[75])
     make_trainer([guard, recorder], max_steps=130).fit(model)
@@ -83,7 +83,7 @@ class _PickleSchedulers(pl.Callback):
     ids=["StepLR", "OneCycleLR", "ReduceLROnPlateau"],
 )
 def test_a_scheduler_pickles_and_deep_copies_during_fit_and_its_copy_composes_too(factory):
-    guard = LRGuard(plateau=False, check_every_n_steps=1, keep_lr_on_bad_batch=False)
+    guard = LRGuard(gate=False, plateau=False, check_every_n_steps=1, keep_lr_on_bad_batch=False)
     copier = _PickleSchedulers()
     model = TinyRegressionModule(lr=0.05, scheduler=factory, poison_steps=[30])
     make_trainer([guard, copier], max_steps=60).fit(model)
@@ -102,7 +102,7 @@ def test_a_scheduler_pickles_and_deep_copies_during_fit_and_its_copy_composes_to
 
 def test_early_stopping_on_the_training_loss_does_not_stop_a_run_the_guard_rescued():
     # 16 steps an epoch: the NaN at step 45 falls in epoch 2's last check window, read at the epoch's end
-    guard = LRGuard(plateau=False)
+    guard = LRGuard(gate=False, plateau=False)
     stopper = EarlyStopping(monitor="train_loss", patience=100)
     model = TinyRegressionModule(lr=0.05, poison_steps=[45])
     trainer = make_trainer([guard, stopper], max_steps=-1, max_epochs=8)
@@ -119,7 +119,7 @@ def test_after_a_rollback_the_callbacks_read_the_metrics_of_the_restored_weights
         def on_train_epoch_end(self, trainer, pl_module):
             seen[trainer.current_epoch] = float(trainer.callback_metrics["train_loss"])
 
-    guard = LRGuard(plateau=False, snapshot_every=20)
+    guard = LRGuard(gate=False, plateau=False, snapshot_every=20)
     model = TinyRegressionModule(lr=0.05, poison_steps=[47])  # the last step of epoch 2
     logged = {}
 

@@ -50,7 +50,9 @@ def test_ema_beside_the_guard_drops_the_discarded_steps_and_ends_finite(guard_fi
     in the NaN weights by then. It is restored with the snapshot, so after step 48 it is exactly the EMA of step
     40 (as if steps 41-48 never happened), and the model Lightning copies it into at the end is finite."""
 
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, snapshot_device=device, snapshot_dir=tmp_path, verbose=False)
+    guard = LRGuard(
+        gate=False, snapshot_every=10, confirm_steps=3, snapshot_device=device, snapshot_dir=tmp_path, verbose=False
+    )
     ema = EMAWeightAveraging(decay=0.9)
     recorder = AverageRecorder(ema)
     module = TinyRegressionModule(lr=0.05, seed=1, poison_steps=(45,))
@@ -68,7 +70,7 @@ def test_swa_beside_the_guard_drops_an_epoch_start_average_of_discarded_weights(
     script = [1.0 - 0.004 * i for i in range(100)]
     for t in range(44, 50):
         script[t] = script[43] * 1.5 ** (t - 43)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, check_every_n_steps=1, verbose=False)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3, check_every_n_steps=1, verbose=False)
     swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1, annealing_epochs=1)
     recorder = AverageRecorder(swa)
     module = ScriptedLossModule(script, lr=0.05)
@@ -102,3 +104,36 @@ def test_a_checkpoint_written_in_the_lag_of_a_nan_holds_checked_weights_and_resu
     make_trainer([resumed_guard], max_steps=80).fit(resumed, ckpt_path=path)
     assert rollbacks(resumed_guard) == [] and finite(resumed)
     assert math.isfinite(resumed.full_loss())
+
+
+class ValidatedRegression(TinyRegressionModule):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=64)
+
+
+@pytest.mark.parametrize("when", ["every_n_train_steps", "validation"])
+def test_a_weights_only_checkpoint_written_in_the_lag_of_a_nan_holds_checked_weights(tmp_path, when):
+    """A weights-only ModelCheckpoint does not ask the guard for its state as it saves, so nothing would check the
+    values gathered since the last check. The guard checks them in the hook before each such save (at its
+    ``every_n_train_steps``, and after each validation run): the NaN of step 45, inside the lag of the checks
+    every 8 steps, is rolled back at step 47 and the file holds finite weights. The rollback path is tested (no
+    gate): with the gate on the NaN update never lands."""
+    guard = LRGuard(snapshot_every=10, confirm_steps=3, gate=False, verbose=False)
+    if when == "every_n_train_steps":
+        checkpoint = ModelCheckpoint(
+            dirpath=tmp_path, every_n_train_steps=47, save_top_k=-1, filename="{step}", save_weights_only=True
+        )
+        extra = {}
+    else:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{step}", save_weights_only=True)
+        extra = {"val_check_interval": 47, "check_val_every_n_epoch": None, "limit_val_batches": 1}
+    kind = ValidatedRegression if when == "validation" else TinyRegressionModule
+    module = kind(lr=0.05, seed=1, poison_steps=(45,))
+    make_trainer([guard, checkpoint], max_steps=60, enable_checkpointing=True, **extra).fit(module)
+    assert [(d.event.step, d.action.value, d.step) for d in guard.decisions] == [(45, "rollback", 47)]
+    saved = torch.load(tmp_path / "step=47.ckpt", weights_only=False)
+    assert "callbacks" not in saved  # weights only
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())

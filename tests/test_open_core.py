@@ -32,25 +32,29 @@ def readme_example() -> dict:
     return module.__dict__
 
 
-def worse_than_chance_at(step: int, n: int = 120) -> list[float]:
-    """A healthy decaying loss with one value above ln 256 (5.55) but under 10x the best: the built-in
-    divergence detector does not roll back on it (the spike detector logs it)."""
+def worse_than_chance_at(step: int, n: int = 120, lasting: int = 1) -> list[float]:
+    """A healthy decaying loss with ``lasting`` values from ``step`` above ln 256 (5.55) but under 10x the best:
+    the built-in divergence detector does not roll back on them (the spike detector logs them)."""
     values = [2.0 / (1.0 + 0.02 * t) for t in range(n)]
-    values[step] = 6.0
+    values[step : step + lasting] = [6.0] * lasting
     return values
 
 
 def test_the_readme_detector_rolls_back_and_shows_everywhere(tmp_path):
+    """The README's detector beside the defaults: the update gate skips the first three updates of a jump above
+    chance (at most 3 in a row), and the detector rolls back on the fourth value, which the gate lets through."""
     example = readme_example()
     guard = example["guard"]
     assert "above_chance" in guard.detectors and guard.settings()["detectors"][0].startswith("AboveChanceDetector(")
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    values = worse_than_chance_at(70)
+    # the gate skips the first outliers of a change (at most 3 in a row) and leaves a lasting one to the detectors
+    values = worse_than_chance_at(70, lasting=6)
     make_trainer([guard], max_steps=len(values), logger=logger, log_every_n_steps=1).fit(
         ScriptedLossModule(values, optimizer="adam", lr=0.01)
     )
+    seen = [(d.event.step, d.event.detector, d.action.value) for d in guard.decisions]
+    assert seen == [(70, "gate", "skip"), (71, "gate", "skip"), (72, "gate", "skip"), (73, "above_chance", "rollback")]
     rollbacks = [d for d in guard.decisions if d.action.value == "rollback"]
-    assert [(d.event.step, d.event.detector) for d in rollbacks] == [(70, "above_chance")]
     assert "worse than chance" in rollbacks[0].message and guard.counts["divergence"] == 1
     logger.experiment.flush()
     acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
@@ -59,8 +63,10 @@ def test_the_readme_detector_rolls_back_and_shows_everywhere(tmp_path):
     texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{DECISIONS_TAG}/text_summary")]
     assert any("worse than chance" in t for t in texts)
 
-    # the replay runs the same detector (a fresh one) and takes the same decision
+    # the replay runs the same detector (a fresh one) on the logged losses; it does not replay the gate (which
+    # acts on updates, not on a log), so it rolls back at the first value above chance: one such value here
     fresh = example["AboveChanceDetector"](ceiling=math.log(256), name="above_chance")
+    values = worse_than_chance_at(70)
     result = replay(list(enumerate(values)), {"detectors": [fresh]}, max_steps=len(values))
     assert [(r.step, r.action) for r in result.rows if r.action == "rollback"] == [(70, "rollback")]
 
@@ -129,11 +135,11 @@ def test_detectors_are_checked_at_construction():
         match=r"spike must be a SpikeDetector, True or False; got a PlateauDetector.*"
         r"detectors=\[\.\.\.\]",
     ):
-        LRGuard(spike=PlateauDetector())
+        LRGuard(gate=False, spike=PlateauDetector())
     with pytest.raises(ValueError, match="two detectors are named 'plateau'"):
-        LRGuard(detectors=[PlateauDetector(name="plateau")])
+        LRGuard(gate=False, detectors=[PlateauDetector(name="plateau")])
     with pytest.raises(TypeError, match="detectors must hold lr_guard Detector instances"):
-        LRGuard(detectors=["spike"])
+        LRGuard(gate=False, detectors=["spike"])
     with pytest.raises(TypeError, match="must set the class attribute kind"):
 
         class NoKind(Detector):

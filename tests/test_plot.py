@@ -30,7 +30,9 @@ def script(n=120, nan_at=45, flat_from=70):
 
 def guarded_fit(logger=False, max_steps=120):
     plateau = PlateauDetector(patience=15, window=1, noise_sigmas=0.0, warmup_steps=0, threshold=1e-3)
-    guard = LRGuard(snapshot_every=10, confirm_steps=3, skip_batches=2, keep_lr_on_bad_batch=False, plateau=plateau)
+    guard = LRGuard(
+        gate=False, snapshot_every=10, confirm_steps=3, skip_batches=2, keep_lr_on_bad_batch=False, plateau=plateau
+    )
     trainer = make_trainer([guard], max_steps=max_steps, logger=logger, log_every_n_steps=5)
     trainer.fit(ScriptedLossModule(script(), optimizer="adam", lr=0.01))
     return guard

@@ -76,7 +76,7 @@ def test_replay_takes_every_decision_the_live_guard_takes(name):
     """Whole runs: on a scripted loss (the same values whatever the weights), the replay of the stream and the
     live guard take the same decisions at the same steps, with the same LR factors and restored steps."""
     values, settings = _streams()[name]
-    guard = LRGuard(**settings, verbose=False)
+    guard = LRGuard(gate=False, **settings, verbose=False)
     trainer = make_trainer([guard], max_steps=len(values))
     per_epoch = 13 if "13 steps" in name else 16  # the module's data: n samples in batches of 16
     trainer.fit(ScriptedLossModule(values, optimizer="adam", lr=0.01, n=16 * per_epoch))
@@ -100,7 +100,7 @@ def test_replay_reads_the_logged_lr_and_sees_a_warm_up_as_the_live_guard_does(tm
     logger = TensorBoardLogger(tmp_path, name="warm", version=0)
     monitor = LearningRateMonitor(logging_interval="step")
     make_trainer([monitor], max_steps=100, logger=logger, log_every_n_steps=1).fit(module())
-    guard = LRGuard(snapshot_every=10, confirm_steps=3)
+    guard = LRGuard(gate=False, snapshot_every=10, confirm_steps=3)
     trainer = make_trainer([guard], max_steps=100)
     trainer.fit(module())
     assert [(d.event.step, d.action.value) for d in guard.decisions] == [(60, "rollback")]
@@ -222,7 +222,7 @@ def test_a_subsampled_log_is_said_so_and_replayed_as_the_live_guard_decides(tmp_
     of the subsampled log says so and takes the same first decision, within the spacing."""
     values = _noisy_descent(500)
     values[400:] = [3.0 * v for v in values[400:]]
-    guard = LRGuard(verbose=False)
+    guard = LRGuard(gate=False, verbose=False)
     make_trainer([guard], max_steps=500).fit(ScriptedLossModule(values, optimizer="adam", lr=0.01))
     live = next(d for d in guard.decisions if d.action.value != "none")  # the first that acts (a spike is logged)
     assert (str(live.event.kind), str(live.action)) == ("divergence", "rollback")

@@ -26,6 +26,7 @@ def loss_script():
 
 def guard():
     return LRGuard(
+        gate=False,
         snapshot_every=8,
         confirm_steps=3,
         plateau=PlateauDetector(patience=20, window=1, noise_sigmas=0, warmup_steps=0, cooldown=1000),

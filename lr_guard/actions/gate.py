@@ -10,8 +10,8 @@ trending stream (a warm-up raising the gradient norm, a falling loss) inside its
 gradient skips the update; a value more than ``threshold`` noise scales above the last one let through is an
 outlier, whose update is skipped (``mode="skip"``) or, for the gradient norm, scaled down to
 the band's edge (``mode="clip"``; a loss outlier is still skipped). No outlier is called during the first
-``warmup_steps`` steps, and after ``max_consecutive`` outliers in a row the next one goes through: a lasting
-change is not an isolated bad batch, and is the detectors' to judge.
+``warmup_steps`` steps, and after ``max_consecutive`` outliers in a row the next one goes through and the bands
+move to it: a lasting change is not an isolated bad batch, and is the detectors' to judge, whole.
 
 A skip leaves the weights and the optimizer state exactly as they were: every gradient is set to ``None``, and
 torch's optimizers then touch neither the parameters nor their state (moments, step counts, weight decay). On a
@@ -43,6 +43,7 @@ __all__ = [
     "NON_FINITE",
     "SKIPPED",
     "UpdateGate",
+    "fuse_for_the_gate",
     "grad_norm",
     "grads_of",
     "host_grad_norm",
@@ -82,6 +83,36 @@ def supports_found_inf(optimizer: Any) -> bool:
     return isinstance(optimizer, _FUSED) and all(bool(g.get("fused")) for g in optimizer.param_groups)
 
 
+def fuse_for_the_gate(optimizer: Any) -> bool:
+    """Switch a torch Adam, AdamW or SGD left at its default implementation (``fused`` and ``foreach`` unset)
+    to its fused one, which can skip a step on the device (:func:`supports_found_inf`); ``True`` if it now
+    does. The update is the same, computed by torch's fused kernel (it rounds differently in the last bits).
+    An optimizer whose implementation you chose (``fused=False``, ``foreach=True`` or ``False``), a subclass
+    (its ``step`` may not be torch's), ``differentiable=True``, or parameters the fused kernels do not take
+    are left as they are. Step counts already kept on the host move beside their parameters, as a fused
+    optimizer keeps them."""
+    if supports_found_inf(optimizer):
+        return True
+    if type(optimizer) not in _FUSED:
+        return False
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    for group in optimizer.param_groups:
+        if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable"):
+            return False
+        if any(p.device.type not in devices or not torch.is_floating_point(p) for p in group["params"]):
+            return False
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, False
+    for p, state in optimizer.state.items():
+        step = state.get("step") if isinstance(state, dict) else None
+        if isinstance(step, torch.Tensor) and step.device != p.device:
+            state["step"] = step.to(p.device, torch.float32)
+    optimizer._step_supports_amp_scaling = True  # as torch's constructor sets it for fused=True
+    return True
+
+
 class _Band:
     """Where the next value of a log stream is expected (host floats): at the last value let through, give or
     take ``threshold`` noise scales, the noise scale that of a step's change (``sqrt(2)`` times the detectors'
@@ -107,8 +138,8 @@ class _Band:
     def edge(self, threshold: float) -> float:
         return self.prev + threshold * self.sigma()
 
-    def update(self, y: float, threshold: float) -> None:
-        if self.n >= 2:
+    def update(self, y: float, threshold: float, clip: bool = True) -> None:
+        if clip and self.n >= 2:
             y = min(y, self.edge(threshold))
         if self.n:
             self.noise.update(abs(y - self.prev))
@@ -137,6 +168,10 @@ class UpdateGate:
             under 35% from one step to the next is an outlier, however smooth the stream).
         on_device: Keep the statistics in tensors beside the gradients and decide there (:meth:`decide_on_device`):
             ``None`` (default) on a CUDA device, ``True`` always (on CPU too: how the device path is tested).
+        fuse: On the device path, switch a torch Adam, AdamW or SGD left at its default implementation to its
+            fused one (:func:`fuse_for_the_gate`), so that a skip is decided and taken on the device with no host
+            sync. ``False`` keeps your optimizer's implementation: the verdict is then read on the host, one
+            sync per step.
         use_loss: Score the loss as well as the gradient norm. Under DDP the gate scores the gradient norm alone
             (the same on every rank after the all-reduce, so every rank decides alike with no collective).
     """
@@ -151,6 +186,7 @@ class UpdateGate:
         use_loss: bool = True,
         min_noise: float = 0.05,
         on_device: bool | None = None,
+        fuse: bool = True,
     ) -> None:
         check_number("threshold", threshold, low=0.0, low_open=True)
         check_number("warmup_steps", warmup_steps, low=2, integer=True)
@@ -170,13 +206,16 @@ class UpdateGate:
         if on_device is not None and not isinstance(on_device, bool):
             raise TypeError(f"on_device must be None, True or False, got {on_device!r}")
         self.on_device = on_device
+        if not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be True or False, got {fuse!r}")
+        self.fuse = fuse
         self.reset()
 
     def __repr__(self) -> str:
         return (
             f"UpdateGate(threshold={self.threshold!r}, warmup_steps={self.warmup_steps!r}, alpha={self.alpha!r}, "
             f"mode={self.mode!r}, max_consecutive={self.max_consecutive!r}, use_loss={self.use_loss!r}, "
-            f"min_noise={self.min_noise!r}, on_device={self.on_device!r})"
+            f"min_noise={self.min_noise!r}, on_device={self.on_device!r}, fuse={self.fuse!r})"
         )
 
     def reset(self) -> None:
@@ -196,7 +235,10 @@ class UpdateGate:
             return NON_FINITE
         y_loss = math.log(loss) if loss is not None and loss > 0.0 else None
         y_grad = math.log(norm) if norm > 0.0 else None
-        armed = self._steps > self.warmup_steps and self._in_a_row < self.max_consecutive
+        # after max_consecutive outliers in a row the next value goes through and the bands move to it unclipped:
+        # a lasting change is not one bad batch; the detectors see it whole, and the gate scores from the new level
+        rebase = self._steps > self.warmup_steps and self._in_a_row >= self.max_consecutive
+        armed = self._steps > self.warmup_steps and not rebase
         code = APPLIED
         if armed and y_loss is not None and self._loss.score(y_loss) > self.threshold:
             code = LOSS_OUTLIER
@@ -206,9 +248,9 @@ class UpdateGate:
                 self.last_scale = math.exp(self._grad.edge(self.threshold) - y_grad)
         self._in_a_row = self._in_a_row + 1 if code in (LOSS_OUTLIER, GRAD_OUTLIER, CLIPPED) else 0
         if y_loss is not None:
-            self._loss.update(y_loss, self.threshold)
+            self._loss.update(y_loss, self.threshold, clip=not rebase)
         if y_grad is not None:
-            self._grad.update(y_grad, self.threshold)
+            self._grad.update(y_grad, self.threshold, clip=not rebase)
         return code
 
     def uses_device(self, device: torch.device) -> bool:
@@ -241,6 +283,7 @@ class UpdateGate:
         sigma = torch.where(state["weight"] > 0, measured, 0.0).clamp_min(self.min_noise)
         score = torch.where((state["n"] >= 2) & scored, (y - state["prev"]) / sigma, 0.0)
         armed = state["in_a_row"] < self.max_consecutive
+        rebase = ~armed  # past max_consecutive outliers in a row: the value goes through and the bands move to it
         if self._steps <= self.warmup_steps:
             armed = torch.zeros_like(armed)  # no outlier during the warm-up
         outlier = armed & finite & (score > self.threshold)
@@ -253,7 +296,7 @@ class UpdateGate:
         scale = torch.where(grad_out, torch.exp((edge[1] - y[1]).clamp_max(0.0)), 1.0)
         state["in_a_row"] = torch.where(loss_out | grad_out, state["in_a_row"] + 1, 0.0)
         take = finite & scored  # the band takes in each finite value, clipped to it
-        clipped = torch.where(state["n"] >= 2, torch.minimum(y, edge), y)
+        clipped = torch.where((state["n"] >= 2) & ~rebase, torch.minimum(y, edge), y)
         moved = take & (state["n"] >= 1)
         a = self.alpha
         noise = a * state["noise"] + (1 - a) * (clipped - state["prev"]).abs()

@@ -98,6 +98,10 @@ class GuardCore(GuardSettings):
             Its ``kind`` chooses the response: ``"divergence"`` rolls back, ``"plateau"`` / ``"oscillation"`` cut
             the LR by ``plateau_factor`` / ``oscillation_factor``, any other kind is logged. Its ``signal``: the
             ``"loss"`` (the watched value), or the name of a metric the module logs (read after every step).
+        gate: The update gate (:class:`~lr_guard.UpdateGate`), which scores every optimizer step's loss and
+            gradient norm before its update and skips a non-finite or outlier one exactly. ``None`` (the default):
+            on, with its defaults, except with ``dry_run=True``; ``True``: on; ``False``: off; or an
+            ``UpdateGate`` with your settings.
         plateau_factor: LR factor on a plateau; ``None`` to only log plateaus.
         oscillation_factor: LR factor on oscillation; ``None`` to only log.
         rollback: Roll back on divergence (``False``: only log, and stop on exhaustion is never reached).
@@ -150,7 +154,7 @@ class GuardCore(GuardSettings):
         plateau: PlateauDetector | bool = True,
         divergence: DivergenceDetector | bool = True,
         detectors: Sequence[Detector] = (),
-        gate: UpdateGate | bool = False,
+        gate: UpdateGate | bool | None = None,
         plateau_factor: float | None = 0.5,
         oscillation_factor: float | None = 0.5,
         rollback: bool = True,
@@ -177,7 +181,7 @@ class GuardCore(GuardSettings):
         self.config = GuardConfig(**arguments)
         switches = {"spike": spike, "oscillation": oscillation, "plateau": plateau, "divergence": divergence}
         self.extra_detectors = list(_as_list(detectors))
-        self.gate = _gate(gate)
+        self.gate = _gate(gate, dry_run)
         self.policy = GuardPolicy(_assemble(switches, self.extra_detectors, self.gate), self.config)
         _check_combinations(self.config, self.detectors, self.gate)
         # the built-in detectors left at their default (True): sized to the run's cadence and length when it starts
@@ -208,6 +212,8 @@ class GuardCore(GuardSettings):
         self._run: LiveRun | None = None
         self.checkpoint_path: str | None = None
         self._told_of_written_lr = False
+        self._weights_only = False  # a weights-only ModelCheckpoint in the run (set when it starts)
+        self._weights_only_steps: tuple[int, ...] = ()  # the step intervals at which such checkpoints save
 
     @property
     def watch_on(self) -> str | None:
@@ -312,6 +318,7 @@ class GuardCore(GuardSettings):
             rank=trainer.global_rank,
         )
         self._run = LiveRun(trainer, pl_module, self._store, self.feed, self.checkpoint_dir)
+        self._weights_only, self._weights_only_steps = _weights_only_checkpoints(trainer)
         if self.watch_on is not None:  # else sized once the first step shows where monitor= is logged
             self._size_detectors(trainer)
         self.policy.start(trainer.global_step)
@@ -427,8 +434,10 @@ class GuardCore(GuardSettings):
             self._run.note_metrics()  # type: ignore[union-attr]
         self.feed.end_step(step, trainer, cadence.every_step)
         snapshot_due = cadence.snapshot_every and global_step % cadence.snapshot_every == 0
-        if snapshot_due or global_step % cadence.check_every == 0:
-            self._check(trainer)
+        every = self._weights_only_steps  # a weights-only checkpoint saved after this hook: its weights checked
+        weights_only_due = bool(every) and any(global_step % n == 0 for n in every)
+        if snapshot_due or global_step % cadence.check_every == 0 or weights_only_due:
+            self._check(trainer, wait=weights_only_due)
         if snapshot_due and not self._start_pending and self.policy.wants_snapshot(global_step):
             if not self.config.dry_run:  # a dry run restores nothing: the rules keep the step alone
                 self._store.take(global_step, targets(trainer, pl_module), self._copies())
@@ -496,7 +505,11 @@ class GuardCore(GuardSettings):
             self._run.put_back_metrics()  # before EarlyStopping and ModelCheckpoint read them
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.check_on != "validation" or trainer.sanity_checking or self.policy.stopped:
+        if trainer.sanity_checking or self.policy.stopped:
+            return
+        if self.check_on != "validation":
+            if self._weights_only and self._fitting:  # a weights-only ModelCheckpoint saves next
+                self._check(trainer, wait=True)
             return
         assert self.monitor is not None  # checked at construction
         self._take_up_written_lrs(trainer)
@@ -609,12 +622,25 @@ def _check_combinations(config: GuardConfig, detectors: dict[str, Detector], gat
         )
 
 
-def _gate(gate: UpdateGate | bool) -> UpdateGate | None:
+def _weights_only_checkpoints(trainer: Any) -> tuple[bool, tuple[int, ...]]:
+    """Whether a ``ModelCheckpoint(save_weights_only=True)`` is in the run (its saves do not ask the guard for its
+    state, so nothing checks the values first), and the step intervals at which such checkpoints save
+    (``every_n_train_steps``). Lightning runs checkpoint callbacks after the others, so a check the guard makes in
+    the same hook comes before the save."""
+    saving = [cb for cb in getattr(trainer, "checkpoint_callbacks", []) if getattr(cb, "save_weights_only", False)]
+    steps = {int(getattr(cb, "_every_n_train_steps", 0) or 0) for cb in saving}
+    return bool(saving), tuple(sorted(n for n in steps if n > 0))
+
+
+def _gate(gate: UpdateGate | bool | None, dry_run: bool) -> UpdateGate | None:
+    """The update gate: on by default (``None``), except in a dry run, which changes no update."""
+    if gate is None:
+        return None if dry_run else UpdateGate()
     if isinstance(gate, bool):
         return UpdateGate() if gate else None
     if isinstance(gate, UpdateGate):
         return gate
-    raise TypeError(f"gate must be True, False or an lr_guard UpdateGate, got {gate!r}")
+    raise TypeError(f"gate must be None (on, the default), True, False or an lr_guard UpdateGate, got {gate!r}")
 
 
 def _as_list(detectors: Detector | Iterable[Detector] | None) -> Iterable[Detector]:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
+from lr_guard.actions.gate import UpdateGate
 from lr_guard.callbacks.core import GuardCore
 from lr_guard.callbacks.settings import Setting
 from lr_guard.config import check_setting
@@ -58,6 +59,7 @@ class PlateauLRReducerCore(GuardCore):
             oscillation=False,
             plateau=plateau,
             divergence=False,
+            gate=False,  # a plateau LR reducer changes LRs only; LRGuard and DivergenceRollback gate the updates
             plateau_factor=factor,
             oscillation_factor=None,
             rollback=False,
@@ -76,7 +78,8 @@ class DivergenceRollbackCore(GuardCore):
     stops with a loadable checkpoint after ``max_rollbacks`` failed retries. Spikes are watched too (logged), so
     that no snapshot taken while a spike was under way counts as good.
 
-    Args: as ``LRGuard``; ``factor`` is its ``rollback_factor``.
+    Args: as ``LRGuard``; ``factor`` is its ``rollback_factor``. The update gate is on by default, as in
+    ``LRGuard`` (``gate=False`` turns it off).
     """
 
     factor = Setting("rollback_factor")
@@ -105,6 +108,7 @@ class DivergenceRollbackCore(GuardCore):
         log_every_n_steps: int | None = None,
         verbose: bool = True,
         dry_run: bool = False,
+        gate: UpdateGate | bool | None = None,
     ) -> None:
         if divergence is False:
             raise ValueError("divergence must be a DivergenceDetector or True: a rollback needs its detector")
@@ -137,4 +141,5 @@ class DivergenceRollbackCore(GuardCore):
             log_every_n_steps=log_every_n_steps,
             verbose=verbose,
             dry_run=dry_run,
+            gate=gate,
         )

@@ -5,6 +5,7 @@ touch neither the parameters nor their state) and puts back the buffers the batc
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from lr_guard.actions.gate import (
     CLIPPED,
     SKIPPED,
     UpdateGate,
+    fuse_for_the_gate,
     grad_norm,
     grads_of,
     host_grad_norm,
@@ -24,6 +26,8 @@ from lr_guard.callbacks.feed import ValueFeed
 from lr_guard.policy import GATE, GRAD_NORM, GuardPolicy
 
 __all__ = ["UpdateSkipper"]
+
+log = logging.getLogger("lr_guard")
 
 
 class UpdateSkipper:
@@ -48,6 +52,8 @@ class UpdateSkipper:
         self._buffers: dict[str, torch.Tensor] | None = None
         self._step_loss: torch.Tensor | None = None
         self._found_inf: list[Any] = []  # optimizers handed a found_inf for their coming step
+        self._fused: set[int] = set()  # ids of the optimizers the gate switched to fused=True (said once)
+        self._not_fusable: set[int] = set()  # ids of those it cannot switch (their verdict is read on the host)
         self._gate_loss = self.gate is not None and self.gate.use_loss and world_size == 1
         if self.gate is not None:
             self.gate.reset()
@@ -120,7 +126,19 @@ class UpdateSkipper:
         if self.gate.mode == "clip":
             torch._foreach_mul_(list(grads), scale)
         skip = (code >= SKIPPED[0]) & (code <= SKIPPED[-1])
-        if supports_found_inf(optimizer) and getattr(trainer.precision_plugin, "scaler", None) is None:
+        on_device = supports_found_inf(optimizer)  # checked each step: a rollback loads the groups it saved
+        if not on_device and self.gate.fuse and id(optimizer) not in self._not_fusable:
+            on_device = fuse_for_the_gate(optimizer)
+            if not on_device:
+                self._not_fusable.add(id(optimizer))
+            elif id(optimizer) not in self._fused:
+                self._fused.add(id(optimizer))
+                log.info(
+                    "lr_guard: the update gate switched %s to fused=True, so that a bad update is skipped on the "
+                    "device with no host sync (UpdateGate(fuse=False) keeps your implementation)",
+                    type(optimizer).__name__,
+                )
+        if on_device and getattr(trainer.precision_plugin, "scaler", None) is None:
             optimizer.found_inf = skip.float()  # read by the fused step: it leaves everything as it was
             self._found_inf.append(optimizer)
             if self._buffers is not None:
