@@ -77,13 +77,19 @@ class WriteResult(pl.Callback):
 QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
-def start_rank(out, gate):
-    """A rank's quiet, seeded start, and the guard every scenario runs with (also tests/sharded_worker.py's)."""
+def start_rank(out, gate, **settings):
+    """A rank's quiet, seeded start, and the guard every scenario runs with (also tests/sharded_worker.py's;
+    ``settings``: more of the guard's arguments)."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     return LRGuard(
-        snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=os.path.join(out, "ckpt"), gate=gate
+        snapshot_every=10,
+        confirm_steps=3,
+        max_rollbacks=2,
+        checkpoint_dir=os.path.join(out, "ckpt"),
+        gate=gate,
+        **settings,
     )
 
 

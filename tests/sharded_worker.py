@@ -21,6 +21,7 @@ SHARDED_SCENARIOS = {
     "resume": {},
     "resume_full": {},
     "always_nan_on_rank0_full": SCENARIOS["always_nan_on_rank0"],
+    "nan_on_rank1_disk": SCENARIOS["nan_on_rank1"],
 }
 GATED = {"gate_nan_on_rank1"}
 FULL_CHECKPOINT = {"always_nan_on_rank0_full", "resume_full"}  # save_distributed_checkpoint=False: one file
@@ -108,7 +109,7 @@ class RecordShards(pl.Callback):
 def main():
     scenario, out = sys.argv[1], sys.argv[2]
     checkpoint = sys.argv[3] if len(sys.argv) > 3 else None
-    guard = start_rank(out, scenario in GATED)
+    guard = start_rank(out, scenario in GATED, snapshot_device="disk" if scenario.endswith("_disk") else "cpu")
     strategy = ModelParallelStrategy(
         data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=scenario not in FULL_CHECKPOINT
     )

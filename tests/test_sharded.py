@@ -28,11 +28,12 @@ def test_a_nan_batch_on_one_rank_is_skipped_by_the_gate_on_both_ranks(tmp_path):
     assert all(r["finite"] and r["global_step"] == 60 for r in ranks)
 
 
-def test_a_divergence_is_rolled_back_on_both_ranks_to_the_same_step_shard_for_shard(tmp_path):
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_a_divergence_is_rolled_back_on_both_ranks_to_the_same_step_shard_for_shard(tmp_path, storage):
     """Every rank's local tensors after the rollback -- its shards of the parameters and of Adam's moments and
     step counts, and its buffers -- equal those it held at the snapshot's step, bit for bit; each rank's snapshot
-    holds its own shard only."""
-    ranks = run_ddp("nan_on_rank1", tmp_path, WORKER)
+    (in host memory, or a file of its own) holds its own shard only."""
+    ranks = run_ddp("nan_on_rank1" + ("_disk" if storage == "disk" else ""), tmp_path, WORKER)
     assert ranks[0]["decisions"] == ranks[1]["decisions"] == [[25, "rollback", 20]]
     for rank in ranks:
         [[step, equal, keys]] = rank["restored_equal_snapshot"]
