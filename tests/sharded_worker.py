@@ -22,6 +22,7 @@ SHARDED_SCENARIOS = {
     "resume_full": {},
     "always_nan_on_rank0_full": SCENARIOS["always_nan_on_rank0"],
     "nan_on_rank1_disk": SCENARIOS["nan_on_rank1"],
+    "nan_at_step5_on_rank0": {0: {5: float("nan")}},  # back to the start: no optimizer state there yet
 }
 GATED = {"gate_nan_on_rank1"}
 FULL_CHECKPOINT = {"always_nan_on_rank0_full", "resume_full"}  # save_distributed_checkpoint=False: one file
@@ -61,7 +62,8 @@ class RecordShards(pl.Callback):
         self.snapshot_bytes = []  # what the guard's snapshots held at the last snapshot step
 
     def on_train_start(self, trainer, pl_module):
-        torch.save(local_state(trainer, pl_module), self._path(trainer, "start"))
+        self.at_snapshot[trainer.global_step] = local_state(trainer, pl_module)
+        torch.save(self.at_snapshot[trainer.global_step], self._path(trainer, "start"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -44,6 +44,17 @@ def test_a_divergence_is_rolled_back_on_both_ranks_to_the_same_step_shard_for_sh
     assert sum(r["local_numel"] for r in ranks) == FULL_MODEL and min(r["local_numel"] for r in ranks) < FULL_MODEL
 
 
+def test_a_rollback_to_the_start_clears_the_optimizer_state_on_both_ranks_and_training_goes_on(tmp_path):
+    """The starting snapshot holds no optimizer state (Adam's moments appear with its first step): a rollback to
+    it empties the optimizer's state on every rank, and the next steps build new sharded state."""
+    ranks = run_ddp("nan_at_step5_on_rank0", tmp_path, WORKER)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] == [[5, "rollback", 0]]
+    for rank in ranks:
+        [[step, equal, keys]] = rank["restored_equal_snapshot"]
+        assert step == 0 and equal and not any(k.startswith("optimizer/") for k in keys), rank
+        assert rank["finite"] and rank["global_step"] == 60
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["sharded", "full"])
 def test_the_stop_checkpoint_is_in_the_strategy_format_and_resumes_shard_for_shard(tmp_path, layout):
