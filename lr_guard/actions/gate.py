@@ -75,9 +75,9 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 def sharded_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of sharded gradients (``DTensor`` s), the same on every rank: torch's
-    ``get_total_norm``, the norm ``clip_grad_norm_`` computes, with one all-reduce of one number for all of them
-    (its ``full_tensor()``); the same 0-d float tensor on every rank."""
+    """The global L2 norm of sharded gradients (``DTensor`` s) as a 0-d float tensor, the same on every rank:
+    torch's ``get_total_norm`` (the norm ``clip_grad_norm_`` computes), whose ``full_tensor()`` is one all-reduce
+    of one number for all the gradients."""
     total = torch.nn.utils.get_total_norm(list(grads))
     full = total.full_tensor() if _is_dtensor(total) else total  # type: ignore[attr-defined]
     return full.float().reshape(())
