@@ -74,28 +74,35 @@ class WriteResult(pl.Callback):
             json.dump(result, f)
 
 
-def main():
-    scenario, out = sys.argv[1], sys.argv[2]
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+
+
+def start_rank(out, gate, **settings):
+    """A rank's quiet, seeded start, and the guard every scenario runs with (also tests/sharded_worker.py's;
+    ``settings``: more of the guard's arguments)."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    guard = LRGuard(
+    return LRGuard(
         snapshot_every=10,
         confirm_steps=3,
         max_rollbacks=2,
         checkpoint_dir=os.path.join(out, "ckpt"),
-        gate=scenario in GATED,
+        gate=gate,
+        **settings,
     )
+
+
+def main():
+    scenario, out = sys.argv[1], sys.argv[2]
+    guard = start_rank(out, scenario in GATED)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn" if scenario in SPAWNED else "ddp",
         max_steps=60,
         callbacks=[guard, WriteResult(guard, out)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         default_root_dir=out,
     )
     trainer.fit(RankScripted(SCENARIOS[scenario]))

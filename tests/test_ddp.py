@@ -21,7 +21,9 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_ddp(scenario, tmp_path):
+def run_ddp(scenario, tmp_path, worker=WORKER, *args):
+    """Run ``worker`` on 2 ranks for ``scenario`` (more command-line ``args`` after the output folder); each
+    rank's OUT/rank{r}.json."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -30,7 +32,7 @@ def run_ddp(scenario, tmp_path):
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), scenario, str(tmp_path)],
+        [sys.executable, str(worker), scenario, str(tmp_path), *map(str, args)],
         env=env,
         text=True,
         stdout=subprocess.PIPE,

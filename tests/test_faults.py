@@ -217,12 +217,15 @@ def test_arbitrary_loss_sequences_never_crash_and_end_with_finite_weights(losses
     assert finite(module), [d.message for d in guard.decisions]
 
 
-def test_sharded_strategies_are_refused_with_a_clear_error():
-    class FSDPStrategy:  # stands in for Lightning's: the guard looks at the strategy's class name only
-        pass
-
-    class Trainer:
-        strategy = FSDPStrategy()
-
-    with pytest.raises(ValueError, match="does not support the FSDPStrategy strategy yet.*gather the full"):
-        LRGuard().setup(Trainer(), ScriptedLossModule(script()), "fit")
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("FSDPStrategy", r"its state_dict\(\) gathers the full model on every rank.*Use ModelParallelStrategy"),
+        ("DeepSpeedStrategy", r"DeepSpeed's engine owns the optimizer step.*Use ModelParallelStrategy"),
+    ],
+)
+def test_fsdp1_and_deepspeed_are_refused_with_a_clear_error(name, why):
+    strategy = type(name, (), {})()  # stands in for Lightning's: the guard looks at the strategy's class name only
+    trainer = type("Trainer", (), {"strategy": strategy})()
+    with pytest.raises(ValueError, match=f"does not support the {name} strategy: {why}"):
+        LRGuard().setup(trainer, ScriptedLossModule(script()), "fit")

@@ -48,6 +48,7 @@ __all__ = [
     "grads_of",
     "host_grad_norm",
     "scale_update",
+    "sharded_norm",
     "supports_found_inf",
 ]
 
@@ -60,11 +61,27 @@ def grads_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of ``grads``, as a 0-d float tensor on their device (nothing is read on the host)."""
+    """The global L2 norm of ``grads``, as a 0-d float tensor on their device (nothing is read on the host).
+    Sharded gradients (``DTensor`` s, under FSDP2) give the norm over every rank's shards (:func:`sharded_norm`)."""
     if not grads:
         return torch.zeros(())
+    if _is_dtensor(grads[0]):
+        return sharded_norm(grads)
     norms = torch._foreach_norm(list(grads))
     return torch.linalg.vector_norm(torch.stack(norms).float())
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"  # torch.distributed.tensor, imported only where it is in use
+
+
+def sharded_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of sharded gradients (``DTensor`` s) as a 0-d float tensor, the same on every rank:
+    torch's ``get_total_norm`` (the norm ``clip_grad_norm_`` computes), whose ``full_tensor()`` is one all-reduce
+    of one number for all the gradients."""
+    total = torch.nn.utils.get_total_norm(list(grads))
+    full = total.full_tensor() if _is_dtensor(total) else total  # type: ignore[attr-defined]
+    return full.float().reshape(())
 
 
 def host_grad_norm(grads: Sequence[torch.Tensor]) -> float:
@@ -72,6 +89,8 @@ def host_grad_norm(grads: Sequence[torch.Tensor]) -> float:
     torch calls as the number of tensors allows."""
     if not grads:
         return 0.0
+    if _is_dtensor(grads[0]):
+        return float(sharded_norm(grads))
     norms = torch._foreach_norm(list(grads))
     if len(norms) <= 4:
         return math.sqrt(sum(float(n) ** 2 for n in norms))

@@ -154,11 +154,14 @@ def restore_optimizer_in_place(
     saved: dict[str, Any],
     tensor_meta: Callable[[Any], tuple[tuple[int, ...], torch.dtype] | None] = _tensor_meta,
     load: Callable[[Any], torch.Tensor] = lambda value: value,
+    local: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor,
 ) -> bool:
     """Copy a saved optimizer state into the optimizer's own state tensors, one tensor at a time (no allocation).
 
     ``tensor_meta(value)`` says whether a saved value is a tensor (its shape and dtype) and ``load(value)`` gives
-    it, so the saved tensors may be in memory (the defaults) or still on disk. Returns ``False`` (nothing changed)
+    it, so the saved tensors may be in memory (the defaults) or still on disk; ``local(tensor)`` is the part of a
+    live state tensor they were copied from (:meth:`~lr_guard.actions.state_io.StateIO.local`: this rank's shard
+    under a sharded strategy). Returns ``False`` (nothing changed)
     unless the structure matches exactly -- same groups, same parameters with state, same keys, shapes and dtypes,
     checked before anything is read or written -- and the caller then falls back to ``load_state_dict``.
     """
@@ -180,14 +183,14 @@ def restore_optimizer_in_place(
             meta, current = tensor_meta(value), live[key]
             if (meta is None) == isinstance(current, torch.Tensor):
                 return False
-            if meta is not None and meta != (tuple(current.shape), current.dtype):
+            if meta is not None and meta != (tuple(local(current).shape), current.dtype):
                 return False
     with torch.no_grad():
         for i, entry in saved_state.items():
             live = optimizer.state[by_id[i]]
             for key, value in entry.items():
                 if tensor_meta(value) is not None:
-                    live[key].copy_(load(value))
+                    local(live[key]).copy_(load(value))
                 else:
                     live[key] = copy.deepcopy(value)
     for group, saved_group in zip(groups, saved_groups, strict=True):
@@ -404,7 +407,7 @@ class Snapshot:
             state_io.load_model_state(model, read(self.model))
             for optimizer, saved in zip(optimizers, self.optimizers, strict=True):
                 added = _added_group_keys(optimizer, saved)
-                if not restore_optimizer_in_place(optimizer, saved, self._meta, self._read):
+                if not restore_optimizer_in_place(optimizer, saved, self._meta, self._read, state_io.local):
                     state_io.load_optimizer_state(optimizer, self._owned(saved))
                 for group, entries in zip(optimizer.param_groups, added, strict=False):
                     group.update(entries)

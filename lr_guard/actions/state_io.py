@@ -35,6 +35,11 @@ class StateIO:
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
 
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of a live tensor (a parameter, an optimizer's state) that this process holds and snapshots
+        copy into: the tensor itself when every rank holds the whole state."""
+        return tensor
+
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load a whole optimizer state whose tensors the optimizer may keep (they must be its own)."""
         optimizer.load_state_dict(state)

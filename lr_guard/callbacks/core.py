@@ -33,6 +33,7 @@ from lr_guard.callbacks.live_run import LiveRun, schedulers, targets
 from lr_guard.callbacks.reporter import Reporter
 from lr_guard.callbacks.settings import GuardSettings
 from lr_guard.callbacks.skipper import UpdateSkipper
+from lr_guard.callbacks.strategies import check_strategy, state_io_for
 from lr_guard.config import GuardConfig, build_detectors, sized_detector
 from lr_guard.detectors import (
     Detector,
@@ -50,7 +51,6 @@ __all__ = ["GuardCore"]
 log = logging.getLogger("lr_guard")
 
 STATE_VERSION = 1
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class GuardCore(GuardSettings):
@@ -272,13 +272,7 @@ class GuardCore(GuardSettings):
         if stage != "fit":
             return
         self._start_fit()
-        strategy = {cls.__name__ for cls in type(trainer.strategy).__mro__} & set(_SHARDED)
-        if strategy:
-            raise ValueError(
-                f"{type(self).__name__} does not support the {type(trainer.strategy).__name__} strategy yet: its "
-                "snapshots would gather the full sharded model on every rank. Supported: single-device and "
-                "DDP strategies (ddp, ddp_spawn, ddp_find_unused_parameters_true, ...)"
-            )
+        check_strategy(trainer, type(self).__name__)
         if self.config.check_on == "validation" and not trainer.enable_validation:
             raise ValueError(
                 f"{type(self).__name__}: check_on='validation' reads monitor={self.monitor!r} after each validation "
@@ -316,6 +310,7 @@ class GuardCore(GuardSettings):
             self.snapshot_memory_budget,
             self.snapshot_dir or os.path.join(trainer.default_root_dir, "lr_guard_snapshots"),
             rank=trainer.global_rank,
+            state_io=state_io_for(trainer, pl_module, type(self).__name__),
         )
         self._run = LiveRun(trainer, pl_module, self._store, self.feed, self.checkpoint_dir)
         self._weights_only, self._weights_only_steps = _weights_only_checkpoints(trainer)
