@@ -181,7 +181,7 @@ class GuardConfig:
     dry_run: bool = False
     lr_search: bool = False
     lr_search_factor: float = 2.0
-    lr_search_window: int = 40
+    lr_search_window: int = 20
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _CHECKS.get(name)

@@ -6,15 +6,16 @@ With ``window`` = ``lr_search_window`` optimizer steps:
 
 * **Steady and quiet** (a trial may start): the last ``window`` values came with no event and at one LR factor
   (the values since the guard last changed the LR, or since the last event, whichever is later); every detector
-  is quiet, no snapshot waits for confirmation, no rollback incident is open, no warm-up is under way (the schedule's own LR is
-  not rising), and the schedule's own LR is at least ``DECAY_STOP`` (half) of its peak so far: the search stops
-  in the decay. And the loss falls: over those values the least-squares slope of the loss against
-  ``log(step + 1)`` is below zero by more than ``Z`` (2) of its standard errors.
+  is quiet, no snapshot waits for confirmation, no rollback incident is open, no warm-up is under way (the
+  schedule's own LR is not rising), and the schedule's own LR is at least ``DECAY_STOP`` (half) of its peak so
+  far: the search stops in the decay. And the loss falls: over those values the least-squares slope of the log
+  of the loss (of the loss itself where one is not positive) against ``log(step + 1)`` is below zero by more
+  than ``Z`` (2) of its standard errors.
 * **The trial**: the LR factor times ``lr_search_factor`` -- less where that would reach ``CEILING_MARGIN``
   (0.9) of the ceiling, and no trial where the raise would then be under ``MIN_RAISE`` (1.25) -- for ``window``
   steps, from a snapshot of the training state taken as it starts.
-* **The verdict**, ``window`` steps on: the trend line fitted before the trial predicts each loss of the trial's
-  second half (its first half is the transient of the change). The trial is kept when the mean of actual minus
+* **The verdict**, ``window`` steps on: the trend line fitted before the trial predicts each (log) loss of the
+  trial's second half (its first half is the transient of the change). The trial is kept when the mean of actual minus
   predicted is below zero by more than ``Z`` standard errors of that mean (the trial values' scatter about the
   line, and the line's own uncertainty at that distance). Otherwise, or when a detector reports an event on a
   trial step, it is rolled back to the snapshot with the LR factor it had, and its LR becomes the ceiling. The

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Action, Event, EventKind, kind_name
 from lr_guard.lr_search import COUNTS as SEARCH_COUNTS
-from lr_guard.lr_search import LR_SEARCH, Z, LRSearch, Trial, Verdict
+from lr_guard.lr_search import LR_SEARCH, LRSearch, Trial, Verdict, Z
 from lr_guard.skips import SKIPPED, SkipLedger
 from lr_guard.update_responses import GRAD_NORM, UpdateResponses
 
@@ -466,7 +466,9 @@ class GuardPolicy(UpdateResponses):
             f"step {step}: the loss falls steadily and quietly (slope {trend.slope:.3g} {scale} over the last "
             f"{trend.n} steps, {trend.slope_t:.1f} standard errors{ceiling})",
         )
-        return Intent(event, Action.LR_TRIAL, lr_factor=raise_factor, reason=f"trying a higher LR for {search.window} steps")
+        return Intent(
+            event, Action.LR_TRIAL, lr_factor=raise_factor, reason=f"trying a higher LR for {search.window} steps"
+        )
 
     def _judged(self, trial: Trial, verdict: Verdict, step: int, loss: float) -> Intent:
         score = verdict.gain / verdict.se if verdict.se > 0 else -math.inf if verdict.gain < 0 else math.inf

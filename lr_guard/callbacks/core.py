@@ -187,7 +187,7 @@ class GuardCore(GuardSettings):
         dry_run: bool = False,
         lr_search: bool = False,
         lr_search_factor: float = 2.0,
-        lr_search_window: int = 40,
+        lr_search_window: int = 20,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k in GuardConfig.names()}
         self.config = GuardConfig(**arguments)
