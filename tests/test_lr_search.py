@@ -182,3 +182,18 @@ def test_lr_search_is_off_by_default_and_then_changes_nothing():
 def test_lr_search_settings_are_validated_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         LRGuard(**kwargs)
+
+
+def test_the_picture_of_a_run_marks_its_lr_trials_and_kept_raises():
+    pytest.importorskip("matplotlib")
+    from lr_guard.plot import draw_record
+    from lr_guard.run_record import RunRecord
+
+    guard, model = search_guard(), too_low()
+    make_trainer([guard], max_steps=160).fit(model)
+    record = RunRecord()
+    for step in range(160):
+        record.add(step, 1.0 / (step + 1), 3e-4)
+    figure = draw_record(record, guard.decisions)
+    gids = {a.get_gid() for ax in figure.axes for a in ax.get_children()}
+    assert {"lr_guard:lr_trial", "lr_guard:lr_keep"} <= gids
