@@ -17,7 +17,9 @@ steps); torch's ``ReduceLROnPlateau`` on ``val_loss`` (factor 0.5, patience 2, v
 beside the scenario's scheduler as a user would; ``zclip`` (its ZClip with defaults, if the package is installed;
 its column is skipped otherwise); ``LRGuard()`` with defaults (the update gate on, skip mode);
 ``LRGuard(gate=False)`` (the update gate off, as the guard was before the gate became its default) and
-``LRGuard(gate=UpdateGate(mode="clip"))``.
+``LRGuard(gate=UpdateGate(mode="clip"))``; ``LRGuard(lr_search=True)`` (the upward LR search; the steps its
+failed trials threw away are printed per run). The peak-LR sweep: ``mlp_peak_x<m>`` (the MLP with a linear warm-up
+and a cosine decay to a peak of m x its tuned Adam 3e-3) and ``lm_peak_x<m>`` (the language model at m x 3e-3).
 
 Figure: final validation loss (a run whose weights are not finite counts as infinite) and wall time; mean and
 standard deviation over seeds. The last line is one JSON object ``{scenario: {method: mean_final_val_loss}}``.
@@ -65,6 +67,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # a small byte-level language model (warm-up + cosine, AdamW)
     "lm_healthy": {"model": "lm"},
     "lm_corrupt_batch": {"model": "lm", "poison_step": 0},
+    # the peak-LR sweep: the peak of the schedule at a multiple of the tuned 3e-3 (MLP: its default Adam with a
+    # linear warm-up and a cosine decay; LM: AdamW, warm-up + cosine)
+    **{
+        f"{model}_peak_x{multiple:g}": {
+            **({"model": "lm"} if model == "lm" else {"schedule": "warmup_cosine"}),
+            "lr": 3e-3 * multiple,
+        }
+        for model in ("mlp", "lm")
+        for multiple in (0.1, 0.3, 1)
+    },
 }
 
 
@@ -181,7 +193,16 @@ def _has_zclip() -> bool:
     return importlib.util.find_spec("zclip") is not None
 
 
-METHODS = ["none", "early_stopping", "reduce_on_plateau", "zclip", "lr_guard", "lr_guard_no_gate", "lr_guard_gate_clip"]
+METHODS = [
+    "none",
+    "early_stopping",
+    "reduce_on_plateau",
+    "zclip",
+    "lr_guard",
+    "lr_guard_no_gate",
+    "lr_guard_gate_clip",
+    "lr_guard_search",
+]
 
 
 def _quiet() -> None:
@@ -227,6 +248,8 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
         callbacks.append(LRGuard(gate=False))
     elif method == "lr_guard_gate_clip":
         callbacks.append(LRGuard(gate=UpdateGate(mode="clip")))
+    elif method == "lr_guard_search":
+        callbacks.append(LRGuard(lr_search=True))
     _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads
     # a guard that stops writes its last good state under the root: a temporary one, gone after the run
     with tempfile.TemporaryDirectory(prefix="lr_guard_rescue_") as root:
@@ -249,7 +272,9 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
         seconds = time.perf_counter() - start
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         val = trainer.validate(model, verbose=False)[0]["val_loss"] if finite else math.inf
-    return {"val_loss": val if math.isfinite(val) else math.inf, "seconds": seconds}
+    guard = next((c for c in callbacks if isinstance(c, LRGuard)), None)
+    discarded = guard.counts.get("discarded_trial_steps", 0) if guard is not None else 0
+    return {"val_loss": val if math.isfinite(val) else math.inf, "seconds": seconds, "discarded": discarded}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"{'scenario':<17}" + "".join(f"{m:>24}" for m in methods))
     for scenario in args.scenarios:
         means[scenario] = {}
-        cells = []
+        cells, discarded = [], {}
         for method in methods:
             results = [run(scenario, method, seed, args.steps) for seed in range(args.seeds)]
             losses = [r["val_loss"] for r in results]
@@ -278,9 +303,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             lost = sum(not math.isfinite(x) for x in losses)
             seconds = statistics.mean(r["seconds"] for r in results)
             means[scenario][method] = mean
+            if method == "lr_guard_search":
+                discarded[method] = [int(r["discarded"]) for r in results]
             text = f"{mean:.3f}±{std:.3f}" if math.isfinite(mean) else f"lost {lost}/{len(losses)}"
             cells.append(f"{text} {seconds:4.1f}s")
         print(f"{scenario:<17}" + "".join(f"{c:>24}" for c in cells), flush=True)
+        for method, steps in discarded.items():
+            print(f"  {method}: discarded trial steps per run {steps} (of {args.steps})", flush=True)
     print(json.dumps(means))
     return means
 

@@ -96,6 +96,11 @@ def _eps(name: str, value: Any) -> float:
     return float(value)
 
 
+def _raise(name: str, value: Any) -> float:
+    check_number(name, value, low=1.0, low_open=True)
+    return float(value)
+
+
 def _monitor(name: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ValueError(f"{name} must be None (the training loss) or a metric name, got {value!r}")
@@ -127,6 +132,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "log_every_n_steps": _count(1, optional=True),
     "verbose": _flag,
     "dry_run": _flag,
+    "lr_search": _flag,
+    "lr_search_factor": _raise,
+    "lr_search_window": _count(6),
 }
 
 
@@ -171,6 +179,9 @@ class GuardConfig:
     log_every_n_steps: int | None = None
     verbose: bool = True
     dry_run: bool = False
+    lr_search: bool = False
+    lr_search_factor: float = 2.0
+    lr_search_window: int = 20
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _CHECKS.get(name)

@@ -62,6 +62,9 @@ class Action(str, enum.Enum):
     SKIP = "skip"  # the offending update was not applied
     CLIP = "clip"  # the offending update was scaled down (the update gate's "clip" mode)
     HELD = "held"  # an action was due but held back (warm-up, cooldown, switched off)
+    LR_TRIAL = "lr_trial"  # the LR search raised the LR for a trial, from a snapshot
+    LR_KEEP = "lr_keep"  # the LR search kept a trial's raise (a failed trial is a rollback)
+    LR_UNDO = "lr_undo"  # the LR search took a trial's raise back without a restore (an event before the trial)
 
     def __str__(self) -> str:
         return self.value

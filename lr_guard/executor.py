@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from lr_guard.actions.lr import cut_lr, lr_factors, set_lr_factors, set_min_lr
 from lr_guard.config import GuardConfig, per_group_floors
 from lr_guard.events import Action, Decision, EventKind
+from lr_guard.lr_search import LR_SEARCH
 from lr_guard.policy import GuardPolicy, Intent
 
 __all__ = ["ACTIONS", "ActionSpec", "IntentExecutor", "RunState"]
@@ -42,6 +43,9 @@ class RunState(Protocol):
 
     def locate(self, step: int) -> tuple[int, int] | None:
         """The epoch and batch index of step ``step``, where known."""
+
+    def take_snapshot(self) -> int:
+        """Snapshot the training state now (an LR trial's); the step it holds."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ def _rollback_message(intent: Intent, c: _Context) -> str:
     event = intent.event
     change, why = _lr_change(intent, c)
     verb = "would roll back" if c.dry_run else "rolled back"
+    if event.kind == LR_SEARCH:  # the LR search's trial undone
+        discarded = f", discarding {c.step - intent.rollback_to} steps" if intent.rollback_to is not None else ""
+        return f"{event.message} -- {verb} to step {intent.rollback_to}{discarded}, {change} ({intent.reason})"
     if event.kind == EventKind.PLATEAU:  # a failed start: a rollback to where training started
         notes = "; ".join(note for note in (intent.reason, why) if note)
         return f"{event.message} -- {verb} to step {intent.rollback_to}, where training started, {change} ({notes})"
@@ -114,6 +121,17 @@ def _skip_message(intent: Intent, c: _Context) -> str:
     if c.dry_run:
         return f"{intent.event.message} -- would skip its update (dry run: it was applied)"
     return _reason_message(intent, c)
+
+
+def _trial_message(intent: Intent, c: _Context) -> str:
+    return (
+        f"{intent.event.message} -- {intent.reason}: lr {c.lr_before:.3g} -> {c.lr_after:.3g} "
+        f"(x{intent.lr_factor:.3g}), from a snapshot of step {c.step}"
+    )
+
+
+def _lr_search_message(intent: Intent, c: _Context) -> str:
+    return f"{intent.event.message} -- {intent.reason}; lr {c.lr_before:.3g} -> {c.lr_after:.3g}"
 
 
 def _rollback_detail(decision: Decision, factor: float) -> str:
@@ -154,6 +172,13 @@ ACTIONS: dict[Action, ActionSpec] = {
     Action.SKIP: ActionSpec("_nothing", _skip_message, lambda d: "skipped the update", lambda d, f: d.reason),
     Action.CLIP: ActionSpec("_nothing", _reason_message, lambda d: "scaled the update down", lambda d, f: d.reason),
     Action.HELD: ActionSpec("_nothing", _reason_message, lambda d: "held back", lambda d, f: d.reason),
+    Action.LR_TRIAL: ActionSpec(
+        "_trial", _trial_message, lambda d: "started an LR trial", lambda d, f: f"LR trial x{d.lr_factor:.3g}"
+    ),
+    Action.LR_KEEP: ActionSpec("_nothing", _reason_message, lambda d: "kept the LR trial's raise", lambda d, f: ""),
+    Action.LR_UNDO: ActionSpec(
+        "_scale", _lr_search_message, lambda d: "took the LR trial's raise back", lambda d, f: d.reason
+    ),
     Action.NONE: ActionSpec("_nothing", _reason_message, lambda d: "logged it", lambda d, f: d.reason),
 }
 
@@ -203,6 +228,8 @@ class IntentExecutor:
             lr_before = _first_lr(run.optimizers)
             intent, checkpoint = getattr(self, ACTIONS[intent.action].handler)(intent, run)
             lr_after = _first_lr(run.optimizers)
+            if intent.event.kind == LR_SEARCH and intent.rollback_to is not None:
+                self.policy.trial_steps_discarded(run.step - intent.rollback_to)
         spec = ACTIONS[intent.action]  # a cut that could not be made is held
         context = _Context(
             lr_before,
@@ -256,6 +283,15 @@ class IntentExecutor:
         factors = lr_factors(run.optimizers)
         run.restore(intent.rollback_to)
         set_lr_factors(run.optimizers, [[f * intent.lr_factor for f in fs] for fs in factors])
+        return intent, None
+
+    def _trial(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
+        """An LR trial: a snapshot of the state now, then the LR factor times the trial's raise."""
+        self.policy.trial_started(run.take_snapshot())
+        return self._scale(intent, run)
+
+    def _scale(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
+        set_lr_factors(run.optimizers, [[f * intent.lr_factor for f in fs] for fs in lr_factors(run.optimizers)])
         return intent, None
 
     def _stop(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:

@@ -31,7 +31,14 @@ __all__ = ["FORMATS", "INSTALL_HINT", "draw_record", "draw_run", "save_figure", 
 INSTALL_HINT = "pip install 'lr_guard[plot]'"
 FORMATS = ("png", "svg", "pdf")  # what save_figure writes, chosen by the file's extension
 
-_COLOURS = {"rollback": "tab:red", "cut": "tab:orange", "skip": "tab:purple", "stop": "black", "logged": "tab:gray"}
+_COLOURS = {
+    "rollback": "tab:red",
+    "cut": "tab:orange",
+    "skip": "tab:purple",
+    "stop": "black",
+    "logged": "tab:gray",
+    "raise": "tab:green",
+}
 
 
 def _figure_class() -> type[Figure]:
@@ -135,6 +142,7 @@ def _mark_decisions(loss_ax: Any, lr_ax: Any, decisions: Sequence[Decision], lev
     first_rollback = True
     rollbacks = 0
     cuts: list[Decision] = []
+    raises: list[Decision] = []  # the LR search's trials, and the raises it kept
     skips: list[int] = []
     stops: list[int] = []
     logged: list[tuple[int, float]] = []
@@ -164,6 +172,8 @@ def _mark_decisions(loss_ax: Any, lr_ax: Any, decisions: Sequence[Decision], lev
             skips += [s for s in range(decision.step, decision.step + decision.skip_batches) if s <= last]
         elif decision.action == Action.LR_CUT:
             cuts.append(decision)
+        elif decision.action in (Action.LR_TRIAL, Action.LR_KEEP, Action.LR_UNDO):
+            raises.append(decision)
         elif decision.action in (Action.SKIP, Action.CLIP):
             skips.append(event.step)
         elif decision.action == Action.STOP:
@@ -181,6 +191,16 @@ def _mark_decisions(loss_ax: Any, lr_ax: Any, decisions: Sequence[Decision], lev
                 fontsize=7, color=_COLOURS["cut"],
             )  # fmt: skip
         lr_ax.plot([d.step for d in cuts], [d.lr_after for d in cuts], "v", color=_COLOURS["cut"], ms=7, mec="black")
+    trials = [d for d in raises if d.action == Action.LR_TRIAL]
+    if trials:
+        steps = [d.step for d in trials]
+        (marks,) = loss_ax.plot(steps, [level(s) for s in steps], "^", color=_COLOURS["raise"], ms=8, mec="black")
+        marks.set(label="LR trial (raise from a snapshot)", gid="lr_guard:lr_trial")
+        lr_ax.plot(steps, [d.lr_after for d in trials], "^", color=_COLOURS["raise"], ms=7, mec="black")
+    kept = [d.step for d in raises if d.action == Action.LR_KEEP]
+    if kept:
+        (marks,) = loss_ax.plot(kept, [level(s) for s in kept], "*", color=_COLOURS["raise"], ms=10, mec="black")
+        marks.set(label="LR trial kept", gid="lr_guard:lr_keep")
     if skips:
         (ticks,) = loss_ax.plot(skips, [0.03] * len(skips), "|", color=_COLOURS["skip"], ms=10, transform=top)
         ticks.set(label="update skipped", gid="lr_guard:skip")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Action, Event, EventKind, kind_name
+from lr_guard.lr_search import COUNTS as SEARCH_COUNTS
+from lr_guard.lr_search import LR_SEARCH, LRSearch, Trial, Verdict, Z
 from lr_guard.skips import SKIPPED, SkipLedger
 from lr_guard.update_responses import GRAD_NORM, UpdateResponses
 
@@ -82,6 +84,10 @@ class GuardPolicy(UpdateResponses):
     * A divergence of the gradient norm (a detector of signal ``"grad_norm"``) is a warning: a spike of the
       loss within ``GRAD_CONFIRM_STEPS`` (10) steps confirms it, and is rolled back at once, before the loss's
       own divergence rules would fire.
+    * With ``lr_search``: the upward LR search of :mod:`lr_guard.lr_search` -- a trial of a higher LR from a
+      snapshot while the loss falls steadily and quietly, kept if the loss falls faster than its trend, rolled
+      back otherwise (also on any event of a trial step), never to the ceiling that failed trials, divergences and
+      LR cuts set. No periodic snapshot is taken during a trial.
     * Spike, and any kind without a response of its own: logged. A step whose update was skipped before it was
       applied is reported as skipped, and a non-finite value there needs no rollback.
 
@@ -97,6 +103,9 @@ class GuardPolicy(UpdateResponses):
         kinds = [kind_name(d.kind) for d in self.detectors.values() if not isinstance(d, NullDetector)]
         self.counts = dict.fromkeys(KINDS + tuple(k for k in dict.fromkeys(kinds) if k not in KINDS), 0)
         self.counts.update(dict.fromkeys(ACTIONS_COUNTED, 0))
+        if config.lr_search:
+            self.counts.update(dict.fromkeys(SEARCH_COUNTS, 0))
+        self.search = LRSearch(config)
         self._counted = tuple(self.counts)  # the counters a new policy starts with
         self.responses: dict[str, Callable[[Event, int], Intent]] = {
             EventKind.DIVERGENCE.value: self._on_divergence,
@@ -150,6 +159,7 @@ class GuardPolicy(UpdateResponses):
         self.incident_rollbacks = 0
         self.restarts = 0
         self.skips.left = 0
+        self.search.reset()
         self.reset_run()
 
     def reset_run(self) -> None:
@@ -164,11 +174,15 @@ class GuardPolicy(UpdateResponses):
         self.stopped = False
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
+        self.search.trial = None
 
-    def note_lr(self, lr: float, step: int) -> None:
-        """The schedule's own LR (without the guard's cuts) at ``step``; higher than at the last step noted means
-        a warm-up is under way (``lr_rising``). A second note at the same step changes nothing: the schedule has
-        not moved since the first."""
+    def note_lr(self, lr: float, step: int, effective: float | None = None) -> None:
+        """The schedule's own LR (without the guard's cuts) at ``step``, and the ``effective`` one the optimizer
+        steps with (for the LR search); higher than at the last step noted means a warm-up is under way
+        (``lr_rising``). A second note at the same step changes nothing: the schedule has not moved since the
+        first."""
+        if effective is not None:
+            self.search.note_lr(lr, effective)
         if step == self._last_lr_step:
             return
         last = self._last_lr
@@ -196,13 +210,18 @@ class GuardPolicy(UpdateResponses):
 
     def kept_steps(self) -> set[int]:
         """The steps whose snapshots the rules may still restore."""
-        return {mark.step for mark in (self.good, self.pending, self.origin) if mark is not None}
+        kept = {mark.step for mark in (self.good, self.pending, self.origin) if mark is not None}
+        trial = self.search.trial
+        if trial is not None and trial.start is not None:
+            kept.add(trial.start)
+        return kept
 
     def wants_snapshot(self, step: int) -> bool:
         return (
             self.config.rollback
             and not self.stopped
             and self.pending is None
+            and self.search.trial is None
             and step % self.config.snapshot_every == 0
             and self.quiet()
         )
@@ -268,9 +287,27 @@ class GuardPolicy(UpdateResponses):
         if calm_from is None:
             calm_from = self._calm_from = step
         if not events:
+            if self.config.lr_search and gated is None:
+                searched = self._search(step, loss)
+                if searched is not None:
+                    return [searched]
             return [gated] if gated is not None else []
         calm_before, self._calm_from = step - calm_from, step + 1  # optimizer steps with no event before this
         intents = [gated] if gated is not None else []
+        if self.config.lr_search:
+            trial = self.search.trial
+            if trial is None:
+                self.search.history = []  # an event: no longer quiet
+            elif trial.start is not None and any(e.step >= trial.start for e in events):
+                for event in events:  # the raise is to blame: undone by its rollback, which answers them all
+                    kind = kind_name(event.kind)
+                    self.counts[kind] = self.counts.get(kind, 0) + 1
+                first = min(events, key=lambda e: e.step)
+                intents.append(self._trial_failed(first.step, first.value, first.message, "it set off an event"))
+                self.skips.done(step)
+                return intents
+            else:
+                intents.append(self._trial_undone(events[0]))
         for event in sorted(events, key=lambda e: e.kind != EventKind.DIVERGENCE):
             kind = kind_name(event.kind)
             self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -314,6 +351,8 @@ class GuardPolicy(UpdateResponses):
             and not self.lr_rising
         )
         self.incident_rollbacks += 1
+        if not bad_batch:
+            self.search.lower_ceiling(self.search.lr)
         if bad_batch:  # the data stream moves on past it: the LR was not to blame
             return self._rollback(event, good.step, config.skip_batches, factor=1.0, reason=BAD_BATCH)
         return self._rollback(event, good.step, config.skip_batches)
@@ -322,6 +361,7 @@ class GuardPolicy(UpdateResponses):
         factor = self.config.oscillation_factor
         if factor is None:
             return Intent(event, Action.NONE, reason="logged")
+        self.search.lower_ceiling(self.search.lr)
         return Intent(event, Action.LR_CUT, lr_factor=factor)
 
     def _on_plateau(self, event: Event, calm_before: int) -> Intent:
@@ -334,12 +374,14 @@ class GuardPolicy(UpdateResponses):
             progress = self._progress.progress if self._progress is not None else math.nan
             if progress < RESTART_PROGRESS:  # NaN (unknown): no restart
                 return self._restart(event, progress)
+        self.search.lower_ceiling(self.search.lr)
         return Intent(event, Action.LR_CUT, lr_factor=factor)
 
     def _restart(self, event: Event, progress: float) -> Intent:
         origin = self.origin
         assert origin is not None
         self.restarts += 1
+        self.search.lower_ceiling(self.search.lr)
         self._restore_detectors(origin)
         self.good = origin  # the snapshots taken since hold the broken model
         if self.restarts >= self.config.max_rollbacks:
@@ -368,6 +410,156 @@ class GuardPolicy(UpdateResponses):
                 detector.load_state_dict(mark.detectors[name])
         self.pending = None
 
+    # -- the LR search (lr_guard.lr_search) ---------------------------------------------------------------------
+    def _may_search(self) -> bool:
+        """Nothing in the way of a trial but the loss's own trend (which :meth:`LRSearch.proposal` reads)."""
+        return (
+            self.config.rollback
+            and not self.stopped
+            and self.good is not None
+            and self.pending is None
+            and self.incident_rollbacks == 0
+            and self.skips.left == 0
+            and not self.lr_rising
+            and self.quiet()
+        )
+
+    def _search(self, step: int, loss: float) -> Intent | None:
+        """A value with no event, with the search on: a trial's value (and its verdict when it is due), or one
+        more value of the baseline, and a trial when the rules allow one."""
+        search = self.search
+        trial = search.trial
+        if trial is not None:
+            if trial.start is None or step < trial.start:  # a value of the weights before the trial
+                trial.baseline.append((step, loss))
+                trial.detectors = self.detector_state()
+                return None
+            if not math.isfinite(loss):  # not a divergence event: the divergence detector is off
+                return self._trial_failed(step, loss, f"step {step}: loss {loss}", "the loss is not finite")
+            trial.values.append((step, loss))
+            if step < trial.start + search.window:
+                return None
+            verdict = search.verdict(trial)
+            assert verdict is not None  # a window of at least 6 steps has 3 values in its second half
+            return self._judged(trial, verdict, step, loss)
+        if not math.isfinite(loss):
+            search.history = []
+            return None
+        search.add(step, loss)
+        if not self._may_search():
+            return None
+        proposal = search.proposal(step)
+        if proposal is None:
+            return None
+        raise_factor, trend = proposal
+        search.trial = Trial(raise_factor, search.lr, trend, list(search.history), self.detector_state())
+        self.counts["lr_trials"] = self.counts.get("lr_trials", 0) + 1
+        ceiling = f"; ceiling {search.ceiling:.3g}" if math.isfinite(search.ceiling) else ""
+        scale = "of log-loss against log-step" if trend.log_loss else "against log-step"
+        event = Event(
+            LR_SEARCH,
+            step,
+            loss,
+            trend.slope_t,
+            -Z,
+            LR_SEARCH,
+            f"step {step}: the loss falls steadily and quietly (slope {trend.slope:.3g} {scale} over the last "
+            f"{trend.n} steps, {trend.slope_t:.1f} standard errors{ceiling})",
+        )
+        return Intent(
+            event, Action.LR_TRIAL, lr_factor=raise_factor, reason=f"trying a higher LR for {search.window} steps"
+        )
+
+    def _judged(self, trial: Trial, verdict: Verdict, step: int, loss: float) -> Intent:
+        score = verdict.gain / verdict.se if verdict.se > 0 else -math.inf if verdict.gain < 0 else math.inf
+        where = "below" if verdict.gain < 0 else "above"
+        size = f"{100 * math.expm1(abs(verdict.gain)):.3g}%" if trial.trend.log_loss else f"{abs(verdict.gain):.3g}"
+        message = (
+            f"step {step}: over the last {verdict.n} steps at lr {trial.lr:.3g} the loss is {size} "
+            f"{where} the trend before the trial ({score:.1f} standard errors; below {-Z:g} keeps the raise)"
+        )
+        if not verdict.keep:
+            return self._trial_failed(step, loss, message, "the loss fell no faster than before", score)
+        self.search.kept(step)
+        self.counts["lr_raises_kept"] = self.counts.get("lr_raises_kept", 0) + 1
+        event = Event(LR_SEARCH, step, loss, score, -Z, LR_SEARCH, message)
+        return Intent(event, Action.LR_KEEP, reason=f"the loss falls faster at lr {trial.lr:.3g}")
+
+    def _trial_failed(self, step: int, loss: float, message: str, why: str, score: float = math.nan) -> Intent:
+        """Back to the trial's snapshot with the LR factor it had; the trial's LR is the ceiling from now on."""
+        trial = self.search.trial
+        assert trial is not None and trial.start is not None
+        start = trial.start
+        self._back_to_trial_start(trial)
+        self.search.failed(start)
+        self.counts["lr_trials_rolled_back"] = self.counts.get("lr_trials_rolled_back", 0) + 1
+        event = Event(LR_SEARCH, step, loss, score, -Z, LR_SEARCH, message)
+        reason = f"the LR trial failed: {why}; no trial at lr {trial.lr:.3g} or above from now on"
+        return Intent(event, Action.ROLLBACK, 1.0 / trial.raise_factor, start, 0, reason)
+
+    def _back_to_trial_start(self, trial: Trial) -> None:
+        """The detectors as they were at the trial's snapshot, which is the good one now (a restore frees the
+        others)."""
+        assert trial.start is not None
+        mark = SnapshotMark(trial.start, trial.detectors)
+        self._restore_detectors(mark)
+        self.good = mark
+        self.origin = None  # the loss was falling steadily before the trial: no failed start to restart
+
+    def _trial_undone(self, event: Event) -> Intent:
+        """An event on a step before the trial's snapshot (its value arrived after the trial began): the raise is
+        taken back without a restore, and the event gets its own response."""
+        trial = self.search.trial
+        assert trial is not None
+        self.search.abandoned(event.step)
+        self.search.history = []
+        note = Event(
+            LR_SEARCH,
+            event.step,
+            event.value,
+            math.nan,
+            math.nan,
+            LR_SEARCH,
+            f"step {event.step}: {kind_name(event.kind)} on a step before the LR trial (of step {trial.start})",
+        )
+        return Intent(note, Action.LR_UNDO, 1.0 / trial.raise_factor, reason="the trial's raise is taken back")
+
+    def trial_started(self, step: int) -> None:
+        """The trial asked for has begun: the snapshot of ``step`` was taken and the LR raised."""
+        trial = self.search.trial
+        if trial is not None:
+            trial.start = step
+
+    def trial_steps_discarded(self, steps: int) -> None:
+        """A trial's rollback threw away ``steps`` optimizer steps."""
+        self.counts["discarded_trial_steps"] = self.counts.get("discarded_trial_steps", 0) + steps
+
+    def end_trial(self) -> Intent | None:
+        """A checkpoint is about to be written during a trial: judge it now on the values of its second half, or
+        with fewer than 3 of them roll back to its snapshot (no ceiling), so that a checkpoint never holds a
+        trial's state; ``None`` when no trial is under way."""
+        trial = self.search.trial
+        if trial is None or trial.start is None:
+            return None
+        step, loss = trial.values[-1] if trial.values else (trial.start, math.nan)
+        verdict = self.search.verdict(trial)
+        if verdict is not None:
+            return self._judged(trial, verdict, step, loss)
+        start = trial.start
+        self._back_to_trial_start(trial)
+        self.search.abandoned(start)
+        event = Event(
+            LR_SEARCH,
+            step,
+            loss,
+            math.nan,
+            math.nan,
+            LR_SEARCH,
+            f"step {step}: a checkpoint is written before the LR trial of step {start} can be judged",
+        )
+        reason = "the checkpoint holds the state before the trial; the search tries again later"
+        return Intent(event, Action.ROLLBACK, 1.0 / trial.raise_factor, start, 0, reason)
+
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -377,6 +569,7 @@ class GuardPolicy(UpdateResponses):
             "restarts": self.restarts,
             "skip_left": self.skips.left,
             "stopped": self.stopped,  # written by the guard's stop: a resume from it gets a fresh budget
+            "lr_search": self.search.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
@@ -387,6 +580,7 @@ class GuardPolicy(UpdateResponses):
         self.incident_rollbacks = 0 if state.get("stopped") else int(state.get("incident_rollbacks", 0))
         self.restarts = int(state.get("restarts", 0))
         self.skips.left = int(state.get("skip_left", 0))
+        self.search.load_state_dict(state.get("lr_search", {}))
 
 
 def load_detector_states(

@@ -335,6 +335,10 @@ class _PaperRun:
 
         self._factors[step] = lr_factors(self.optimizers)
 
+    def take_snapshot(self) -> int:
+        self.snapshot(self.step)
+        return self.step
+
     def restore(self, step: int) -> None:
         from lr_guard.actions.lr import set_lr_factors
 
@@ -402,6 +406,8 @@ def replay(
     settings = dict(settings or {})
     try:
         config = GuardConfig.from_settings(settings)
+        # a trial's outcome is the loss of a run that took it, which a log of the run without it does not hold
+        config.lr_search = False
         switches: dict[str, Any] = {k: settings[k] for k in BUILT_IN_DETECTORS if k in settings}
         if max_steps is not None and switches.get("plateau", True) is True:  # as the live guard sizes it
             switches["plateau"] = run_sized_plateau(max_steps)

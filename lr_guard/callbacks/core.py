@@ -143,6 +143,19 @@ class GuardCore(GuardSettings):
             change nothing: no rollback, LR cut, skipped update or stop, and no snapshot is taken. The detectors
             and the rules run as in a live run, counters included (``counts`` are what the live guard would have
             counted); after a rollback that was not made they go on watching the values that follow.
+        lr_search: Search upwards for a better LR, with rollback as the net (:mod:`lr_guard.lr_search`): while the
+            loss falls steadily and quietly (no event and no LR change over ``lr_search_window`` values, every
+            detector quiet, no warm-up under way, the schedule's own LR at least half its peak, and the loss's
+            slope against log-step below zero by 2 standard errors), snapshot the state and raise the LR factor by
+            ``lr_search_factor`` for ``lr_search_window`` steps. Keep the raise when the loss over the trial's
+            second half lies below the trend before it by 2 standard errors; else (or on any event of a trial
+            step) roll back to the snapshot, and never try that LR or above again -- nor the LR at which a
+            divergence was rolled back or an LR cut made. The LR may then exceed what the schedule alone gives.
+            A checkpoint written during a trial judges it first (rolls back when too few values are in), so it
+            never holds a trial's state. Counted in ``counts``: ``lr_trials``, ``lr_raises_kept``,
+            ``lr_trials_rolled_back``, ``discarded_trial_steps``. Needs ``rollback=True``; not with ``dry_run``.
+        lr_search_factor: The raise of one trial (> 1); less where that would reach 0.9 of the ceiling.
+        lr_search_window: Optimizer steps of a trial, and of the steady stretch before it (>= 6).
     """
 
     def __init__(
@@ -176,6 +189,9 @@ class GuardCore(GuardSettings):
         log_every_n_steps: int | None = None,
         verbose: bool = True,
         dry_run: bool = False,
+        lr_search: bool = False,
+        lr_search_factor: float = 2.0,
+        lr_search_window: int = 20,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k in GuardConfig.names()}
         self.config = GuardConfig(**arguments)
@@ -251,6 +267,7 @@ class GuardCore(GuardSettings):
         the guard had not yet checked and would have discarded."""
         if self._fitting and not self._checking and not self.policy.stopped and self._run is not None:
             self._check(self._run.trainer, wait=True)
+            self._end_trial()
         state = {"version": STATE_VERSION, **self.policy.state_dict()}
         if self.gate is not None:
             state["gate"] = self.gate.state_dict()
@@ -535,9 +552,18 @@ class GuardCore(GuardSettings):
         if not optimizers:
             return
         group = optimizers[0].param_groups[0]
-        self.policy.note_lr(group.get(UNSCALED, group["lr"]), trainer.global_step)
+        self.policy.note_lr(group.get(UNSCALED, group["lr"]), trainer.global_step, float(group["lr"]))
 
     # ------------------------------------------------------------------ carrying out the policy
+    def _end_trial(self) -> None:
+        """A checkpoint is being written: an LR trial under way is judged now, or rolled back (its state is not
+        one to resume from)."""
+        intent = self.policy.end_trial()
+        if intent is not None:
+            assert self._run is not None
+            self._reporter.decision(self.executor.execute(intent, self._run))
+            self._store.keep_only(self.policy.kept_steps())
+
     def _process(self, trainer: Any, values: list[tuple[int, Any]]) -> None:
         assert self._run is not None
         reporter = self._reporter
@@ -609,6 +635,13 @@ def _check_combinations(config: GuardConfig, detectors: dict[str, Detector], gat
         raise ValueError(
             "skip_spikes=True needs the spike detector on the loss: leave spike=True or pass a SpikeDetector "
             "with signal='loss'"
+        )
+    if config.lr_search and (config.dry_run or not config.rollback):
+        given = "dry_run=True" if config.dry_run else "rollback=False"
+        raise ValueError(
+            f"lr_search=True cannot be combined with {given}: each trial of a higher LR is made from a snapshot and "
+            "rolled back when it fails, which needs rollback=True and dry_run=False. Pass lr_search=False, or "
+            "rollback=True and dry_run=False"
         )
     if config.watch_on == "validation" and config.monitor is None:
         raise ValueError(

@@ -88,6 +88,13 @@ class LiveRun:
                 k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in logged.items()
             }
 
+    def take_snapshot(self) -> int:
+        """Snapshot the state now, for an LR trial (beside the good snapshot: two copies); the step it holds."""
+        step = self.trainer.global_step
+        self.store.take(step, targets(self.trainer, self.module), 2)
+        self.snapshot_taken(step)
+        return step
+
     def locate(self, step: int) -> tuple[int, int] | None:
         """The epoch and batch index the update of ``step`` was trained on, where they were noted."""
         return self.where.get(step)

@@ -77,6 +77,9 @@ class GuardSettings:
     log_every_n_steps = Setting()
     verbose = Setting()
     dry_run = Setting()
+    lr_search = Setting()
+    lr_search_factor = Setting()
+    lr_search_window = Setting()
 
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments (detectors as their repr), as recorded in the configuration entry."""
