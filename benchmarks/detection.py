@@ -1,10 +1,26 @@
-"""Detection benchmark: every detector over hundreds of labelled synthetic streams.
+"""Detection benchmark: every detector over hundreds of labelled synthetic streams, at four cadences.
 
-Prints precision, recall, F1, median detection delay, false positives per 10,000 clean steps and the cost of one
-update for each detector; the last line is one JSON object keyed by detector.
+Prints precision, recall, F1, median detection delay, false positives per 10,000 clean values and the cost of one
+update for each detector and cadence; the last line is one JSON object keyed by detector (the per-step suites),
+with the other cadences under ``"cadences"``.
 
-    python benchmarks/detection.py            # 120 streams per suite (600 streams, 1.8M steps)
+    python benchmarks/detection.py            # 120 streams per suite
     python benchmarks/detection.py --streams 20
+
+The cadences, each with the defaults the guard picks for it:
+
+* per step: 3,000-step streams, one value per step; the constructors' defaults.
+* per epoch: 150 values, each the mean over an epoch of 100 steps (``log_mean=True``); the per-validation
+  defaults (``lr_guard.config.sized_detector(slot, "validation", None)``), as ``check_on="validation"`` uses.
+* every 100 steps: 1,700 values, one step's loss every 100 steps of a 170,000-step run, as AlgoPerf logs; the
+  constructors' defaults (the detectors alone; ``lr-guard replay`` divides the step counts of spike, oscillation
+  and divergence by the spacing, and keeps the plateau detector's, whose patience is a share of the run).
+* slow, heavy-tailed: 20,000 steps, one value per step, progress 20 times slower against Student-t(3) noise
+  (``pace=0.05``), as a long LLM run at a constant LR; the constructors' defaults.
+
+The per-epoch and sparse runs progress as a 3,000-step run does (``pace``), so their values are spaced along the
+same curve; ``stuck`` is a run that never learns (labelled a plateau from the end of its warm-up). Delays and
+false-positive rates count logged values (epochs, or values 100 steps apart).
 
 Scoring: a true event counts as found when the detector raises an event of its kind inside the event's window.
 Precision is over the detector's events on all labelled suites, where an event inside a window of another kind
@@ -22,7 +38,10 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
+from lr_guard.config import sized_detector
 from lr_guard.detectors import (
     Detector,
     DivergenceDetector,
@@ -48,9 +67,29 @@ NEUTRAL = {
 }
 
 
-def run_detector(cls: type[Detector], stream: LossStream) -> tuple[list[int], float]:
+# name -> (make_suite options, injections, the default detector of a slot at that cadence)
+CADENCES: dict[str, tuple[dict[str, Any], tuple[str | None, ...], Callable[[str], Detector]]] = {
+    "per epoch": (
+        {"n_steps": 15_000, "log_every": 100, "log_mean": True, "pace": 0.2},
+        (None, "plateau", "stuck", "divergence"),
+        lambda slot: sized_detector(slot, "validation", None) or DETECTORS[slot](),
+    ),
+    "every 100 steps": (
+        {"n_steps": 170_000, "log_every": 100, "pace": 3000 / 170_000},
+        (None, "spike", "plateau", "stuck", "divergence"),
+        lambda slot: DETECTORS[slot](),
+    ),
+    "slow, heavy-tailed": (
+        {"n_steps": 20_000, "pace": 0.05, "noise_df": 3.0},
+        (None, "spike", "plateau", "divergence"),
+        lambda slot: DETECTORS[slot](),
+    ),
+}
+
+
+def run_detector(make: Callable[[], Detector], stream: LossStream) -> tuple[list[int], float]:
     """Feed the stream; return the steps of the events and the seconds spent in ``update``."""
-    detector = cls()
+    detector = make()
     update = detector.update
     steps = []
     values = stream.values.tolist()
@@ -61,8 +100,10 @@ def run_detector(cls: type[Detector], stream: LossStream) -> tuple[list[int], fl
     return steps, time.perf_counter() - t0
 
 
-def score(name: str, suites: dict[str | None, list[LossStream]]) -> dict[str, float]:
-    cls = DETECTORS[name]
+def score(
+    name: str, suites: dict[str | None, list[LossStream]], make: Callable[[], Detector] | None = None
+) -> dict[str, float]:
+    make = make or DETECTORS[name]
     kind = EventKind(name)
     tp_events = fp_events = found = total = 0
     delays: list[int] = []
@@ -71,7 +112,7 @@ def score(name: str, suites: dict[str | None, list[LossStream]]) -> dict[str, fl
     n_updates = 0
     for inject, streams in suites.items():
         for stream in streams:
-            steps, spent = run_detector(cls, stream)
+            steps, spent = run_detector(make, stream)
             seconds += spent
             n_updates += len(stream)
             if inject is None:
@@ -108,7 +149,7 @@ def score(name: str, suites: dict[str | None, list[LossStream]]) -> dict[str, fl
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=120, help="streams per suite (default 120)")
     parser.add_argument("--steps", type=int, default=3000, help="steps per stream (default 3000)")
@@ -116,25 +157,34 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     suites = {
         inject: make_suite(inject, args.streams, seed=args.seed, n_steps=args.steps)
-        for inject in (None, "spike", "oscillation", "plateau", "divergence")
+        for inject in (None, "spike", "oscillation", "plateau", "divergence", "stuck")
     }
-    n_total = sum(len(s) for streams in suites.values() for s in streams)
-    print(
-        f"{sum(len(v) for v in suites.values())} streams, {n_total} steps "
-        f"({args.streams} per suite: clean, spike, oscillation, plateau, divergence)"
-    )
-    results = {name: score(name, suites) for name in DETECTORS}
+    results: dict[str, Any] = {name: score(name, suites) for name in DETECTORS}
+    report(f"per step ({args.steps} steps)", suites, results)
+    results["cadences"] = {}
+    for cadence, (options, injections, default) in CADENCES.items():
+        drawn = {inject: make_suite(inject, args.streams, seed=args.seed, **options) for inject in injections}
+        figures = {name: score(name, drawn, lambda name=name, default=default: default(name)) for name in DETECTORS}
+        report(cadence, drawn, figures)
+        results["cadences"][cadence] = figures
+    print(json.dumps(results))
+    return results
+
+
+def report(cadence: str, suites: dict[str | None, list[LossStream]], results: dict[str, Any]) -> None:
+    n_values = sum(len(s) for streams in suites.values() for s in streams)
+    kinds = ", ".join(inject or "clean" for inject in suites)
+    print(f"\n{cadence}: {sum(len(v) for v in suites.values())} streams, {n_values} values ({kinds})")
     header = (
         f"{'detector':<12}{'precision':>10}{'recall':>8}{'F1':>8}{'delay':>8}{'FP/10k':>9}{'us/upd':>8}{'events':>8}"
     )
     print(header)
-    for name, r in results.items():
+    for name in DETECTORS:
+        r = results[name]
         print(
             f"{name:<12}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>8.3f}{r['median_delay_steps']:>8.1f}"
             f"{r['fp_per_10k_clean_steps']:>9.2f}{r['us_per_update']:>8.2f}{r['true_events']:>8}"
         )
-    print(json.dumps(results))
-    return results
 
 
 if __name__ == "__main__":

@@ -245,10 +245,10 @@ def build_detectors(switches: Mapping[str, Detector | bool], extra: Iterable[Det
 
 
 def run_sized_plateau(max_steps: int) -> PlateauDetector:
-    """The default plateau detector sized to a run of ``max_steps`` optimizer steps: patience a tenth of the run,
-    clamped to 100..1000 steps, and a window of ``min(100, patience)`` values."""
-    patience = min(1000, max(100, max_steps // 10))
-    return PlateauDetector(patience=patience, window=min(100, patience))
+    """The default plateau detector sized to a run of ``max_steps`` optimizer steps: its patience (a third of the
+    steps seen so far, at least 25) is at most a quarter of the run, clamped to 100..5000 steps, so a plateau is
+    found while the run can still act on it."""
+    return PlateauDetector(max_patience=min(5000, max(100, max_steps // 4)))
 
 
 def validation_plateau() -> PlateauDetector:

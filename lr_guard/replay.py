@@ -446,14 +446,17 @@ def logged_spacing(series: Sequence[tuple[int, float]]) -> int:
 def per_logged_value(detector: Detector, spacing: int) -> tuple[Detector, dict[str, tuple[Any, Any]]]:
     """``detector`` rebuilt for a log that holds every ``spacing``-th step, and the settings changed (name ->
     (before, after)): its ``value_counts`` divided by ``spacing``, rounded up (to the least it accepts), and its
-    ``value_decays`` raised to the power ``spacing``, so that each still spans the steps it spans live."""
+    ``value_decays`` raised to the power ``spacing``, so that each still spans the steps it spans live. The
+    counts are those of ``detector.scaled_counts()``: a plateau detector whose patience is a share of the run
+    keeps its counts, which are sample sizes."""
     cls = type(detector)
-    if spacing == 1 or not (cls.value_counts or cls.value_decays):
+    counts = detector.scaled_counts()
+    if spacing == 1 or not (counts or cls.value_decays):
         return detector, {}
     settings = detector.settings()
     for name in cls.value_decays:
         settings[name] = settings[name] ** spacing
-    for name in cls.value_counts:
+    for name in counts:
         original = int(settings[name])
         for count in range(math.ceil(original / spacing), original + 1):
             try:
@@ -614,7 +617,7 @@ def subsampled_note(result: ReplayResult) -> str:
         f"decision falls on the first logged step at or after the live guard's, up to {k - 1} steps later; "
         f"a rise or a NaN between two logged steps is seen only where it lasts to a logged one.",
     ]
-    fixed = [slot for slot, d in result.detectors.items() if not (type(d).value_counts or type(d).value_decays)]
+    fixed = [slot for slot, d in result.detectors.items() if not (d.scaled_counts() or type(d).value_decays)]
     fixed = [slot for slot in fixed if type(result.detectors[slot]).kind != "off"]
     if fixed:
         lines.append(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from lr_guard.events import EventKind
 __all__ = ["INJECTIONS", "SCHEDULES", "LossStream", "TrueEvent", "make_stream", "make_suite"]
 
 SCHEDULES = ("constant", "step", "cosine")
-INJECTIONS = (None, "spike", "oscillation", "plateau", "divergence")
+INJECTIONS = (None, "spike", "oscillation", "plateau", "divergence", "stuck")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class LossStream:
     seed: int
     description: str
     noise_sigma: float = field(default=0.0)
+    log_every: int = 1  # training steps per logged value: value i is at step i * log_every
 
     def __len__(self) -> int:
         return len(self.values)
@@ -78,12 +80,13 @@ def _stop_progress(
     swing: np.ndarray,
     start_min: int,
     sigma0: float,
+    scale: float = 1.0,
 ) -> TrueEvent:
     """Make progress stop (in place): a plateau, or an oscillation swinging far beyond the noise."""
     n_steps = len(lr)
     if inject == "plateau":  # progress stops for 1600..2400 steps at a constant LR, then resumes
         start = int(rng.integers(start_min, max(start_min + 1, n_steps // 3)))
-        end = min(n_steps - 1, start + int(rng.integers(1600, 2400)))
+        end = min(n_steps - 1, start + int(int(rng.integers(1600, 2400)) * scale))
         progress[start:end] = 0.0
         lr[start:end] = lr[start]  # real plateaus sit at a constant LR (between a step schedule's drops)
         return TrueEvent(EventKind.PLATEAU, start, end, "progress stops")
@@ -140,24 +143,45 @@ def make_stream(
     schedule: str | None = None,
     warmup_steps: int | None = None,
     noise_df: float = 6.0,
+    log_every: int = 1,
+    log_mean: bool = False,
+    pace: float = 1.0,
 ) -> LossStream:
     """Make one labelled loss stream.
 
     Args:
         seed: Seed of everything random in the stream.
-        n_steps: Length of the stream.
-        inject: ``None`` (clean), ``"spike"``, ``"oscillation"``, ``"plateau"`` or ``"divergence"``.
+        n_steps: Training steps of the run (the stream holds ``n_steps // log_every`` values).
+        inject: ``None`` (clean), ``"spike"``, ``"oscillation"``, ``"plateau"``, ``"divergence"`` or ``"stuck"``
+            (a run that never learns: the loss rises during the LR warm-up, then sits at its starting level with
+            a drift of a few hundredths; labelled a plateau from the end of the warm-up to the end).
         schedule: ``"constant"``, ``"step"`` or ``"cosine"``; drawn from the seed when ``None``.
-        warmup_steps: LR warm-up length; drawn from 0..150 when ``None``.
+        warmup_steps: LR warm-up length; drawn from 0..150 steps per 3000 when ``None``.
         noise_df: Degrees of freedom of the Student-t batch noise (``inf`` for Gaussian).
+        log_every: Training steps per logged value (100: a sparse log; an epoch's steps: a per-epoch log).
+            Runs longer than 3000 steps draw their warm-up and their plateau's length in proportion.
+        log_mean: ``False``: each logged value is the loss of one step (every ``log_every``-th, from step 0);
+            ``True``: the mean over its ``log_every`` steps, as a per-epoch training loss.
+        pace: Progress per step relative to the default (0.05: a run that improves twenty times more slowly
+            against the same per-step noise, as a long LLM run at a constant LR).
+
+    Events are in logged values: a true event covers the values whose steps it covers (a spike between two
+    sparse values is not in the log, and has no event).
     """
     if inject not in INJECTIONS:
         raise ValueError(f"inject must be one of {INJECTIONS}, got {inject!r}")
     if not isinstance(n_steps, int) or n_steps < 300:
         raise ValueError(f"n_steps must be an int >= 300, got {n_steps!r}")
+    if not isinstance(log_every, int) or not 1 <= log_every <= n_steps // 50:
+        raise ValueError(f"log_every must be an int from 1 to n_steps // 50 ({n_steps // 50}), got {log_every!r}")
+    if not isinstance(pace, (int, float)) or not 0.0 < pace <= 1.0:
+        raise ValueError(f"pace must be a number in (0, 1], got {pace!r}")
     rng = np.random.default_rng(seed)
+    scale = max(1.0, n_steps / 3000.0)  # a longer run has a longer warm-up and longer plateaus
     schedule = schedule if schedule is not None else str(rng.choice(SCHEDULES))
-    warmup = int(rng.integers(0, 151)) if warmup_steps is None else warmup_steps
+    warmup = int(int(rng.integers(0, 151)) * scale) if warmup_steps is None else warmup_steps
+    if inject == "stuck":
+        warmup = max(warmup, int(0.02 * n_steps))  # the warm-up is what lifts the loss of a run that never learns
     lr = _lr_schedule(rng, n_steps, schedule, warmup)
 
     c = float(rng.uniform(0.1, 3.0))  # irreducible loss
@@ -166,14 +190,17 @@ def make_stream(
     t0 = float(rng.uniform(10.0, 100.0))
     k = c * float(rng.uniform(0.02, 0.15))
     sigma0 = float(rng.uniform(0.01, 0.05))
-    progress = lr.copy()
+    progress = lr * pace
     events: list[TrueEvent] = []
     swing = np.zeros(n_steps)
     extra = np.zeros(n_steps)
-    start_min = warmup + 200
+    start_min = warmup + int(200 * scale)
 
     if inject in ("plateau", "oscillation"):
-        events.append(_stop_progress(rng, inject, lr, progress, swing, start_min, sigma0))
+        events.append(_stop_progress(rng, inject, lr, progress, swing, start_min, sigma0, scale))
+    elif inject == "stuck":  # tau moves by 0.5 in the whole run: the loss stays where it started
+        progress *= 0.5 / float(progress.sum())
+        events.append(TrueEvent(EventKind.PLATEAU, warmup, n_steps - 1, "never learns"))
 
     tau = np.cumsum(progress)
     clean = np.log(c + a * (tau + t0) ** (-b) + k * lr / lr.max())
@@ -186,13 +213,29 @@ def make_stream(
     if inject in ("spike", "divergence"):
         events.extend(_add_trouble(rng, inject, extra, noise_scale, start_min))
 
-    events.extend(_natural_plateaus(clean, noise_scale, events))
     with np.errstate(over="ignore", invalid="ignore"):
         values = np.exp(y + extra)
     description = (
         f"seed {seed}: {schedule} schedule, warm-up {warmup}, noise {sigma0:.3g} (t{noise_df:g}), inject {inject}"
     )
-    return LossStream(values, lr, tuple(events), seed, description, sigma0)
+    events.extend(_natural_plateaus(clean, noise_scale, events))
+    if log_every == 1:
+        return LossStream(values, lr, tuple(events), seed, description, sigma0)
+    # the same run logged at another cadence has the same true events, natural plateaus included
+    k, n_logged = log_every, n_steps // log_every
+    if log_mean:
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = values[: n_logged * k].reshape(n_logged, k).mean(axis=1)
+        events = [TrueEvent(e.kind, e.start // k, min(n_logged - 1, e.end // k), e.detail) for e in events]
+    else:
+        values = values[::k][:n_logged]
+        events = [
+            TrueEvent(e.kind, -(-e.start // k), min(n_logged - 1, e.end // k), e.detail)
+            for e in events
+            if -(-e.start // k) <= min(n_logged - 1, e.end // k)
+        ]
+    description += f", every {k} steps" + (" (means)" if log_mean else "")
+    return LossStream(values, lr[::k][:n_logged], tuple(events), seed, description, sigma0, k)
 
 
 NATURAL_HORIZON = 1000
@@ -200,16 +243,20 @@ NATURAL_HORIZON = 1000
 
 def _natural_plateaus(clean: np.ndarray, noise_scale: np.ndarray, injected: list[TrueEvent]) -> list[TrueEvent]:
     """Stretches where the noise-free loss itself stops improving (late power-law tails, a loss that rose during
-    warm-up): over the trailing ``NATURAL_HORIZON`` steps it fell by less than ``0.25`` of the per-step noise.
+    warm-up): over the trailing ``NATURAL_HORIZON`` steps (or a quarter of the run, if that is longer) it fell by
+    less than ``0.25`` of the per-step noise; and, from the start, the steps before it first gets ``0.25`` of the
+    noise below its starting value (a warm-up that has not yet made progress).
 
     Nobody injected them, yet "no meaningful improvement" is true there, so they are labelled with
     ``detail="natural"``: the benchmark counts a plateau detection there neither as a hit nor as a false alarm.
     """
-    h = NATURAL_HORIZON
+    h = max(NATURAL_HORIZON, len(clean) // 4)
     if len(clean) <= h:
         return []
     flat = np.zeros(len(clean), dtype=bool)
     flat[h:] = clean[:-h] - clean[h:] < 0.25 * noise_scale[h:]
+    progressed = np.flatnonzero(clean[0] - clean >= 0.25 * noise_scale)
+    flat[: progressed[0] if len(progressed) else len(clean)] = True
     for e in injected:  # an injected plateau is labelled already
         if e.kind == EventKind.PLATEAU:
             flat[e.start : e.end + 1] = False
@@ -220,7 +267,10 @@ def _natural_plateaus(clean: np.ndarray, noise_scale: np.ndarray, injected: list
     ]
 
 
-def make_suite(inject: str | None, n_streams: int, seed: int = 0, n_steps: int = 3000) -> list[LossStream]:
-    """``n_streams`` streams of one injection kind; every (seed, kind) pair draws its own streams."""
+def make_suite(
+    inject: str | None, n_streams: int, seed: int = 0, n_steps: int = 3000, **options: Any
+) -> list[LossStream]:
+    """``n_streams`` streams of one injection kind; every (seed, kind) pair draws its own streams. ``options``
+    go to :func:`make_stream` (``log_every``, ``log_mean``, ``pace``, ...)."""
     base = seed * 1_000_000 + INJECTIONS.index(inject) * 100_000
-    return [make_stream(base + i, n_steps=n_steps, inject=inject) for i in range(n_streams)]
+    return [make_stream(base + i, n_steps=n_steps, inject=inject, **options) for i in range(n_streams)]

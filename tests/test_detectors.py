@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lr_guard.config import sized_detector
+from lr_guard.config import BUILT_IN_DETECTORS, sized_detector
 from lr_guard.detectors import (
     Detector,
     DivergenceDetector,
@@ -47,7 +47,7 @@ def test_contract_with_non_default_settings(cls):
     [
         (SpikeDetector, "spike", 5, [(1732, 40.28), (2757, 41.846)]),
         (OscillationDetector, "oscillation", 5, [(629, 3.33), (679, 7.888), (729, 7.77), (779, 7.363), (829, 6.834)]),
-        (PlateauDetector, "plateau", 5, [(1642, 1001.0)]),
+        (PlateauDetector, "plateau", 5, [(955, 320.0), (1435, 480.0)]),
         (DivergenceDetector, "divergence", 5, [(1409, 8.199)]),
         (DivergenceDetector, "divergence", 6, [(1083, 3.045)]),
         (DivergenceDetector, "divergence", 8, [(650, 29.08)]),
@@ -116,27 +116,96 @@ def test_resnet_epoch_plateau_before_the_hand_set_decay(curve):
     assert [s for s, x in data[:81] if per_epoch_default.update(x, s)] == [79]
 
 
-def run_share_plateau():
-    return PlateauDetector(patience=5, window=1000, noise_sigmas=1.25, patience_share=0.25, level_quantile=0.1)
+def at_cadence_defaults(name):
+    """The four detectors at the defaults of the curve's cadence: per validation for one value per epoch (as
+    ``check_on="validation"`` picks them), the constructors' for a log of every step or every 100th step."""
+    if name.startswith("resnet"):
+        return {slot: sized_detector(slot, "validation", None) or cls() for slot, cls in BUILT_IN_DETECTORS.items()}
+    return {slot: cls() for slot, cls in BUILT_IN_DETECTORS.items()}
 
 
-def test_share_patience_finds_the_stuck_ctc_run_early(curve):
-    data = curve("ctc_conformer_stuck_plateau_algoperf")  # one value every 100 steps, flat from about step 1,000
-    det = run_share_plateau()
-    steps = [s for s, x in data if det.update(x, s)]
-    assert steps and steps[0] <= 15_000, steps
-    assert not [s for s, x in data if PlateauDetector().update(x, s)], "a patience of 1000 values never fires here"
+def events_at_defaults(name, data):
+    detectors = at_cadence_defaults(name)
+    found = {slot: [] for slot in detectors}
+    for step, value in data:
+        for slot, detector in detectors.items():
+            if detector.update(value, step) is not None:
+                found[slot].append(step)
+    return found
 
 
 @pytest.mark.parametrize(
     "name",
-    ["vit_imagenet_noisy_upper_tail_algoperf", "lm_gpt2_124m_scaleshortcuts_spikes", "lm_gpt2_124m_llmc_healthy"],
+    [
+        "lm_gpt2_124m_modded_muon_dataspike",
+        "criteo_dlrm_warmup_divergence_inf_nan_algoperf",
+        "resnet110_cifar10_steplr_per_epoch",
+        "ctc_conformer_stuck_plateau_algoperf",
+        "vit_imagenet_noisy_upper_tail_algoperf",
+        "lm_gpt2_124m_llmc_healthy",
+        "lm_gpt2_124m_scaleshortcuts_spikes",
+    ],
 )
-def test_share_patience_calls_no_plateau_on_a_slowly_improving_noisy_run(curve, name):
+def test_every_bundled_curve_at_the_defaults_of_its_cadence_gives_its_labelled_events(curve, name):
+    # The labels of lr_guard/data/curves/README.md. Before patience was a share of the run, the stuck CTC run (one
+    # value every 100 steps) had no plateau, and the noisy 19k-step LM run had plateaus from step 5,732 on.
     data = curve(name)
-    det = run_share_plateau()
+    found = events_at_defaults(name, data)
     last = data[-1][0]
-    assert all(s > 0.85 * last for s, x in data if det.update(x, s)), name
+    early = {slot: [s for s in steps if s <= 0.85 * last] for slot, steps in found.items()}
+    if name == "criteo_dlrm_warmup_divergence_inf_nan_algoperf":
+        assert found["divergence"][:1] == [71], found
+        return
+    assert not early["divergence"] and not early["oscillation"], found
+    if name == "resnet110_cifar10_steplr_per_epoch":
+        assert found["plateau"] and 40 <= found["plateau"][0] < 81, found
+    elif name == "ctc_conformer_stuck_plateau_algoperf":
+        assert found["plateau"] and 1_000 < found["plateau"][0] <= 15_000, found
+    else:  # healthy runs: no plateau before their last 15%
+        assert not early["plateau"], found
+    if name == "lm_gpt2_124m_modded_muon_dataspike":
+        assert {919, 947, 1760, 3194, 5335, 6127} <= set(found["spike"]), found
+        assert not found["plateau"], "no false plateau during the warm-down"
+    if name == "lm_gpt2_124m_scaleshortcuts_spikes":
+        assert 14221 in found["spike"], found
+
+
+def test_a_sparse_run_stuck_at_chance_level_is_a_plateau_and_a_slowly_improving_one_is_not():
+    # The ViT of issue 19, made synthetic: logged every 100 steps (1,700 values), the loss rises during the
+    # warm-up and then sits at its starting level. Before, the default patience (1000 values) found it only at
+    # value 1,100 or never; a slowly improving heavy-tailed run (Student-t(3), 20x slower progress) gets none.
+    for seed in range(3):
+        stuck = make_stream(seed, n_steps=170_000, inject="stuck", log_every=100)
+        (truth,) = [e for e in stuck.events if e.detail == "never learns"]
+        steps = [e.step for e in feed(PlateauDetector(), stuck.values.tolist())]
+        assert steps and truth.start <= steps[0] <= 200, (seed, steps)
+        slow = make_stream(seed, n_steps=20_000, pace=0.05, noise_df=3.0)
+        natural = [e for e in slow.events if e.detail == "natural"]
+        late = [s for s in (e.step for e in feed(PlateauDetector(), slow.values.tolist())) if s > 1000]
+        assert all(any(e.start <= s <= e.end for e in natural) for s in late), (seed, late)
+
+
+def test_a_fixed_patience_is_torchs_rule_and_a_share_patience_bounds_itself():
+    fixed = PlateauDetector(patience=20)
+    assert (fixed.window, fixed.noise_sigmas, fixed.rise_sigmas, fixed.patience_share) == (100, 2.0, None, None)
+    shared = PlateauDetector()
+    assert (shared.window, shared.noise_sigmas, shared.rise_sigmas) == (1000, 1.25, 8.0)
+    feed(shared, [1.0] * 300)
+    assert shared.current_patience == 100  # a third of 300 values
+    assert PlateauDetector(max_patience=60).current_patience == 25  # min_patience before any value
+    with pytest.raises(ValueError, match=r"patience_share=0.25 sets a patience that is a share of the run, but "):
+        PlateauDetector(patience=5, patience_share=0.25)
+
+
+def test_a_state_dict_of_the_previous_version_loads_into_the_share_patience_default():
+    old = PlateauDetector(patience=1000, window=100, noise_sigmas=2.0)  # the previous defaults
+    feed(old, make_stream(2).values.tolist()[:500])
+    state = old.state_dict()
+    new = PlateauDetector()
+    with pytest.warns(UserWarning, match="other settings"):
+        new.load_state_dict(state)
+    assert new.state_dict()["state"]["_n"] == 500
+    feed(new, make_stream(2).values.tolist()[500:1500])  # and it goes on
 
 
 # --- behaviour details --------------------------------------------------------------------------------------------

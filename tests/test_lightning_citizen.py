@@ -213,7 +213,7 @@ def test_an_iterable_dataset_without_a_length(passes, loop):
     assert trainer.num_training_batches == math.inf  # Lightning does not know the epoch's length
     assert actions(guard) == [(35, Action.ROLLBACK, 30)] and finite(module)
     assert trainer.global_step == 60 if "max_epochs" not in loop else trainer.current_epoch == 4
-    patience = guard.detectors["plateau"].patience
+    patience = guard.detectors["plateau"].current_patience
     assert isinstance(patience, int) and 1 <= patience <= 1000
 
 

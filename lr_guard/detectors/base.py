@@ -107,6 +107,12 @@ class Detector(abc.ABC):
     STATE_VERSION: ClassVar[int] = 1
     _STATE_FIELDS: ClassVar[tuple[str, ...]] = ()
 
+    def scaled_counts(self) -> tuple[str, ...]:
+        """The settings of this detector that count steps (its ``value_counts``): a replay of a log that holds
+        every k-th step divides them by k. A detector whose counts are sample sizes for some settings says so
+        here."""
+        return type(self).value_counts
+
     def __init__(self, name: str | None = None, signal: str = "loss") -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty string or None, got {name!r}")

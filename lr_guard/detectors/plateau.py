@@ -5,11 +5,18 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from typing import Any
 
 from lr_guard.detectors.base import Detector, NoiseScale, check_choice, check_number, to_float
 from lr_guard.events import Event, EventKind
 
 __all__ = ["PlateauDetector"]
+
+# What patience=None (a patience that is a share of the run) and a fixed patience default to; chosen by
+# measurement (``python benchmarks/detection.py``, the real curves in ``tests/test_detectors.py``)
+SHARE_DEFAULTS: dict[str, Any] = {"patience_share": 1 / 3, "min_patience": 25, "max_patience": 5000, "rise_sigmas": 8.0}
+SHARE_DEFAULTS.update(window=1000, noise_sigmas=1.25)
+FIXED_DEFAULTS: dict[str, Any] = {"window": 100, "noise_sigmas": 2.0}
 
 
 class PlateauDetector(Detector):
@@ -29,41 +36,53 @@ class PlateauDetector(Detector):
     improved meaningfully in the last N steps?") with torch's well-known parameters, costs O(1) per update, and the
     noise margin removes the lucky-batch bias a trend test was meant to address.
 
-    **Patience as a share of the run** (``patience_share``, an option). A fixed patience fits one cadence
-    only: 1000 values is longer than a whole per-epoch log, and far too short for a slowly improving LLM run with
-    heavy-tailed noise. With ``patience_share`` the patience after ``n`` values is
-    ``max(patience, ceil(patience_share * n))``, and the compared level is the ``level_quantile`` of the last
-    ``min(window, patience)`` values instead of their mean: a low quantile follows the bulk of a stream whose
-    noise has a long upper tail (outliers of +1 nat do not move it), and a window that grows with the run makes
-    the noise margin shrink as the run's own rate of progress does. So a plateau is "no improvement beyond the
-    noise for a quarter of the run seen so far", whatever the cadence: a run stuck at chance level is one, a
-    slowly improving run is not. Measured on the real curves with ``patience=5, window=1000, noise_sigmas=1.25,
-    patience_share=0.25, level_quantile=0.1``: the stuck CTC run (every 100 steps) gives a plateau at step 11,400,
-    the two healthy GPT-2 logs, the Muon record and the noisy ViT run none. It is not the default: on the
-    synthetic suite it also fires where the loss rises during an LR warm-up or creeps down below the noise.
+    **Patience as a share of the run** (the default, ``patience=None``). A fixed patience fits one cadence only:
+    1000 values is longer than a whole log of one value per 100 steps, and too short for a slowly improving LLM
+    run with heavy-tailed noise. So by default the patience after ``n`` values is ``ceil(patience_share * n)`` --
+    a third of the run seen so far -- at least ``min_patience`` (25) and at most ``max_patience`` (5000), and the
+    level is the mean of the last ``min(window, patience now)`` values (``window`` 1000): a window that grows
+    with the run makes the noise margin shrink as the run's own rate of progress does. A plateau is then "no
+    improvement beyond the noise (``noise_sigmas`` 1.25) for a third of the run seen so far", whatever the
+    cadence: a run stuck at chance level is one, a slowly improving run is not. A level more than ``rise_sigmas``
+    (8) standard errors worse than the best rebases the best to it: a loss that goes up (as during an LR
+    warm-up) is not a plateau, and if it then stays up, the plateau is counted from there. Updates without
+    improvement are counted from the end of ``warmup_steps``. Measured (``python benchmarks/detection.py`` and
+    the real curves in ``tests/test_detectors.py``): the stuck CTC run (one value every 100 steps) gives a plateau
+    at step 14,900; the two healthy GPT-2 logs, the noisy 19k-step LM run, the Muon record and the noisy ViT run
+    none before their last 15%.
 
-    For one value per epoch or per validation run, ``window=1, noise_sigmas=0, patience_share=None`` is exactly
-    torch's rule. Values are used as they are (no log), so ``mode="max"`` fits accuracies. Non-finite values are
-    ignored. No event is raised before ``warmup_steps`` values have been seen.
+    **A fixed patience** (``patience=N``): torch's rule on the mean of the last ``window`` (100) values with a
+    noise margin of ``noise_sigmas`` (2); with ``window=1, noise_sigmas=0`` it is exactly torch's rule, the
+    default for one value per epoch or per validation run (:func:`lr_guard.config.validation_plateau`).
+    ``level_quantile`` compares a quantile of the window instead of its mean, for noise with a long upper tail.
+    Values are used as they are (no log), so ``mode="max"`` fits accuracies. Non-finite values are ignored.
 
     Args:
         mode: ``"min"`` (loss) or ``"max"`` (accuracy).
-        patience: Updates without improvement tolerated; the event comes on the next one.
+        patience: ``None`` (a share of the run seen so far) or the updates without improvement tolerated; the
+            event comes on the next one.
         threshold: torch's minimal improvement.
         threshold_mode: ``"rel"`` or ``"abs"``.
         cooldown: Updates after an event during which bad updates are not counted.
-        window: Values averaged before comparing.
-        noise_sigmas: Improvement needed, in standard errors of the windowed level.
-        warmup_steps: Values to see before any event.
-        patience_share: ``None`` (a fixed ``patience``) or the share of the values seen so far that the patience
-            grows to (``patience`` is then its minimum).
+        window: Values averaged before comparing (``None``: 1000 with a share patience, no more than the patience
+            now; 100 with a fixed one).
+        noise_sigmas: Improvement needed, in standard errors of the windowed level (``None``: 1.25 with a share
+            patience, 2 with a fixed one).
+        warmup_steps: Values to see before updates without improvement are counted.
+        patience_share: With ``patience=None``: the share of the values seen so far tolerated (``None``: 1/3).
         level_quantile: ``None`` (the windowed mean) or the quantile of the window compared (0.1: its 10th
             percentile, in the direction of ``mode``).
+        min_patience: With ``patience=None``: the least patience (``None``: 25).
+        max_patience: With ``patience=None``: the most patience (``None``: 5000).
+        rise_sigmas: The standard errors by which a level must be worse than the best to rebase the best to it
+            (``None``: 8 with a share patience, off with a fixed one: torch's rule).
         name: Name used in events.
         signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
 
     Example:
-        >>> det = PlateauDetector(patience=5, window=1, noise_sigmas=0.0, threshold=0.01, warmup_steps=0)
+        >>> det = PlateauDetector(
+        ...     patience=5, window=1, noise_sigmas=0.0, threshold=0.01, warmup_steps=0
+        ... )
         >>> stream = [1.0, 0.8, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
         >>> [e.step for t, x in enumerate(stream) if (e := det.update(x, t))]
         [9]
@@ -89,32 +108,56 @@ class PlateauDetector(Detector):
     def __init__(
         self,
         mode: str = "min",
-        patience: int = 1000,
+        patience: int | None = None,
         threshold: float = 1e-4,
         threshold_mode: str = "rel",
         cooldown: int = 0,
-        window: int = 100,
-        noise_sigmas: float = 2.0,
+        window: int | None = None,
+        noise_sigmas: float | None = None,
         warmup_steps: int = 100,
         name: str | None = None,
         signal: str = "loss",
         patience_share: float | None = None,
         level_quantile: float | None = None,
+        min_patience: int | None = None,
+        max_patience: int | None = None,
+        rise_sigmas: float | None = None,
     ) -> None:
         check_choice("mode", mode, ("min", "max"))
-        check_number("patience", patience, low=0, integer=True)
+        shared = patience is None
+        if shared:
+            patience_share = SHARE_DEFAULTS["patience_share"] if patience_share is None else patience_share
+            check_number("patience_share", patience_share, low=0.0, high=1.0, low_open=True)
+            min_patience = SHARE_DEFAULTS["min_patience"] if min_patience is None else min_patience
+            check_number("min_patience", min_patience, low=0, integer=True)
+            max_patience = SHARE_DEFAULTS["max_patience"] if max_patience is None else max_patience
+            check_number("max_patience", max_patience, low=max(1, int(min_patience)), integer=True)
+            rise_sigmas = SHARE_DEFAULTS["rise_sigmas"] if rise_sigmas is None else rise_sigmas
+        else:
+            check_number("patience", patience, low=0, integer=True)
+            given = {"patience_share": patience_share, "min_patience": min_patience, "max_patience": max_patience}
+            for key, value in given.items():
+                if value is not None:
+                    raise ValueError(
+                        f"{key}={value!r} sets a patience that is a share of the run, but patience={patience!r} "
+                        f"fixes it; pass patience=None (the default) to use {key}, or leave {key} out"
+                    )
+        window = (SHARE_DEFAULTS if shared else FIXED_DEFAULTS)["window"] if window is None else window
+        noise_sigmas = (
+            (SHARE_DEFAULTS if shared else FIXED_DEFAULTS)["noise_sigmas"] if noise_sigmas is None else noise_sigmas
+        )
         check_number("threshold", threshold, low=0.0)
         check_choice("threshold_mode", threshold_mode, ("rel", "abs"))
         check_number("cooldown", cooldown, low=0, integer=True)
         check_number("window", window, low=1, integer=True)
         check_number("noise_sigmas", noise_sigmas, low=0.0)
         check_number("warmup_steps", warmup_steps, low=0, integer=True)
-        if patience_share is not None:
-            check_number("patience_share", patience_share, low=0.0, high=1.0, low_open=True)
         if level_quantile is not None:
             check_number("level_quantile", level_quantile, low=0.0, high=1.0)
+        if rise_sigmas is not None:
+            check_number("rise_sigmas", rise_sigmas, low=0.0)
         self.mode = mode
-        self.patience = int(patience)
+        self.patience = None if patience is None else int(patience)
         self.threshold = float(threshold)
         self.threshold_mode = threshold_mode
         self.cooldown = int(cooldown)
@@ -123,6 +166,9 @@ class PlateauDetector(Detector):
         self.warmup_steps = int(warmup_steps)
         self.patience_share = None if patience_share is None else float(patience_share)
         self.level_quantile = None if level_quantile is None else float(level_quantile)
+        self.min_patience = None if min_patience is None else int(min_patience)
+        self.max_patience = None if max_patience is None else int(max_patience)
+        self.rise_sigmas = None if rise_sigmas is None else float(rise_sigmas)
         super().__init__(name, signal)
 
     def _reset(self) -> None:
@@ -138,8 +184,13 @@ class PlateauDetector(Detector):
         self._bad = 0
         self._cooldown_left = 0
         self._sorted: list[float] = []  # sign * the values of _recent, sorted (with level_quantile)
-        if self.patience_share is not None:  # the window grows with the run: trimmed in update, not by maxlen
+        if self.patience is None:  # the window grows with the run: trimmed in update, not by maxlen
             self._recent = deque()
+
+    def scaled_counts(self) -> tuple[str, ...]:
+        """With ``patience_share`` only ``cooldown`` counts steps: the patience is a share of the run at any
+        cadence, and ``patience``, ``window`` and ``warmup_steps`` are the values a level needs to be trusted."""
+        return type(self).value_counts if self.patience is not None else ("cooldown",)
 
     @property
     def best(self) -> float:
@@ -161,10 +212,12 @@ class PlateauDetector(Detector):
 
     @property
     def current_patience(self) -> int:
-        """The patience now: ``patience``, or with ``patience_share`` the share of the values seen so far."""
-        if self.patience_share is None:
+        """The patience now: ``patience``, or (``patience=None``) the share of the values seen so far, within
+        ``min_patience`` .. ``max_patience``."""
+        if self.patience is not None:
             return self.patience
-        return max(self.patience, math.ceil(self.patience_share * self._n))
+        assert self.patience_share is not None and self.min_patience is not None and self.max_patience is not None
+        return min(self.max_patience, max(self.min_patience, math.ceil(self.patience_share * self._n)))
 
     def diagnostics(self) -> dict[str, float]:
         return {"bad_steps": float(self._bad), "patience": float(self.current_patience)}
@@ -189,7 +242,7 @@ class PlateauDetector(Detector):
         """Take in ``value``; the compared level (``sign`` applied) and the window it is over, or ``None`` while
         the window is not full."""
         recent, patience = self._recent, self.current_patience
-        window = self.window if self.patience_share is None else min(self.window, patience)
+        window = self.window if self.patience is not None else min(self.window, patience)
         if self.level_quantile is not None:
             bisect.insort(self._sorted, self._sign * value)
         if len(recent) == recent.maxlen:
@@ -213,6 +266,13 @@ class PlateauDetector(Detector):
         if self.level_quantile is not None:
             del self._sorted[bisect.bisect_left(self._sorted, self._sign * old)]
 
+    def _rose(self, current: float, window: int) -> bool:
+        """Whether the level has risen above the best by more than ``rise_sigmas`` standard errors: the loss is
+        going up (as in an LR warm-up), which is not a plateau; the best is rebased to the level."""
+        if self.rise_sigmas is None:
+            return False
+        return current > self._best + self.rise_sigmas * self._noise.sigma / math.sqrt(window)
+
     def _level_name(self) -> str:
         if self.level_quantile is None:
             return "mean"
@@ -235,7 +295,7 @@ class PlateauDetector(Detector):
             return None
         current, window = level
         margin = self._margin(window)
-        if current < self._best - margin or math.isinf(self._best):
+        if current < self._best - margin or math.isinf(self._best) or self._rose(current, window):
             self._best = current
             self._bad = 0
         else:
@@ -243,8 +303,10 @@ class PlateauDetector(Detector):
         if self._cooldown_left > 0:
             self._cooldown_left -= 1
             self._bad = 0
+        if self._n < self.warmup_steps:  # the updates without improvement are counted from the end of the warm-up
+            self._bad = 0
         patience = self.current_patience
-        if self._bad > patience and self._n >= self.warmup_steps:
+        if self._bad > patience:
             bad, self._bad = self._bad, 0
             self._cooldown_left = self.cooldown
             mean = self._sign * current
