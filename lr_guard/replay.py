@@ -347,6 +347,9 @@ class _PaperRun:
     def locate(self, step: int) -> tuple[int, int] | None:
         return None
 
+    def lrs_at(self, step: int) -> list[list[float]] | None:
+        return None  # the log's LR readings are every few steps: a cap is read from the LR of the check
+
 
 def _checks(
     series: Iterator[tuple[int, float]], n: int, config: Any, steps_per_epoch: int | None, start: int
