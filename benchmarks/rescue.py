@@ -78,6 +78,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         for multiple in (0.1, 0.3, 1)
     },
 }
+# the peak-LR sweep: the digits MLP (Adam, linear warm-up then cosine) and the LM (AdamW, warm-up then cosine) with
+# the peak LR a multiple of their tuned 3e-3
+PEAK_MULTIPLES = (1, 3, 10, 30)
+SCENARIOS.update({f"mlp_peak_x{k:g}": {"lr": k * 3e-3, "schedule": "warmup_cosine"} for k in PEAK_MULTIPLES})
+SCENARIOS.update({f"lm_peak_x{k:g}": {"model": "lm", "lr": k * 3e-3} for k in PEAK_MULTIPLES})
 
 
 class CorruptedDigits(demo.DigitsMLP):
@@ -189,8 +194,43 @@ class ZClipCallback(pl.Callback):
         self.zclip.step(pl_module)
 
 
-def _has_zclip() -> bool:
-    return importlib.util.find_spec("zclip") is not None
+class ScheduleFreeModes(pl.Callback):
+    """Schedule-Free optimizers train at one point and are evaluated at another: ``optimizer.train()`` before
+    training steps, ``optimizer.eval()`` before every validation and once training ends (the weights left in the
+    model are then the averaged ones, which the final validation reads)."""
+
+    def _mode(self, trainer: Any, mode: str) -> None:
+        for optimizer in trainer.optimizers:
+            getattr(optimizer, mode)()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._mode(trainer, "train")
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn == "fit":  # a validation inside fit (a later trainer.validate finds eval set)
+            self._mode(trainer, "eval")
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn == "fit":
+            self._mode(trainer, "train")
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._mode(trainer, "eval")
+
+
+# LR-free optimizers, each at its defaults, replacing the model's optimizer and scheduler
+LR_FREE = {"prodigy": ("prodigyopt", "Prodigy"), "schedule_free": ("schedulefree", "AdamWScheduleFree")}
+
+
+def _use_lr_free(model: Any, method: str) -> None:
+    package, name = LR_FREE[method]
+    cls = getattr(importlib.import_module(package), name)
+    model.configure_optimizers = lambda: cls(model.parameters())
+
+
+def _installed(method: str) -> bool:
+    package = "zclip" if method == "zclip" else LR_FREE[method][0] if method in LR_FREE else None
+    return package is None or importlib.util.find_spec(package) is not None
 
 
 METHODS = [
@@ -202,6 +242,8 @@ METHODS = [
     "lr_guard_no_gate",
     "lr_guard_gate_clip",
     "lr_guard_search",
+    "prodigy",
+    "schedule_free",
 ]
 
 
@@ -250,6 +292,10 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
         callbacks.append(LRGuard(gate=UpdateGate(mode="clip")))
     elif method == "lr_guard_search":
         callbacks.append(LRGuard(lr_search=True))
+    elif method in LR_FREE:
+        _use_lr_free(model, method)
+        if method == "schedule_free":
+            callbacks.append(ScheduleFreeModes())
     _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads
     # a guard that stops writes its last good state under the root: a temporary one, gone after the run
     with tempfile.TemporaryDirectory(prefix="lr_guard_rescue_") as root:
@@ -287,9 +333,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     _quiet()
-    methods = [m for m in args.methods if m != "zclip" or _has_zclip()]
-    if "zclip" not in methods:
-        print("zclip is not installed (pip install zclip): its column is skipped")
+    methods = [m for m in args.methods if _installed(m)]
+    for method in args.methods:
+        if method not in methods:
+            package = "zclip" if method == "zclip" else LR_FREE[method][0]
+            print(f"{package} is not installed (pip install {package}): the {method} column is skipped")
     means: dict[str, dict[str, float]] = {}
     print(f"{'scenario':<17}" + "".join(f"{m:>24}" for m in methods))
     for scenario in args.scenarios:

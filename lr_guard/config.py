@@ -118,6 +118,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "skip_batches": _count(0),
     "max_rollbacks": _count(0),
     "keep_lr_on_bad_batch": _flag,
+    "warmup_cap_factor": _factor(allow_none=True),
     "skip_spikes": _flag,
     "snapshot_every": _count(1),
     "confirm_steps": _count(1),
@@ -165,6 +166,7 @@ class GuardConfig:
     skip_batches: int = 0
     max_rollbacks: int = 3
     keep_lr_on_bad_batch: bool = True
+    warmup_cap_factor: float | None = 0.3
     skip_spikes: bool = False
     snapshot_every: int = 50
     confirm_steps: int = 10

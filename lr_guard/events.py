@@ -90,6 +90,9 @@ class Decision:
             a skipped update's batch can be found again.
         dry_run: Nothing was done (``dry_run=True``): ``action`` is what the guard would have done, and the LRs
             are those the guard would have had.
+        lr_cap: A rollback that capped the LR (``warmup_cap_factor``): the first param group's cap (else ``None``).
+        trouble_lr: Its LR at the step the trouble began (``event.step`` of the incident's first event), where
+            the cap was set; ``trouble_step``: that step.
     """
 
     event: Event
@@ -106,6 +109,9 @@ class Decision:
     epoch: int | None = None
     batch_idx: int | None = None
     dry_run: bool = False
+    lr_cap: float | None = None
+    trouble_lr: float | None = None
+    trouble_step: int | None = None
 
     def __str__(self) -> str:
         return self.message

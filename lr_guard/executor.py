@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from lr_guard.actions.lr import cut_lr, lr_factors, set_lr_factors, set_min_lr
+from lr_guard.actions.lr import cut_lr, lr_caps, lr_factors, set_lr_caps, set_lr_factors, set_min_lr
 from lr_guard.config import GuardConfig, per_group_floors
 from lr_guard.events import Action, Decision, EventKind
 from lr_guard.lr_search import LR_SEARCH
@@ -47,6 +47,9 @@ class RunState(Protocol):
     def take_snapshot(self) -> int:
         """Snapshot the training state now (an LR trial's); the step it holds."""
 
+    def lrs_at(self, step: int) -> list[list[float]] | None:
+        """The LR of every param group of every optimizer at step ``step`` (what it stepped with), where known."""
+
 
 @dataclass(frozen=True)
 class _Context:
@@ -59,6 +62,16 @@ class _Context:
     checkpoint: str | None
     step: int  # the step at which the guard acted
     dry_run: bool = False  # nothing was done: the message says what would have been
+    cap: _Cap | None = None  # the cap a rollback set
+
+
+@dataclass(frozen=True)
+class _Cap:
+    """The LR cap a rollback set: the first group's cap, and its LR at the step the trouble began."""
+
+    lr: float
+    trouble_lr: float
+    trouble_step: int
 
 
 def _lr_change(intent: Intent, c: _Context) -> tuple[str, str]:
@@ -89,6 +102,12 @@ def _rollback_message(intent: Intent, c: _Context) -> str:
         notes = "; ".join(note for note in (intent.reason, why) if note)
         return f"{event.message} -- {verb} to step {intent.rollback_to}, where training started, {change} ({notes})"
     skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
+    cap = c.cap
+    if cap is not None:
+        capped = "would cap" if c.dry_run else "capped"
+        skip += (
+            f", {capped} the peak at {cap.lr:.3g} (trouble began at LR {cap.trouble_lr:.3g}, step {cap.trouble_step})"
+        )
     notes = "; ".join(note for note in (f"rollback {c.incident} of {c.max_rollbacks}", why, intent.reason) if note)
     return f"{event.message} -- {verb} to step {intent.rollback_to}, {change}{skip} ({notes})"
 
@@ -136,12 +155,15 @@ def _lr_search_message(intent: Intent, c: _Context) -> str:
 
 def _rollback_detail(decision: Decision, factor: float) -> str:
     detail = f"back to step {decision.rollback_to}, LR x{decision.lr_factor:g} (cumulative x{factor:.3g})"
+    if decision.lr_cap is not None:
+        detail += f", LR capped at {decision.lr_cap:.3g}"
     return detail + (f", skip {decision.skip_batches} batches" if decision.skip_batches else "")
 
 
 def _rollback_done(decision: Decision) -> str:
     skip = f", skipping the next {decision.skip_batches} batches" if decision.skip_batches else ""
-    return f"rolled back to step {decision.rollback_to}{skip}"
+    cap = f" and capped the peak LR at {decision.lr_cap:.3g}" if decision.lr_cap is not None else ""
+    return f"rolled back to step {decision.rollback_to}{cap}{skip}"
 
 
 def _stop_done(decision: Decision) -> str:
@@ -189,7 +211,8 @@ class IntentExecutor:
     def __init__(self, policy: GuardPolicy, config: GuardConfig) -> None:
         self.policy = policy
         self.config = config
-        self._dry_factors: list[list[float]] | None = None  # a dry run's LR factors, as the live guard's would be
+        # a dry run's LR factors and caps, as the live guard's would be
+        self._dry_factors: tuple[list[list[float]], list[list[float]]] | None = None
 
     def prepare(self, optimizers: Sequence[Any]) -> None:
         """Record ``min_lr`` in the optimizers' param groups (one value, or one per group of all optimizers)."""
@@ -222,14 +245,22 @@ class IntentExecutor:
     def execute(self, intent: Intent, run: RunState) -> Decision:
         dry_run = self.config.dry_run
         checkpoint = None
+        cap = None
+        if intent.cap_at is not None:
+            cap = self._cap(intent.cap_at, run)
         if dry_run:
-            intent, lr_before, lr_after = self._as_if(intent, run)
+            intent, lr_before, lr_after = self._as_if(intent, run, cap)
         else:
             lr_before = _first_lr(run.optimizers)
             intent, checkpoint = getattr(self, ACTIONS[intent.action].handler)(intent, run)
+            if cap is not None:
+                set_lr_caps(run.optimizers, cap[0])
             lr_after = _first_lr(run.optimizers)
             if intent.event.kind == LR_SEARCH and intent.rollback_to is not None:
                 self.policy.trial_steps_discarded(run.step - intent.rollback_to)
+        shown = (
+            _Cap(cap[0][0][0], cap[1][0][0], intent.cap_at) if cap is not None and intent.cap_at is not None else None
+        )
         spec = ACTIONS[intent.action]  # a cut that could not be made is held
         context = _Context(
             lr_before,
@@ -239,6 +270,7 @@ class IntentExecutor:
             checkpoint,
             run.step,
             dry_run,
+            shown,
         )
         where = run.locate(intent.event.step)
         return Decision(
@@ -256,9 +288,27 @@ class IntentExecutor:
             where[0] if where else None,
             where[1] if where else None,
             dry_run,
+            shown.lr if shown else None,
+            shown.trouble_lr if shown else None,
+            shown.trouble_step if shown else None,
         )
 
-    def _as_if(self, intent: Intent, run: RunState) -> tuple[Intent, float, float]:
+    def _cap(self, step: int, run: RunState) -> tuple[list[list[float]], list[list[float]]]:
+        """The caps a rollback sets (``warmup_cap_factor`` times each group's LR at ``step``, where the trouble
+        began; the LR now where that step's is not known), each no higher than a cap the group already has, and
+        the LRs they were read from."""
+        assert self.config.warmup_cap_factor is not None
+        lrs = run.lrs_at(step) or [[float(g["lr"]) for g in opt.param_groups] for opt in run.optimizers]
+        fraction = self.config.warmup_cap_factor
+        caps = [
+            [min(fraction * lr, cap) for lr, cap in zip(group_lrs, group_caps, strict=True)]
+            for group_lrs, group_caps in zip(lrs, lr_caps(run.optimizers), strict=True)
+        ]
+        return caps, lrs
+
+    def _as_if(
+        self, intent: Intent, run: RunState, cap: tuple[list[list[float]], list[list[float]]] | None = None
+    ) -> tuple[Intent, float, float]:
         """A dry run: the intent's LR change made on copies of the param groups that carry the LR factors the live
         guard would have by now, and nothing done to the run; the intent (a cut that could not be made is held)
         and the first group's LR before and after, as the live guard would have had them. A rollback's LR after
@@ -266,7 +316,8 @@ class IntentExecutor:
         restoring it."""
         paper = [_ParamGroups([dict(g) for g in opt.param_groups]) for opt in run.optimizers]
         if self._dry_factors is not None:
-            set_lr_factors(paper, self._dry_factors)
+            set_lr_factors(paper, self._dry_factors[0])
+            set_lr_caps(paper, self._dry_factors[1])
         lr_before = _first_lr(paper)
         if intent.action == Action.LR_CUT:
             if cut_lr(paper, intent.lr_factor, eps=self.config.eps):
@@ -274,15 +325,17 @@ class IntentExecutor:
             else:
                 intent = replace(intent, action=Action.HELD, lr_factor=1.0, reason=NO_CUT)
         elif intent.action == Action.ROLLBACK:
-            set_lr_factors(paper, [[f * intent.lr_factor for f in fs] for fs in lr_factors(paper)])
-        self._dry_factors = lr_factors(paper)
+            _scale_lr_state(paper, lr_factors(paper), lr_caps(paper), intent.lr_factor)
+            if cap is not None:
+                set_lr_caps(paper, cap[0])
+        self._dry_factors = (lr_factors(paper), lr_caps(paper))
         return intent, lr_before, _first_lr(paper)
 
     def _rollback(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
         assert intent.rollback_to is not None
-        factors = lr_factors(run.optimizers)
-        run.restore(intent.rollback_to)
-        set_lr_factors(run.optimizers, [[f * intent.lr_factor for f in fs] for fs in factors])
+        factors, caps = lr_factors(run.optimizers), lr_caps(run.optimizers)
+        run.restore(intent.rollback_to)  # the snapshot's optimizer state holds the LR factors and caps of its step
+        _scale_lr_state(run.optimizers, factors, caps, intent.lr_factor)
         return intent, None
 
     def _trial(self, intent: Intent, run: RunState) -> tuple[Intent, str | None]:
@@ -313,6 +366,14 @@ class _ParamGroups:
     """Copies of an optimizer's param groups, for a dry run's LR changes."""
 
     param_groups: list[dict[str, Any]]
+
+
+def _scale_lr_state(
+    optimizers: Sequence[Any], factors: list[list[float]], caps: list[list[float]], factor: float
+) -> None:
+    """Set the LR factors and caps the guard had (a rollback does not undo them), each times ``factor``."""
+    set_lr_factors(optimizers, [[f * factor for f in fs] for fs in factors])
+    set_lr_caps(optimizers, [[c * factor for c in cs] for cs in caps])
 
 
 def _first_lr(optimizers: Sequence[Any]) -> float:

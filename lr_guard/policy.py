@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from lr_guard.detectors import Detector, NullDetector
@@ -33,6 +33,10 @@ RESTART_PROGRESS = 0.05
 
 # Why a first rollback keeps the LR: one value blew up after a calm stretch, outside a warm-up
 BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
+# Why a rollback caps the LR instead of cutting it: the trouble began while the schedule's LR was rising
+WARMUP_CAP = "the trouble began while the schedule's LR was rising: the warm-up passed where training stays stable"
+# The kinds of event that are the first sign of trouble (a plateau is none)
+TROUBLE = (EventKind.SPIKE.value, EventKind.OSCILLATION.value, EventKind.DIVERGENCE.value)
 
 KINDS = tuple(kind.value for kind in EventKind)  # counted even when no detector of the kind is on
 ACTIONS_COUNTED = ("lr_cuts", "rollbacks", "skipped_batches", "snapshots")
@@ -50,6 +54,7 @@ class Intent:
     rollback_to: int | None = None  # the snapshot step to restore (rollback and stop)
     skip_batches: int = 0
     reason: str = ""  # why an action was held or only logged
+    cap_at: int | None = None  # a rollback that caps the LR: at warmup_cap_factor x the LR of this step
 
 
 @dataclass
@@ -73,6 +78,10 @@ class GuardPolicy(UpdateResponses):
       (``keep_lr_on_bad_batch``): when the first rollback of an incident is set off by one sudden value (non-finite
       or blown up) after at least ``confirm_steps`` optimizer steps without any event, outside a warm-up, the LR was not
       to blame, and the data stream has moved past the batch; if the trouble comes back, the next rollback cuts.
+      The warm-up as a range test (``warmup_cap_factor``): when the incident's first event (a spike, oscillation
+      or divergence after the good snapshot) came while the schedule's LR was rising, or the LR is rising now, the
+      first such rollback of the fit keeps the LR factor and caps the LR at ``warmup_cap_factor`` times the LR of
+      that first event's step (:attr:`Intent.cap_at`); a later one cuts as usual.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
       ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
     * A failed start: a plateau while the progress detector's (the plateau detector's) best mean is less than
@@ -115,6 +124,7 @@ class GuardPolicy(UpdateResponses):
         }
         self.incident_rollbacks = 0
         self.restarts = 0  # failed starts restarted (kept across a resume, like the counters)
+        self.capped = False  # a warm-up's rollback has capped the LR (kept across a resume)
         self.skips = SkipLedger()
         self._index_detectors()
         self.reset_run()
@@ -158,6 +168,7 @@ class GuardPolicy(UpdateResponses):
         self.counts.update(dict.fromkeys(self._counted, 0))
         self.incident_rollbacks = 0
         self.restarts = 0
+        self.capped = False
         self.skips.left = 0
         self.search.reset()
         self.reset_run()
@@ -175,6 +186,8 @@ class GuardPolicy(UpdateResponses):
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
         self.search.trial = None
+        self.trouble_from: int | None = None  # the step of the first event since the good snapshot
+        self._trouble_rising = False  # was the schedule's LR rising then?
 
     def note_lr(self, lr: float, step: int, effective: float | None = None) -> None:
         """The schedule's own LR (without the guard's cuts) at ``step``, and the ``effective`` one the optimizer
@@ -241,6 +254,7 @@ class GuardPolicy(UpdateResponses):
         if step - self.pending.step + 1 >= self.config.confirm_steps:
             self.good, self.pending = self.pending, None
             self.incident_rollbacks = 0
+            self.trouble_from = None
 
     # -- decisions ---------------------------------------------------------------------------------------------
     def _update_signals(self, step: int, values: Mapping[str, float]) -> tuple[list[Event] | None, float]:
@@ -293,6 +307,8 @@ class GuardPolicy(UpdateResponses):
                     return [searched]
             return [gated] if gated is not None else []
         calm_before, self._calm_from = step - calm_from, step + 1  # optimizer steps with no event before this
+        if self.trouble_from is None and any(kind_name(e.kind) in TROUBLE for e in events):
+            self.trouble_from, self._trouble_rising = step, self.lr_rising
         intents = [gated] if gated is not None else []
         if self.config.lr_search:
             trial = self.search.trial
@@ -355,6 +371,16 @@ class GuardPolicy(UpdateResponses):
             self.search.lower_ceiling(self.search.lr)
         if bad_batch:  # the data stream moves on past it: the LR was not to blame
             return self._rollback(event, good.step, config.skip_batches, factor=1.0, reason=BAD_BATCH)
+        trouble = self.trouble_from
+        if (
+            config.warmup_cap_factor is not None
+            and not self.capped
+            and trouble is not None
+            and (self._trouble_rising or self.lr_rising)
+        ):  # the warm-up found the threshold: cap the LR just below where the trouble began
+            self.capped = True
+            intent = self._rollback(event, good.step, config.skip_batches, factor=1.0, reason=WARMUP_CAP)
+            return replace(intent, cap_at=trouble)
         return self._rollback(event, good.step, config.skip_batches)
 
     def _on_oscillation(self, event: Event, calm_before: int) -> Intent:
@@ -400,6 +426,7 @@ class GuardPolicy(UpdateResponses):
         self.counts["rollbacks"] += 1
         self._calm_from = None
         self._grad_warning = None
+        self.trouble_from = None
         self.skips.left = skip_batches
         factor = self.config.rollback_factor if factor is None else factor
         return Intent(event, Action.ROLLBACK, factor, step, skip_batches, reason)
@@ -567,6 +594,7 @@ class GuardPolicy(UpdateResponses):
             "counts": dict(self.counts),
             "incident_rollbacks": self.incident_rollbacks,
             "restarts": self.restarts,
+            "capped": self.capped,
             "skip_left": self.skips.left,
             "stopped": self.stopped,  # written by the guard's stop: a resume from it gets a fresh budget
             "lr_search": self.search.state_dict(),
@@ -579,6 +607,7 @@ class GuardPolicy(UpdateResponses):
         # budget of rollbacks (the spent one would stop the run again at its first bad batch)
         self.incident_rollbacks = 0 if state.get("stopped") else int(state.get("incident_rollbacks", 0))
         self.restarts = int(state.get("restarts", 0))
+        self.capped = bool(state.get("capped", False))
         self.skips.left = int(state.get("skip_left", 0))
         self.search.load_state_dict(state.get("lr_search", {}))
 

@@ -328,6 +328,7 @@ class _PaperRun:
     def __init__(self, lr: float) -> None:
         self.optimizers = [_PaperOptimizer(lr)]
         self.step = 0
+        self.readings: Sequence[tuple[int, float]] = ()  # the logged LR, (step, lr)
         self._factors: dict[int, list[list[float]]] = {}
 
     def snapshot(self, step: int) -> None:
@@ -350,6 +351,18 @@ class _PaperRun:
 
     def locate(self, step: int) -> tuple[int, int] | None:
         return None
+
+    def lrs_at(self, step: int) -> list[list[float]] | None:
+        """The LR at ``step``: the last logged reading at or before it, the guard's factor and cap applied."""
+        from lr_guard.actions.lr import set_scheduled_lr
+
+        before = [rate for reading_step, rate in self.readings if reading_step <= step]
+        if not before:
+            return None
+        group = _PaperOptimizer(before[-1])
+        group.param_groups = [dict(self.optimizers[0].param_groups[0])]
+        set_scheduled_lr(group, [before[-1]])
+        return [[float(group.param_groups[0]["lr"])]]
 
 
 def _checks(
@@ -480,6 +493,7 @@ class _PaperGuard:
         self.policy = GuardPolicy(detectors, config)
         self.executor = IntentExecutor(self.policy, config)
         self.paper = _PaperRun(lr[0][1] if lr else 1.0)
+        self.paper.readings = lr
         self.executor.prepare(self.paper.optimizers)
         self.rows: list[ReplayRow] = []
         self.decisions: list[Decision] = []

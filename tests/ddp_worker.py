@@ -21,8 +21,8 @@ from lr_guard.testing import ScriptedLossModule
 class RankScripted(ScriptedLossModule):
     """The scripted loss, with faults seen by one rank only."""
 
-    def __init__(self, faults):
-        super().__init__([2.0 / (1.0 + 0.05 * t) for t in range(400)], optimizer="adam", lr=0.01)
+    def __init__(self, faults, scheduler=None):
+        super().__init__([2.0 / (1.0 + 0.05 * t) for t in range(400)], optimizer="adam", lr=0.01, scheduler=scheduler)
         self.faults = faults  # {rank: {step: value}}
 
     def training_step(self, batch, batch_idx):
@@ -42,7 +42,9 @@ SCENARIOS = {
     "always_nan_on_rank0": {0: {"start": 25, "from": math.nan}},
     "gate_nan_on_rank1": {1: {25: math.nan}},
     "spawn_nan_on_rank1": {1: {25: math.nan}},
+    "warmup_nan_on_rank1": {1: {25: math.nan}},
 }
+WARMED_UP = {"warmup_nan_on_rank1"}  # scenarios with a linear warm-up over the whole run
 GATED = {"gate_nan_on_rank1"}  # scenarios run with the update gate
 SPAWNED = {"spawn_nan_on_rank1"}  # scenarios run with strategy="ddp_spawn" (the others re-run this script per rank)
 
@@ -64,6 +66,7 @@ class WriteResult(pl.Callback):
             "strategy": type(trainer.strategy).__name__,
             "spawned": type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher",
             "decisions": [(d.event.step, d.action.value, d.rollback_to) for d in guard.decisions],
+            "lr_caps": [d.lr_cap for d in guard.decisions],
             "global_step": trainer.global_step,
             "params_sha256": digest,
             "finite": all(bool(torch.isfinite(p).all()) for p in params),
@@ -105,7 +108,8 @@ def main():
         **QUIET,
         default_root_dir=out,
     )
-    trainer.fit(RankScripted(SCENARIOS[scenario]))
+    warm_up = (lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.1, 1.0, 60)) if scenario in WARMED_UP else None
+    trainer.fit(RankScripted(SCENARIOS[scenario], warm_up))
 
 
 if __name__ == "__main__":

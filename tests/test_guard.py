@@ -128,11 +128,20 @@ def _policy(**kwargs):
 
 @pytest.mark.parametrize(
     ("case", "factor"),
-    [("bad_batch", 1.0), ("warm_up", 0.5), ("switched_off", 0.5), ("too_early", 0.5), ("smoothed_rise", 0.5)],
+    [
+        ("bad_batch", 1.0),
+        ("warm_up", 0.5),
+        ("warm_up_capped", 1.0),
+        ("switched_off", 0.5),
+        ("too_early", 0.5),
+        ("smoothed_rise", 0.5),
+    ],
 )
 def test_which_rollbacks_keep_the_lr(case, factor):
-    policy = _policy(keep_lr_on_bad_batch=case != "switched_off")
-    policy.lr_rising = case == "warm_up"
+    # in a warm-up the LR factor is kept when the rollback caps the LR instead (warmup_cap_factor)
+    cap = 0.5 if case == "warm_up_capped" else None
+    policy = _policy(keep_lr_on_bad_batch=case != "switched_off", warmup_cap_factor=cap)
+    policy.lr_rising = case.startswith("warm_up")
     calm = 3 if case == "too_early" else 30
     values = [2.0 - 0.01 * t for t in range(calm)]
     # a blow-up of one value (NaN), or a smoothed loss at ~3x its best (no single value at 10x)
@@ -140,6 +149,7 @@ def test_which_rollbacks_keep_the_lr(case, factor):
     intents = [i for t, v in enumerate(values + trouble) for i in policy.observe(t, v)]
     assert [i.action for i in intents] == [Action.ROLLBACK]
     assert intents[0].lr_factor == factor
+    assert intents[0].cap_at == (calm if cap else None)  # the cap is read from the LR of the trouble's first step
 
 
 def test_a_warm_up_lasts_between_lr_readings_and_a_second_reading_at_one_step_changes_nothing():
@@ -306,9 +316,11 @@ def test_warmup_to_a_too_high_peak_is_rescued():
     module = TinyRegressionModule(lr=1.0, seed=3, scheduler=warmup)
     guard = LRGuard(snapshot_every=10, confirm_steps=5, max_rollbacks=10)
     make_trainer([guard], max_steps=600).fit(module)
-    # Each rollback halves the whole schedule (the warm-up's peak included) until it is stable: 1.0 -> 1/32.
+    # The first rollback caps the LR at half the LR where the trouble began (warmup_cap_factor); later ones halve
+    # factor and cap alike until it is stable.
     assert bad and finite(module) and module.full_loss() < 0.5
-    assert guard.counts["rollbacks"] >= 3 and guard.decisions[-1].lr_after < 0.1
+    first = next(d for d in guard.decisions if d.action.value == "rollback")
+    assert first.lr_cap is not None and first.lr_factor == 1.0 and guard.decisions[-1].lr_after < 0.1
 
 
 def test_plateau_cut_at_the_expected_step():

@@ -36,7 +36,8 @@ class ManualWarmupModule(TinyRegressionModule):
 
 def test_a_manual_warm_up_in_optimizer_step_composes_with_the_rollback_cut(caplog):
     caplog.set_level("INFO", logger="lr_guard")
-    guard = LRGuard(gate=False, plateau=False, snapshot_every=20, check_every_n_steps=1)
+    # the cut, not the warm-up's cap (warmup_cap_factor, tests/test_warmup_cap.py): what is tested is the factor
+    guard = LRGuard(gate=False, plateau=False, snapshot_every=20, check_every_n_steps=1, warmup_cap_factor=None)
     recorder = LRRecorder()
     model = ManualWarmupModule(lr=0.05, poison_steps=[75])
     make_trainer([guard, recorder], max_steps=130).fit(model)
@@ -83,7 +84,9 @@ class _PickleSchedulers(pl.Callback):
     ids=["StepLR", "OneCycleLR", "ReduceLROnPlateau"],
 )
 def test_a_scheduler_pickles_and_deep_copies_during_fit_and_its_copy_composes_too(factory):
-    guard = LRGuard(gate=False, plateau=False, check_every_n_steps=1, keep_lr_on_bad_batch=False)
+    guard = LRGuard(
+        gate=False, plateau=False, check_every_n_steps=1, keep_lr_on_bad_batch=False, warmup_cap_factor=None
+    )
     copier = _PickleSchedulers()
     model = TinyRegressionModule(lr=0.05, scheduler=factory, poison_steps=[30])
     make_trainer([guard, copier], max_steps=60).fit(model)

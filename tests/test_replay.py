@@ -13,6 +13,7 @@ from torch.optim import lr_scheduler as S
 
 from lr_guard import LRGuard
 from lr_guard.actions import lr_factors
+from lr_guard.actions.lr import lr_caps
 from lr_guard.data import load_curve
 from lr_guard.diagnostics import DECISIONS_TAG
 from lr_guard.replay import ReplayError, guard_settings, load_series, main, replay
@@ -92,7 +93,7 @@ def test_replay_takes_every_decision_the_live_guard_takes(name):
 
 
 def test_replay_reads_the_logged_lr_and_sees_a_warm_up_as_the_live_guard_does(tmp_path, capsys):
-    # a warm-up (LinearLR over the whole run) and one NaN at step 60: the live guard sees the LR rising and cuts
+    # a warm-up (LinearLR over the whole run) and one NaN at step 60: the live guard sees the LR rising and caps it
     def module():
         warm_up = lambda o: S.LinearLR(o, start_factor=0.1, total_iters=100)  # noqa: E731
         return ScriptedLossModule(script(nan_at=[60]), optimizer="adam", lr=0.01, scheduler=warm_up)
@@ -104,11 +105,13 @@ def test_replay_reads_the_logged_lr_and_sees_a_warm_up_as_the_live_guard_does(tm
     trainer = make_trainer([guard], max_steps=100)
     trainer.fit(module())
     assert [(d.event.step, d.action.value) for d in guard.decisions] == [(60, "rollback")]
-    assert lr_factors(trainer.optimizers) == [[0.5]]  # cut, not kept: the LR was rising
+    assert lr_factors(trainer.optimizers) == [[1.0]]  # capped, not cut: the LR was rising
+    (cap,) = [d.lr_cap for d in guard.decisions]
+    assert lr_caps(trainer.optimizers) == [[cap]] and cap == pytest.approx(0.3 * 0.01 * (0.1 + 0.9 * 60 / 100))
     assert main(["replay", logger.log_dir, "--set", "snapshot_every=10", "--set", "confirm_steps=3"]) == 0
     out = capsys.readouterr().out
     assert "learning rate from 'lr-Adam'" in out
-    assert "      60  divergence" in out and "back to step 50, LR x0.5 (cumulative x0.5)" in out
+    assert "      60  divergence" in out and f"back to step 50, LR x1 (cumulative x1), LR capped at {cap:.3g}" in out
 
 
 def test_a_csv_lr_column_marks_the_warm_up(tmp_path):
@@ -121,11 +124,15 @@ def test_a_csv_lr_column_marks_the_warm_up(tmp_path):
     assert column == "lr" and len(lr) == 100
     series, _, _ = load_series(with_lr)
     settings = {"snapshot_every": 10, "confirm_steps": 3}
-    assert replay(series, settings, lr=lr).rows[0].detail.startswith("back to step 50, LR x0.5")
-    assert replay(series, settings).rows[0].detail.startswith("back to step 50, LR x1")  # no LR: past warm-up
+    # the LR rises: the cap is 0.3 x the LR at the NaN's step (0.061)
+    assert (
+        replay(series, settings, lr=lr).rows[0].detail == "back to step 50, LR x1 (cumulative x1), LR capped at 0.0183"
+    )
+    assert replay(series, settings).rows[0].detail == "back to step 50, LR x1 (cumulative x1)"  # no LR: past warm-up
     # an LR logged every 7 steps only (a monitor's log_every_n_steps): the warm-up lasts between the readings
     sparse = [(t, rate) for t, rate in lr if t % 7 == 0]
-    assert replay(series, settings, lr=sparse).rows[0].detail.startswith("back to step 50, LR x0.5")
+    # (the cap is read from the last reading at or before step 60: 0.057, at step 56)
+    assert replay(series, settings, lr=sparse).rows[0].detail.endswith("LR x1 (cumulative x1), LR capped at 0.0171")
     with pytest.raises(ReplayError, match="'learning_rate' columns"):
         load_lr_series(with_lr, "learning_rate")
 

@@ -6,16 +6,21 @@ through ``eta_min`` arithmetic. The solution here: each param group carries a cu
 (``group["lr_guard_factor"]``); every scheduler is made to *see and produce the unscaled schedule* -- its
 ``step`` is wrapped so that the groups hold the unscaled LR while it runs -- and the optimizer always steps with
 
-    effective_lr = max(unscaled_lr * factor, min(unscaled_lr, min_lr))
+    effective_lr = max(min(unscaled_lr * factor, cap), min(unscaled_lr, min_lr))
 
 so a cut by ``f`` at step ``k`` makes the LR at every later step ``f`` times what the schedule alone gives, never
-pushes it below ``min_lr`` (the schedule itself may go lower) and never above the schedule. The factor lives in the
-param group, hence in ``optimizer.state_dict()``, and survives a checkpoint resume; the scheduler's own
+pushes it below ``min_lr`` (the schedule itself may go lower) and never above the schedule. ``cap``
+(``group["lr_guard_cap"]``, none until the guard sets one: :func:`set_lr_caps`) is a ceiling on that LR: a warm-up
+that carried the LR past where training stays stable rises to the cap and stays there until the schedule's own
+decay passes under it. A cut scales the cap with the factor, so it bites also where the cap holds the LR. The
+factor and the cap live in the param group, hence in ``optimizer.state_dict()``, and survive a checkpoint resume
+(and a rollback restores neither: the guard carries them over); the scheduler's own
 ``state_dict`` is untouched (the wrapping swaps the instance's class for a subclass, adding no attribute).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,8 +29,10 @@ __all__ = [
     "LRChange",
     "compose_with_scheduler",
     "cut_lr",
+    "lr_caps",
     "lr_factors",
     "release_scheduler",
+    "set_lr_caps",
     "set_lr_factors",
     "set_min_lr",
     "set_scheduled_lr",
@@ -43,6 +50,7 @@ FACTOR = "lr_guard_factor"
 UNSCALED = "lr_guard_unscaled"
 EFFECTIVE = "lr_guard_effective"
 MIN_LR = "lr_guard_min_lr"
+CAP = "lr_guard_cap"
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ def _unscaled(group: dict[str, Any]) -> float:
 def _apply(group: dict[str, Any], unscaled: float) -> None:
     factor = float(group.get(FACTOR, 1.0))
     min_lr = float(group.get(MIN_LR, 0.0))
-    effective = max(unscaled * factor, min(unscaled, min_lr))
+    effective = max(min(unscaled * factor, float(group.get(CAP, math.inf))), min(unscaled, min_lr))
     group[UNSCALED] = unscaled
     group[EFFECTIVE] = effective
     group["lr"] = effective
@@ -95,7 +103,8 @@ def set_scheduled_lr(optimizer: Any, lrs: Sequence[float]) -> None:
 
 
 def cut_lr(optimizers: Iterable[HasParamGroups], factor: float, eps: float = 1e-8) -> list[LRChange]:
-    """Multiply every group's cumulative LR factor by ``factor`` (0 < factor < 1), honouring ``min_lr``.
+    """Multiply every group's cumulative LR factor (and its cap, where it has one) by ``factor`` (0 < factor < 1),
+    honouring ``min_lr``.
 
     As torch's ``ReduceLROnPlateau``: a group whose LR would change by ``eps`` or less is left alone. Returns the
     changes actually made.
@@ -107,11 +116,15 @@ def cut_lr(optimizers: Iterable[HasParamGroups], factor: float, eps: float = 1e-
         for j, group in enumerate(optimizer.param_groups):
             old = float(group["lr"])
             unscaled = _unscaled(group)
-            previous = float(group.get(FACTOR, 1.0))
+            previous, cap = float(group.get(FACTOR, 1.0)), group.get(CAP)
             group[FACTOR] = previous * factor
+            if cap is not None:
+                group[CAP] = cap * factor
             _apply(group, unscaled)
             if old - group["lr"] <= eps:
                 group[FACTOR] = previous
+                if cap is not None:
+                    group[CAP] = cap
                 _apply(group, unscaled)
                 continue
             changes.append(LRChange(i, j, old, float(group["lr"])))
@@ -139,6 +152,24 @@ def set_lr_factors(optimizers: Iterable[HasParamGroups], factors: Sequence[Seque
             unscaled = _unscaled(group)
             group[FACTOR] = float(factor)
             _apply(group, unscaled)
+
+
+def set_lr_caps(optimizers: Iterable[HasParamGroups], caps: Sequence[Sequence[float]]) -> None:
+    """Set every group's ceiling on its LR (as returned by :func:`lr_caps`; ``inf``: none) and its effective LR."""
+    for optimizer, group_caps in zip(optimizers, caps, strict=True):
+        for group, cap in zip(optimizer.param_groups, group_caps, strict=True):
+            unscaled = _unscaled(group)
+            group.setdefault(FACTOR, 1.0)  # the schedulers' steps re-apply the guard's LR state to this group
+            if math.isinf(cap):
+                group.pop(CAP, None)
+            else:
+                group[CAP] = float(cap)
+            _apply(group, unscaled)
+
+
+def lr_caps(optimizers: Iterable[HasParamGroups]) -> list[list[float]]:
+    """The ceiling on the LR of every param group of every optimizer (``inf`` where the guard set none)."""
+    return [[float(g.get(CAP, math.inf)) for g in opt.param_groups] for opt in optimizers]
 
 
 def lr_factors(optimizers: Iterable[HasParamGroups]) -> list[list[float]]:

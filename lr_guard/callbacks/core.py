@@ -113,6 +113,14 @@ class GuardCore(GuardSettings):
             ``confirm_steps`` optimizer steps with no event, outside a warm-up: that is a bad batch, which the
             data stream has moved past, not a too-high LR. If the trouble comes back, the next rollback cuts the LR.
             ``False``: every rollback cuts the LR by ``rollback_factor``.
+        warmup_cap_factor: The warm-up as a range test. When the trouble a rollback answers began while the
+            schedule's LR was rising (a warm-up carried it past where training stays stable), the first such
+            rollback keeps the LR factor and caps the LR instead: at this fraction of the LR the optimizer stepped
+            with at the incident's first event (a spike, oscillation or divergence after the last good snapshot,
+            not the event that confirmed it). From then on each group's LR is ``min(schedule x factor, cap)``: the
+            replayed warm-up rises to the cap and stays there until the schedule's decay passes under it. A later
+            rollback (or cut) lowers factor and cap alike by its factor. ``None``: every such rollback cuts by
+            ``rollback_factor``, as at a constant LR.
         skip_spikes: Skip the update of a spiking (or non-finite) step; costs one host sync per step.
         snapshot_every: Take a snapshot every this many optimizer steps.
         confirm_steps: Optimizer steps of healthy values after a snapshot before it counts as good (with
@@ -175,6 +183,7 @@ class GuardCore(GuardSettings):
         skip_batches: int = 0,
         max_rollbacks: int = 3,
         keep_lr_on_bad_batch: bool = True,
+        warmup_cap_factor: float | None = 0.3,
         skip_spikes: bool = False,
         snapshot_every: int = 50,
         confirm_steps: int = 10,
@@ -320,7 +329,7 @@ class GuardCore(GuardSettings):
         self._release_schedulers()
         self._compose_schedulers(trainer)
         self._release_optimizers()
-        self._lr_hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in trainer.optimizers]
+        self._lr_hooks = [opt.register_step_pre_hook(self._optimizer_pre_hook) for opt in trainer.optimizers]
         self._last_global_step = trainer.global_step
         self._store = SnapshotStore(
             self.snapshot_device,
@@ -387,6 +396,13 @@ class GuardCore(GuardSettings):
         for hook in self._lr_hooks:
             hook.remove()
         self._lr_hooks = []
+
+    def _optimizer_pre_hook(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
+        """Before every optimizer step: take up an LR written by hand, and keep the LRs it steps with (a cap is
+        read from those of the step where trouble began)."""
+        self._before_optimizer_step(optimizer)
+        if self._cadence.note_lrs:
+            self._run.note_lrs(self._last_global_step)  # type: ignore[union-attr]
 
     def _before_optimizer_step(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
         """Every optimizer step: an LR the user wrote by hand (a manual warm-up in ``optimizer_step``) is taken as
@@ -569,6 +585,8 @@ class GuardCore(GuardSettings):
         reporter = self._reporter
         self.executor.process(values, self._run, reporter.decision, reporter.value if reporter.logs_values else None)
         self._run.forget_before(values[-1][0])
+        if self._cadence.note_lrs:
+            self._run.forget_lrs(self.policy.trouble_from, values[-1][0])
         self.checkpoint_path = self._run.checkpoint_path
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
 
@@ -592,6 +610,7 @@ class _Cadence:
         self.loss_per_batch = self.every_step and config.monitor is None  # sum the micro-batches' losses
         self.snapshot_every = config.snapshot_every if config.rollback else 0
         self.check_every = 1 if config.skip_spikes else config.check_every_n_steps
+        self.note_lrs = config.rollback and config.warmup_cap_factor is not None  # the LR a cap is read from
 
 
 def _warn(text: str) -> None:

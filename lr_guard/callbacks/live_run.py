@@ -68,6 +68,7 @@ class LiveRun:
         self.checkpoint_dir = checkpoint_dir or os.path.join(trainer.default_root_dir, "lr_guard_checkpoints")
         self.checkpoint_path: str | None = None
         self.where: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch index), kept while the gate is on
+        self.lrs: dict[int, list[list[float]]] = {}  # step -> the LR of every group it stepped with (note_lrs)
         self._minimums: tuple[int | None, int | None] | None = None  # the Trainer's, while a stop overrides them
         self.metrics: dict[int, dict[str, Any]] = {}  # snapshot step -> the callback metrics logged at that step
         self.metrics_due: int | None = None  # the step of the last snapshot, until its step's metrics are kept
@@ -98,6 +99,19 @@ class LiveRun:
     def locate(self, step: int) -> tuple[int, int] | None:
         """The epoch and batch index the update of ``step`` was trained on, where they were noted."""
         return self.where.get(step)
+
+    def note_lrs(self, step: int) -> None:
+        """Keep the LR of every param group of every optimizer at optimizer step ``step``, before it steps."""
+        if step not in self.lrs:
+            self.lrs[step] = [[float(g["lr"]) for g in o.param_groups] for o in self.trainer.optimizers]
+
+    def lrs_at(self, step: int) -> list[list[float]] | None:
+        return self.lrs.get(step)
+
+    def forget_lrs(self, kept: int | None, after: int) -> None:
+        """Keep the LRs of step ``kept`` (the first sign of the trouble under way) and of the steps after
+        ``after`` (not checked yet)."""
+        self.lrs = {s: lrs for s, lrs in self.lrs.items() if s > after or s == kept}
 
     def forget_before(self, step: int) -> None:
         """Steps before ``step`` are dealt with: their places are no longer needed."""

@@ -63,6 +63,7 @@ class GuardSettings:
     skip_batches = Setting()
     max_rollbacks = Setting()
     keep_lr_on_bad_batch = Setting()
+    warmup_cap_factor = Setting()
     skip_spikes = Setting()
     snapshot_every = Setting()
     confirm_steps = Setting()
