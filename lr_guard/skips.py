@@ -48,7 +48,7 @@ class SkipLedger:
     def spike(self, step: int, value: float, detector: SpikeDetector) -> bool:
         """Skip the update of ``step`` if its ``value`` is non-finite or would score as a spike now (marked, to be
         counted when its event arrives); whether it is skipped."""
-        if math.isfinite(value) and not detector.peek(value) >= detector.threshold:
+        if math.isfinite(value) and not detector.peek(value) >= detector.current_threshold:
             return False
         self.mark(step)
         return True

@@ -4,8 +4,10 @@ The model, in log space: training progress ``tau`` advances by ``lr(t) / lr_max`
 and a decayed LR slows progress); the clean loss is ``c + a * (tau + t0) ** -b`` (a power law) plus an LR-dependent
 excess ``k * lr(t) / lr_max`` (so a scheduled drop gives a sudden fall, as in real step schedules); batch noise is
 multiplicative, Student-t with ``noise_df`` degrees of freedom (heavier-tailed than Gaussian, like real
-per-batch losses), with a scale that shrinks as the LR decays. Trouble is then injected, and its true extent
-returned as :class:`TrueEvent` windows: a detection inside ``[start, end]`` is correct.
+per-batch losses), with a scale that shrinks as the LR decays; ``noise=`` names a family instead (``NOISES``:
+Student-t(6), Student-t(3) or Gaussian, each with the robust sigma, i.e. the median absolute draw, of the default).
+Trouble is then injected, and its true extent returned as :class:`TrueEvent` windows: a detection inside
+``[start, end]`` is correct.
 
 Example:
     >>> stream = make_stream(seed=3, n_steps=500, inject="spike")
@@ -20,13 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from lr_guard.events import EventKind
 
-__all__ = ["INJECTIONS", "SCHEDULES", "LossStream", "TrueEvent", "make_stream", "make_suite"]
+__all__ = ["INJECTIONS", "NOISES", "SCHEDULES", "LossStream", "TrueEvent", "make_stream", "make_suite"]
 
 SCHEDULES = ("constant", "step", "cosine")
 INJECTIONS = (None, "spike", "oscillation", "plateau", "divergence", "stuck")
+NOISES = ("student_t6", "student_t3", "gaussian")
+_NOISE_DF = {"student_t6": 6.0, "student_t3": 3.0, "gaussian": math.inf}
+# The smallest injected spike is at least as high as the noise itself reaches once in this many steps.
+SPIKE_RARITY = 1e5
 
 
 @dataclass(frozen=True)
@@ -102,17 +109,32 @@ def _stop_progress(
     return TrueEvent(EventKind.OSCILLATION, start, end, f"period {period:g}, amplitude {amplitude:.3g}")
 
 
+def _noise_draws(rng: np.random.Generator, n_steps: int, df: float, divisor: float) -> tuple[np.ndarray, float]:
+    """Student-t(``df``) draws (Gaussian for ``inf``) divided by ``divisor``, and the height the noise reaches
+    once in ``SPIKE_RARITY`` steps, in the same units."""
+    if not math.isfinite(df):
+        return rng.standard_normal(n_steps) / divisor, float(stats.norm.isf(1.0 / SPIKE_RARITY)) / divisor
+    return rng.standard_t(df, size=n_steps) / divisor, float(stats.t.isf(1.0 / SPIKE_RARITY, df)) / divisor
+
+
 def _add_trouble(
-    rng: np.random.Generator, inject: str, extra: np.ndarray, noise_scale: np.ndarray, start_min: int
+    rng: np.random.Generator,
+    inject: str,
+    extra: np.ndarray,
+    noise_scale: np.ndarray,
+    start_min: int,
+    rare_draw: float = 0.0,
 ) -> list[TrueEvent]:
-    """Add spikes or a divergence to the log-loss (in place, in ``extra``)."""
+    """Add spikes or a divergence to the log-loss (in place, in ``extra``); ``rare_draw``: the noise's once-in-
+    ``SPIKE_RARITY`` height, in noise sigmas, which the smallest spike reaches (a lower spike is just noise)."""
     n_steps = len(extra)
     events = []
-    if inject == "spike":  # 1..4 spikes of 10..40 noise sigmas lasting 1..3 steps, >= 100 steps apart
+    if inject == "spike":  # 1..4 spikes of 10..40 noise sigmas (more in heavier tails), 1..3 steps, >= 100 apart
+        low = max(10.0, rare_draw)
         steps = np.arange(start_min, n_steps - 60, 100)
         for s in sorted(rng.choice(steps, size=min(len(steps), int(rng.integers(1, 5))), replace=False)):
             s = int(s + rng.integers(0, 50))
-            height = float(rng.uniform(10.0, 40.0)) * noise_scale[s]
+            height = float(rng.uniform(low, 4.0 * low)) * noise_scale[s]
             duration = int(rng.integers(1, 4))
             for i in range(duration):
                 extra[s + i] = height * 0.5**i
@@ -146,6 +168,7 @@ def make_stream(
     log_every: int = 1,
     log_mean: bool = False,
     pace: float = 1.0,
+    noise: str | None = None,
 ) -> LossStream:
     """Make one labelled loss stream.
 
@@ -157,7 +180,10 @@ def make_stream(
             a drift of a few hundredths; labelled a plateau from the end of the warm-up to the end).
         schedule: ``"constant"``, ``"step"`` or ``"cosine"``; drawn from the seed when ``None``.
         warmup_steps: LR warm-up length; drawn from 0..150 steps per 3000 when ``None``.
-        noise_df: Degrees of freedom of the Student-t batch noise (``inf`` for Gaussian).
+        noise_df: Degrees of freedom of the Student-t batch noise (``inf`` for Gaussian), scaled to unit variance.
+        noise: A named noise family instead of ``noise_df``, one of ``NOISES``: ``"student_t6"`` (the default's
+            noise), ``"student_t3"`` (heavy tails) or ``"gaussian"``, each scaled to the robust sigma (median
+            absolute draw) of the default noise, so only the tails differ.
         log_every: Training steps per logged value (100: a sparse log; an epoch's steps: a per-epoch log).
             Runs longer than 3000 steps draw their warm-up and their plateau's length in proportion.
         log_mean: ``False``: each logged value is the loss of one step (every ``log_every``-th, from step 0);
@@ -170,6 +196,10 @@ def make_stream(
     """
     if inject not in INJECTIONS:
         raise ValueError(f"inject must be one of {INJECTIONS}, got {inject!r}")
+    if noise is not None and noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES} or None, got {noise!r}")
+    if noise is not None and noise_df != 6.0:
+        raise ValueError(f"give noise or noise_df, not both; got noise={noise!r} and noise_df={noise_df!r}")
     if not isinstance(n_steps, int) or n_steps < 300:
         raise ValueError(f"n_steps must be an int >= 300, got {n_steps!r}")
     if not isinstance(log_every, int) or not 1 <= log_every <= n_steps // 50:
@@ -205,18 +235,22 @@ def make_stream(
     tau = np.cumsum(progress)
     clean = np.log(c + a * (tau + t0) ** (-b) + k * lr / lr.max())
     noise_scale = sigma0 * (0.5 + 0.5 * lr / lr.max())
-    noise = rng.standard_t(noise_df, size=n_steps) if math.isfinite(noise_df) else rng.standard_normal(n_steps)
-    if math.isfinite(noise_df):
-        noise /= math.sqrt(noise_df / (noise_df - 2.0))
-    y = clean + noise_scale * noise + swing
+    if noise is None:  # unit variance
+        df, divisor = noise_df, (math.sqrt(noise_df / (noise_df - 2.0)) if math.isfinite(noise_df) else 1.0)
+    else:  # the default noise's median absolute draw
+        df = _NOISE_DF[noise]
+        divisor = _median_abs_draw(df) / _DEFAULT_MEDIAN_DRAW
+    draws, rare_draw = _noise_draws(rng, n_steps, df, divisor)
+    y = clean + noise_scale * draws + swing
 
     if inject in ("spike", "divergence"):
-        events.extend(_add_trouble(rng, inject, extra, noise_scale, start_min))
+        events.extend(_add_trouble(rng, inject, extra, noise_scale, start_min, rare_draw))
 
     with np.errstate(over="ignore", invalid="ignore"):
         values = np.exp(y + extra)
     description = (
-        f"seed {seed}: {schedule} schedule, warm-up {warmup}, noise {sigma0:.3g} (t{noise_df:g}), inject {inject}"
+        f"seed {seed}: {schedule} schedule, warm-up {warmup}, noise {sigma0:.3g} ({noise or f't{noise_df:g}'}), "
+        f"inject {inject}"
     )
     events.extend(_natural_plateaus(clean, noise_scale, events))
     if log_every == 1:
@@ -237,6 +271,13 @@ def make_stream(
     description += f", every {k} steps" + (" (means)" if log_mean else "")
     return LossStream(values, lr[::k][:n_logged], tuple(events), seed, description, sigma0, k)
 
+
+def _median_abs_draw(df: float) -> float:
+    """The median of ``|x|`` for a standard Student-t(``df``) draw ``x`` (Gaussian for ``inf``)."""
+    return float(stats.norm.ppf(0.75)) if not math.isfinite(df) else float(stats.t.ppf(0.75, df))
+
+
+_DEFAULT_MEDIAN_DRAW = _median_abs_draw(6.0) * math.sqrt(4.0 / 6.0)  # the default noise: t(6) at unit variance
 
 NATURAL_HORIZON = 1000
 
@@ -271,6 +312,7 @@ def make_suite(
     inject: str | None, n_streams: int, seed: int = 0, n_steps: int = 3000, **options: Any
 ) -> list[LossStream]:
     """``n_streams`` streams of one injection kind; every (seed, kind) pair draws its own streams. ``options``
-    go to :func:`make_stream` (``log_every``, ``log_mean``, ``pace``, ...)."""
+    go to :func:`make_stream` (``log_every``, ``log_mean``, ``pace``, ``noise`` -- one of ``NOISES``: the same
+    seeds with another noise family -- ...)."""
     base = seed * 1_000_000 + INJECTIONS.index(inject) * 100_000
     return [make_stream(base + i, n_steps=n_steps, inject=inject, **options) for i in range(n_streams)]

@@ -442,3 +442,82 @@ def test_a_single_value_blow_up_counts_only_when_the_values_after_it_stay_up():
     waiting = DivergenceDetector()
     feed(waiting, broken[:61])
     assert not waiting.quiet  # no snapshot is taken or confirmed while a blow-up waits for its confirmation
+
+
+# --- heavy tails: Student-t(3) noise and the tail-aware spike threshold -------------------------------------------
+
+
+def test_tail_table_matches_student_t_differences():
+    import numpy as np
+    from scipy import stats
+
+    from lr_guard.detectors.tails import RARE_RATE, TAIL_TABLE
+
+    rng = np.random.default_rng(0)
+    for df, ratio, level in TAIL_TABLE[::3]:
+        x = rng.standard_normal((2, 400_000)) if math.isinf(df) else rng.standard_t(df, (2, 400_000))
+        d = np.abs(x[0] - x[1])
+        med = float(np.median(d))
+        one = stats.norm.isf(RARE_RATE) if math.isinf(df) else stats.t.isf(RARE_RATE, df)
+        assert d.mean() / med == pytest.approx(ratio, rel=0.01), df
+        assert one / med == pytest.approx(level, rel=0.01), df
+
+
+def test_student_t3_clean_streams_raise_few_spikes_with_the_tail_aware_threshold():
+    fixed = tail = 0
+    for seed in range(12):  # 36,000 clean steps of Student-t(3) noise
+        values = make_stream(seed, inject=None, noise="student_t3").values.tolist()
+        fixed += len(feed(SpikeDetector(), values))
+        tail += len(feed(SpikeDetector(tail_window=2000), values))
+    assert fixed >= 30, "a fixed 8-sigma threshold flags the noise's own 8-11 sigma draws"
+    assert tail <= 4, tail  # about 1 per 10,000 steps
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7, 10])
+def test_injected_spikes_in_student_t3_noise_are_flagged_within_one_step(seed):
+    stream = make_stream(seed, n_steps=1000, inject="spike", noise="student_t3")
+    steps = [e.step for e in feed(SpikeDetector(tail_window=2000), stream.values.tolist())]
+    for true in (e for e in stream.events if e.kind == EventKind.SPIKE):
+        assert [s for s in steps if true.start <= s <= true.end][:1] in ([true.start], [true.start + 1]), true
+
+
+def test_tail_aware_threshold_stays_at_threshold_on_gaussian_noise():
+    det = SpikeDetector(tail_window=2000)
+    feed(det, make_stream(4, inject=None, noise="gaussian").values.tolist())
+    assert det.current_threshold == pytest.approx(8.0, abs=1.0)
+    heavy = SpikeDetector(tail_window=2000)
+    feed(heavy, make_stream(4, inject=None, noise="student_t3").values.tolist())
+    assert heavy.current_threshold > 20.0
+    assert heavy.diagnostics()["threshold"] == heavy.current_threshold
+
+
+def test_spike_state_of_the_previous_version_loads():
+    det = SpikeDetector(tail_window=2000)
+    values = make_stream(2, inject=None, noise="student_t3").values.tolist()
+    feed(det, values[:500])
+    state = det.state_dict()
+    old = {
+        **state,
+        "state": {k: v for k, v in state["state"].items() if k not in ("_tail", "_tail_new", "_level", "_last_y")},
+    }
+    old["settings"] = {k: v for k, v in state["settings"].items() if k != "tail_window"}
+    fresh = SpikeDetector(tail_window=2000)
+    fresh.load_state_dict(old)
+    assert fresh.current_threshold == 8.0 and fresh.n_updates == det.n_updates  # the tail is read again
+    feed(fresh, values[500:900], start_step=500)
+    assert fresh.current_threshold > 8.0
+
+
+def test_a_heavy_tailed_run_on_a_trainer_logs_no_spike_with_the_tail_aware_threshold():
+    from conftest import make_trainer
+
+    from lr_guard import LRGuard
+    from lr_guard.testing import ScriptedLossModule
+
+    script = make_stream(1, n_steps=600, inject=None, noise="student_t3").values.tolist()
+    counts = {}
+    for name, spike in (("fixed", True), ("tail", SpikeDetector(tail_window=2000))):
+        guard = LRGuard(spike=spike, plateau=False, oscillation=False, divergence=False, rollback=False)
+        make_trainer([guard], max_steps=600).fit(ScriptedLossModule(script, optimizer="adam", lr=1e-3))
+        counts[name] = guard.counts["spike"]
+    assert counts["fixed"] >= 1 and counts["tail"] == 0, counts
