@@ -20,7 +20,7 @@ from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Action, Event, EventKind, kind_name
 from lr_guard.lr_search import COUNTS as SEARCH_COUNTS
 from lr_guard.lr_search import LR_SEARCH, LRSearch, Trial, Verdict, Z
-from lr_guard.skips import SKIPPED, SkipLedger
+from lr_guard.skips import NON_FINITE, SKIPPED, SkipLedger
 from lr_guard.update_responses import GRAD_NORM, UpdateResponses
 
 if TYPE_CHECKING:
@@ -30,6 +30,13 @@ __all__ = ["GuardPolicy", "Intent", "SnapshotMark"]
 
 # A plateau before the loss has got this much (relative) below where training started is a failed start
 RESTART_PROGRESS = 0.05
+# ... once it has gone this many values without improvement (the smallest patience the per-step defaults had
+# before the patience became a share of the run): a shorter flat stretch early in a run is logged, not restarted
+RESTART_MIN_VALUES = 100
+# Non-finite steps in a row that the update gate skips before they count as a lasting divergence: rolled back,
+# within the rollback budget, as the detectors would (a NaN update never lands, but a run of NaNs is not one
+# batch). 16: recurring bad samples (a third of the batches hold one) almost never give 16 in a row (0.36**16)
+LASTING_NON_FINITE = 16
 
 # Why a first rollback keeps the LR: one value blew up after a calm stretch, outside a warm-up
 BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
@@ -85,7 +92,8 @@ class GuardPolicy(UpdateResponses):
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
       ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
     * A failed start: a plateau while the progress detector's (the plateau detector's) best mean is less than
-      ``RESTART_PROGRESS`` (5%) better than the first value -- training has learned nothing, typically because a
+      ``RESTART_PROGRESS`` (5%) better than the first value, after ``RESTART_MIN_VALUES`` (100) values without
+      improvement (a shorter flat stretch is logged) -- training has learned nothing, typically because a
       too-high LR broke the model in its first steps (dead ReLUs), which no LR cut can undo. Restart from the
       state training started from (``origin``, kept until the loss makes that progress) with the LR times
       ``rollback_factor``; at most ``max_rollbacks`` times, after which plateaus get ordinary LR cuts. Nothing
@@ -185,6 +193,7 @@ class GuardPolicy(UpdateResponses):
         self.stopped = False
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
+        self._non_finite_streak, self._non_finite_step = 0, -2  # non-finite steps in a row the gate skipped
         self.search.trial = None
         self.trouble_from: int | None = None  # the step of the first event since the good snapshot
         self._trouble_rising = False  # was the schedule's LR rising then?
@@ -284,7 +293,7 @@ class GuardPolicy(UpdateResponses):
             if code:
                 gated = self._gated(step, values, code)
                 if code in SKIPPED:  # not applied: its values describe a batch, not the model
-                    return [gated]
+                    return [gated, *self._lasting_non_finite(step, gated, code)]
             events, loss = self._update_signals(step, values)
         if self.pending is not None:
             healthy = (
@@ -348,6 +357,25 @@ class GuardPolicy(UpdateResponses):
             return Intent(event, Action.NONE, reason="logged")
         return response(event, calm_before)
 
+    def _lasting_non_finite(self, step: int, gated: Intent, code: int) -> list[Intent]:
+        """After ``LASTING_NON_FINITE`` non-finite steps in a row, all skipped by the gate, a divergence: the
+        response the detectors' divergence would get (a rollback, a cut LR, a stop once the budget is spent)."""
+        if code != NON_FINITE:
+            self._non_finite_streak = 0
+            return []
+        self._non_finite_streak = self._non_finite_streak + 1 if step == self._non_finite_step + 1 else 1
+        self._non_finite_step = step
+        if self._non_finite_streak < LASTING_NON_FINITE:
+            return []
+        self._non_finite_streak = 0
+        why = f"{LASTING_NON_FINITE} non-finite steps in a row, each skipped by the update gate, are a divergence"
+        began = step - LASTING_NON_FINITE + 1  # the calm before the streak: after a calm stretch, bad data
+        calm_before = began - self._calm_from if self._calm_from is not None and began >= self._calm_from else 0
+        intent = self._on_divergence(gated.event, calm_before)
+        if intent.action == Action.NONE:
+            return []
+        return [replace(intent, reason=f"{why}; {intent.reason}" if intent.reason else why)]
+
     def _on_divergence(self, event: Event, calm_before: int) -> Intent:
         config = self.config
         if self._signal_of.get(event.detector) == GRAD_NORM:  # the gradient norm leads; the loss must confirm it
@@ -398,6 +426,14 @@ class GuardPolicy(UpdateResponses):
             return Intent(event, Action.HELD, reason="no LR cut while the schedule's LR is still rising (warm-up)")
         if self.origin is not None:
             progress = self._progress.progress if self._progress is not None else math.nan
+            early = event.detector == "plateau" and event.score < RESTART_MIN_VALUES  # the built-in: score = values
+            if progress < RESTART_PROGRESS and early:
+                return Intent(
+                    event,
+                    Action.NONE,
+                    reason=f"logged: no progress yet, but a failed start needs {RESTART_MIN_VALUES} values without "
+                    "improvement",
+                )
             if progress < RESTART_PROGRESS:  # NaN (unknown): no restart
                 return self._restart(event, progress)
         self.search.lower_ceiling(self.search.lr)

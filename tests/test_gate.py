@@ -359,3 +359,28 @@ def test_the_gate_watches_the_gradient_norm_for_divergence():
     guard = LRGuard(gate=True)
     assert guard.detectors["grad_norm_divergence"].signal == "grad_norm"
     assert "grad_norm_divergence" not in LRGuard(gate=True, divergence=False).detectors
+
+
+def test_a_lasting_run_of_nan_steps_is_rolled_back_and_stops_with_a_checkpoint(tmp_path):
+    """The gate skips every NaN update, so no NaN lands; but NaNs to the end are not one bad batch. Each 16
+    non-finite steps in a row count as a divergence: rolled back within the budget, then the guard stops with its
+    last good state saved, as without the gate. Fewer in a row (recurring bad samples) are only skipped."""
+    from lr_guard.events import Action
+    from lr_guard.policy import LASTING_NON_FINITE
+
+    script = decaying(40) + [math.nan] * 400
+    guard = LRGuard(snapshot_every=10, confirm_steps=3, max_rollbacks=2, checkpoint_dir=str(tmp_path), verbose=False)
+    module = ScriptedLossModule(script, optimizer="adam", lr=0.01)
+    make_trainer([guard], max_steps=300).fit(module)
+    acted = [(d.event.step, d.action) for d in guard.decisions if d.action != Action.SKIP]
+    assert [a for _, a in acted] == [Action.ROLLBACK, Action.ROLLBACK, Action.STOP]
+    assert acted[0][0] == 40 + LASTING_NON_FINITE - 1  # the 16th NaN step in a row
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert list(tmp_path.glob("last_good_step*.ckpt"))  # the stop wrote the last good state
+
+    short = decaying(80)
+    for start in (40, 60):
+        short[start : start + LASTING_NON_FINITE - 1] = [math.nan] * (LASTING_NON_FINITE - 1)
+    guard = LRGuard(snapshot_every=10, confirm_steps=3, verbose=False)
+    make_trainer([guard], max_steps=80).fit(ScriptedLossModule(short, optimizer="adam", lr=0.01))
+    assert {d.action for d in guard.decisions} == {Action.SKIP} and guard.counts["rollbacks"] == 0

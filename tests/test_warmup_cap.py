@@ -53,7 +53,9 @@ def module(second_failure=False, scheduler=warmup_cosine, blow_up=BLOW_UP):
 
 
 def guard(**kwargs):
-    return LRGuard(snapshot_every=8, confirm_steps=3, plateau=False, verbose=False, **kwargs)
+    return LRGuard(
+        **{"gate": False, "snapshot_every": 8, "confirm_steps": 3, "plateau": False, "verbose": False, **kwargs}
+    )
 
 
 def scheduled_lrs(steps):
