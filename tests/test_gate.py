@@ -384,3 +384,22 @@ def test_a_lasting_run_of_nan_steps_is_rolled_back_and_stops_with_a_checkpoint(t
     guard = LRGuard(snapshot_every=10, confirm_steps=3, verbose=False)
     make_trainer([guard], max_steps=80).fit(ScriptedLossModule(short, optimizer="adam", lr=0.01))
     assert {d.action for d in guard.decisions} == {Action.SKIP} and guard.counts["rollbacks"] == 0
+
+
+def test_without_a_sync_fallback_the_device_path_stands_aside_for_an_optimizer_that_cannot_skip_on_the_device():
+    """``LRGuard()``'s own gate (``sync_fallback=False``) never reads a verdict on the host: for an optimizer
+    outside torch's fused family (Adagrad) the device path stands aside, no step is gated, and a NaN is left to
+    the rollback path. With ``sync_fallback=True`` the verdict is read and the NaN step skipped."""
+    from lr_guard.events import Action
+
+    assert LRGuard().gate.sync_fallback is False and LRGuard(gate=True).gate.sync_fallback is True
+    decisions = {}
+    for fallback in (False, True):
+        pl.seed_everything(0, verbose=False)
+        guard = LRGuard(gate=UpdateGate(on_device=True, sync_fallback=fallback), snapshot_every=10, verbose=False)
+        module = BatchNormNet(OPTIMIZERS["adagrad"], poison_at=40, poison="nan")
+        make_trainer([guard], max_steps=60).fit(module)
+        decisions[fallback] = [(d.event.step, d.action) for d in guard.decisions]
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert decisions[True] == [(40, Action.SKIP)]
+    assert [a for _, a in decisions[False]] == [Action.ROLLBACK]  # the NaN landed and was rolled back

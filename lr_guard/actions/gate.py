@@ -191,6 +191,10 @@ class UpdateGate:
             fused one (:func:`fuse_for_the_gate`), so that a skip is decided and taken on the device with no host
             sync. ``False`` keeps your optimizer's implementation: the verdict is then read on the host, one
             sync per step.
+        sync_fallback: On the device path, for an optimizer that cannot skip its step on the device (not torch's
+            fused Adam, AdamW or SGD, or under a ``GradScaler``): ``True`` reads the verdict on the host (one sync
+            per step); ``False`` lets the gate stand aside for that optimizer (no sync; the detectors still watch).
+            The gate ``LRGuard()`` makes by default has ``False``: its default never syncs per step.
         use_loss: Score the loss as well as the gradient norm. Under DDP the gate scores the gradient norm alone
             (the same on every rank after the all-reduce, so every rank decides alike with no collective).
     """
@@ -206,6 +210,7 @@ class UpdateGate:
         min_noise: float = 0.05,
         on_device: bool | None = None,
         fuse: bool = True,
+        sync_fallback: bool = True,
     ) -> None:
         check_number("threshold", threshold, low=0.0, low_open=True)
         check_number("warmup_steps", warmup_steps, low=2, integer=True)
@@ -228,13 +233,17 @@ class UpdateGate:
         if not isinstance(fuse, bool):
             raise TypeError(f"fuse must be True or False, got {fuse!r}")
         self.fuse = fuse
+        if not isinstance(sync_fallback, bool):
+            raise TypeError(f"sync_fallback must be True or False, got {sync_fallback!r}")
+        self.sync_fallback = sync_fallback
         self.reset()
 
     def __repr__(self) -> str:
         return (
             f"UpdateGate(threshold={self.threshold!r}, warmup_steps={self.warmup_steps!r}, alpha={self.alpha!r}, "
             f"mode={self.mode!r}, max_consecutive={self.max_consecutive!r}, use_loss={self.use_loss!r}, "
-            f"min_noise={self.min_noise!r}, on_device={self.on_device!r}, fuse={self.fuse!r})"
+            f"min_noise={self.min_noise!r}, on_device={self.on_device!r}, fuse={self.fuse!r}, "
+            f"sync_fallback={self.sync_fallback!r})"
         )
 
     def reset(self) -> None:

@@ -100,7 +100,9 @@ class GuardCore(GuardSettings):
             ``"loss"`` (the watched value), or the name of a metric the module logs (read after every step).
         gate: The update gate (:class:`~lr_guard.UpdateGate`), which scores every optimizer step's loss and
             gradient norm before its update and skips a non-finite or outlier one exactly. ``None`` (the default):
-            on, with its defaults, except with ``dry_run=True``; ``True``: on; ``False``: off; or an
+            on, except with ``dry_run=True``, as ``UpdateGate(sync_fallback=False)``: on a GPU it gates only the
+            optimizers that can skip on the device (torch's Adam, AdamW, SGD), so it adds no host sync per step;
+            ``True``: ``UpdateGate()``, which reads the verdict on the host for the others; ``False``: off; or an
             ``UpdateGate`` with your settings.
         plateau_factor: LR factor on a plateau; ``None`` to only log plateaus.
         oscillation_factor: LR factor on oscillation; ``None`` to only log.
@@ -681,8 +683,8 @@ def _weights_only_checkpoints(trainer: Any) -> tuple[bool, tuple[int, ...]]:
 
 def _gate(gate: UpdateGate | bool | None, dry_run: bool) -> UpdateGate | None:
     """The update gate: on by default (``None``), except in a dry run, which changes no update."""
-    if gate is None:
-        return None if dry_run else UpdateGate()
+    if gate is None:  # never a host sync per step: it stands aside where a skip cannot be taken on the device
+        return None if dry_run else UpdateGate(sync_fallback=False)
     if isinstance(gate, bool):
         return UpdateGate() if gate else None
     if isinstance(gate, UpdateGate):

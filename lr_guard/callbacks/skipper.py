@@ -54,6 +54,7 @@ class UpdateSkipper:
         self._found_inf: list[Any] = []  # optimizers handed a found_inf for their coming step
         self._fused: set[int] = set()  # ids of the optimizers the gate switched to fused=True (said once)
         self._not_fusable: set[int] = set()  # ids of those it cannot switch (their verdict is read on the host)
+        self._stood_aside: set[int] = set()  # ids of those the default gate does not gate on the device (said once)
         self._gate_loss = self.gate is not None and self.gate.use_loss and world_size == 1
         if self.gate is not None:
             self.gate.reset()
@@ -116,16 +117,8 @@ class UpdateSkipper:
         """The gate's verdict decided beside the gradients. A fused Adam, AdamW or SGD (without a GradScaler,
         which sets ``found_inf`` itself) skips its own step on the device; the buffers are put back there too, and
         nothing is read on the host. Any other optimizer needs the verdict on the host: one read (a host sync on
-        a GPU)."""
+        a GPU), made only with ``UpdateGate(sync_fallback=True)``; otherwise the gate stands aside for it."""
         assert self.gate is not None
-        norm = grad_norm(grads)
-        loss = step_loss if self._gate_loss else None
-        code, scale = self.gate.decide_on_device(loss, norm)
-        self.feed.add(step, GRAD_NORM, norm)
-        self.feed.add(step, GATE, code)
-        if self.gate.mode == "clip":
-            torch._foreach_mul_(list(grads), scale)
-        skip = (code >= SKIPPED[0]) & (code <= SKIPPED[-1])
         on_device = supports_found_inf(optimizer)  # checked each step: a rollback loads the groups it saved
         if not on_device and self.gate.fuse and id(optimizer) not in self._not_fusable:
             on_device = fuse_for_the_gate(optimizer)
@@ -138,7 +131,27 @@ class UpdateSkipper:
                     "device with no host sync (UpdateGate(fuse=False) keeps your implementation)",
                     type(optimizer).__name__,
                 )
-        if on_device and getattr(trainer.precision_plugin, "scaler", None) is None:
+        on_device = on_device and getattr(trainer.precision_plugin, "scaler", None) is None
+        if not on_device and not self.gate.sync_fallback:  # the default gate never syncs: it stands aside
+            if id(optimizer) not in self._stood_aside:
+                self._stood_aside.add(id(optimizer))
+                log.info(
+                    "lr_guard: the update gate stands aside for %s: it cannot skip its step on the device (only "
+                    "torch's fused Adam, AdamW and SGD can, without a GradScaler), and reading the verdict on the "
+                    "host would sync every step. UpdateGate(sync_fallback=True) reads it; the detectors still "
+                    "watch the loss and roll back",
+                    type(optimizer).__name__,
+                )
+            return False
+        norm = grad_norm(grads)
+        loss = step_loss if self._gate_loss else None
+        code, scale = self.gate.decide_on_device(loss, norm)
+        self.feed.add(step, GRAD_NORM, norm)
+        self.feed.add(step, GATE, code)
+        if self.gate.mode == "clip":
+            torch._foreach_mul_(list(grads), scale)
+        skip = (code >= SKIPPED[0]) & (code <= SKIPPED[-1])
+        if on_device:
             optimizer.found_inf = skip.float()  # read by the fused step: it leaves everything as it was
             self._found_inf.append(optimizer)
             if self._buffers is not None:
