@@ -134,6 +134,7 @@ class GuardPolicy(UpdateResponses):
         self.restarts = 0  # failed starts restarted (kept across a resume, like the counters)
         self.capped = False  # a warm-up's rollback has capped the LR (kept across a resume)
         self.skips = SkipLedger()
+        self._non_finite_streak, self._non_finite_step = 0, -2  # non-finite steps in a row the gate skipped
         self._index_detectors()
         self.reset_run()
 
@@ -179,6 +180,7 @@ class GuardPolicy(UpdateResponses):
         self.capped = False
         self.skips.left = 0
         self.search.reset()
+        self._non_finite_streak, self._non_finite_step = 0, -2  # non-finite steps in a row the gate skipped
         self.reset_run()
 
     def reset_run(self) -> None:
@@ -193,7 +195,6 @@ class GuardPolicy(UpdateResponses):
         self.stopped = False
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
-        self._non_finite_streak, self._non_finite_step = 0, -2  # non-finite steps in a row the gate skipped
         self.search.trial = None
         self.trouble_from: int | None = None  # the step of the first event since the good snapshot
         self._trouble_rising = False  # was the schedule's LR rising then?
@@ -634,6 +635,7 @@ class GuardPolicy(UpdateResponses):
             "skip_left": self.skips.left,
             "stopped": self.stopped,  # written by the guard's stop: a resume from it gets a fresh budget
             "lr_search": self.search.state_dict(),
+            "non_finite_streak": [self._non_finite_streak, self._non_finite_step],
         }
 
     def load_state_dict(self, state: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
@@ -646,6 +648,8 @@ class GuardPolicy(UpdateResponses):
         self.capped = bool(state.get("capped", False))
         self.skips.left = int(state.get("skip_left", 0))
         self.search.load_state_dict(state.get("lr_search", {}))
+        streak, last = state.get("non_finite_streak", (0, -2))  # a streak a resume continues, not restarts
+        self._non_finite_streak, self._non_finite_step = int(streak), int(last)
 
 
 def load_detector_states(

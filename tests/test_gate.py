@@ -386,6 +386,35 @@ def test_a_lasting_run_of_nan_steps_is_rolled_back_and_stops_with_a_checkpoint(t
     assert {d.action for d in guard.decisions} == {Action.SKIP} and guard.counts["rollbacks"] == 0
 
 
+def test_a_run_of_nan_steps_cut_by_a_checkpoint_and_resume_is_counted_whole(tmp_path):
+    """The count of non-finite steps in a row is in the guard's checkpoint state: a run saved ten NaN steps into
+    a streak and resumed rolls back at the streak's 16th step, as the run that went on does."""
+    from lr_guard.events import Action
+    from lr_guard.policy import LASTING_NON_FINITE
+
+    script = decaying(40) + [math.nan] * 200
+
+    def rollback_steps(guard):
+        return [d.event.step for d in guard.decisions if d.action == Action.ROLLBACK]
+
+    pl.seed_everything(0, verbose=False)
+    straight = LRGuard(snapshot_every=10, confirm_steps=3, verbose=False)
+    make_trainer([straight], max_steps=70).fit(ScriptedLossModule(script, optimizer="adam", lr=0.01))
+
+    pl.seed_everything(0, verbose=False)
+    first = LRGuard(snapshot_every=10, confirm_steps=3, verbose=False)
+    trainer = make_trainer([first], max_steps=50)
+    trainer.fit(ScriptedLossModule(script, optimizer="adam", lr=0.01))
+    assert not rollback_steps(first)  # ten NaN steps in, no rollback yet
+    trainer.save_checkpoint(tmp_path / "mid_streak.ckpt")
+    again = LRGuard(snapshot_every=10, confirm_steps=3, verbose=False)
+    make_trainer([again], max_steps=70).fit(
+        ScriptedLossModule(script, optimizer="adam", lr=0.01), ckpt_path=tmp_path / "mid_streak.ckpt"
+    )
+    assert rollback_steps(straight)[0] == 40 + LASTING_NON_FINITE - 1
+    assert rollback_steps(again)[:1] == rollback_steps(straight)[:1]
+
+
 def test_without_a_sync_fallback_the_device_path_stands_aside_for_an_optimizer_that_cannot_skip_on_the_device():
     """``LRGuard()``'s own gate (``sync_fallback=False``) never reads a verdict on the host: for an optimizer
     outside torch's fused family (Adagrad) the device path stands aside, no step is gated, and a NaN is left to
