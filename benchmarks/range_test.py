@@ -23,6 +23,7 @@ transformer, AdamW, warm-up over the first tenth and cosine; loss on its held-ou
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import logging
 import math
@@ -40,6 +41,7 @@ from pytorch_lightning.tuner import Tuner
 from torch import nn
 
 from lr_guard import find_lr
+from lr_guard.range_test import SUGGESTED_FRACTION
 from lr_guard.testing import TinyRegressionModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -49,10 +51,13 @@ FRACTIONS = (1.0, 1 / 2, 1 / 3, 1 / 5, 1 / 10)
 TASKS = ("regression", "digits", "digits_adam", "lm")
 
 
+@functools.cache
 def _rescue() -> Any:
-    """The rescue benchmark's module (for its ``TinyLM``), loaded from its file beside this one."""
-    spec = importlib.util.spec_from_file_location("lr_guard_rescue", Path(__file__).resolve().parent / "rescue.py")
-    assert spec is not None and spec.loader is not None
+    """The rescue benchmark's module (for its ``TinyLM``), loaded once from its file beside this one."""
+    path = Path(__file__).resolve().parent / "rescue.py"
+    spec = importlib.util.spec_from_file_location("lr_guard_rescue", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the rescue benchmark's TinyLM from {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -99,10 +104,10 @@ def _final_losses(task: str, model: Any) -> tuple[float, float]:
         return loss, loss
     if task == "lm":
         return float(model._loss(model.val_windows)), float(model._loss(model.train_windows[: len(model.val_windows)]))
-    held_out = [
-        nn.functional.cross_entropy(model.net(x), y) for x, y in (model.val_set.tensors, model.train_set.tensors)
-    ]
-    return float(held_out[0]), float(held_out[1])
+    held_out, train = (
+        float(nn.functional.cross_entropy(model.net(x), y)) for x, y in (model.val_set.tensors, model.train_set.tensors)
+    )
+    return held_out, train
 
 
 def _run(task: str, lr: float | None, seed: int, steps: int) -> tuple[float, float]:
@@ -204,7 +209,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     _quiet()
     torch.set_num_threads(1)
     table = {task: measure(task, args.seeds, args.steps, args.grid) for task in args.tasks}
-    print(f"final loss after {args.steps} steps, mean +- std; gap: to the tuned run of the same seed, in %")
+    print(
+        f"suggestion = {SUGGESTED_FRACTION:.2g} x threshold; final loss after {args.steps} steps, mean +- std; "
+        "gap: to the tuned run of the same seed, in %"
+    )
     for task, columns in table.items():
         print(f"\n{task} ({args.seeds} seeds)")
         for key, values in columns.items():
