@@ -187,7 +187,7 @@ def test_a_lightning_pytorch_trainer_runs_the_sweep():
     assert result.threshold == pytest.approx(result.lrs[49]) and trainer.global_step == 0
 
 
-def test_the_benchmark_runs_in_its_fast_mode(capsys):
+def _benchmark():
     import importlib.util
     from pathlib import Path
 
@@ -195,6 +195,38 @@ def test_the_benchmark_runs_in_its_fast_mode(capsys):
     spec = importlib.util.spec_from_file_location("range_test_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    table = module.main(["--seeds", "1", "--steps", "20", "--tasks", "regression"])
+    return module
+
+
+def test_the_benchmark_runs_in_its_fast_mode(capsys):
+    table = _benchmark().main(["--seeds", "1", "--steps", "20", "--grid", "3", "--tasks", "regression"])
     assert set(table["regression"]) >= {"threshold", "suggestion", "lightning", "run x0.33", "run lightning"}
     assert "regression (1 seeds)" in capsys.readouterr().out
+
+
+def test_the_benchmark_measures_the_suggestion_against_a_tuned_grid_on_an_adam_warm_up_task(capsys):
+    pytest.importorskip("sklearn")
+    columns = _benchmark().main(["--seeds", "1", "--steps", "20", "--grid", "4", "--tasks", "digits_adam"])[
+        "digits_adam"
+    ]
+    grid = {key: v[0] for key, v in columns.items() if key.startswith("run grid ")}
+    assert len(grid) == 4
+    lrs = sorted(float(key.removeprefix("run grid ")) for key in grid)
+    assert lrs[-1] / lrs[0] == pytest.approx(1000, rel=0.01)  # 3 decades
+    assert lrs[0] < columns["threshold"][0] < lrs[-1]  # around the threshold
+    assert columns["run tuned"][0] == min(grid.values())  # the best grid LR is the tuned run
+    suggestion, tuned = columns["run suggestion"][0], columns["run tuned"][0]
+    assert columns["gap suggestion %"][0] == pytest.approx(100 * (suggestion / tuned - 1))
+    assert columns["train gap lightning %"][0] == pytest.approx(
+        100 * (columns["train lightning"][0] / columns["train tuned"][0] - 1)
+    )
+    out = capsys.readouterr().out
+    assert "digits_adam (1 seeds)" in out and "against the tuned run" in out
+
+
+def test_the_benchmarks_verdict_says_within_noise_only_when_the_seeds_spread_covers_the_gap():
+    verdict = _benchmark().verdict
+    assert verdict([0.5, -0.2, 0.9]) == "within 1%"
+    assert verdict([-3.0, 9.0, 3.0]) == "within noise"  # mean +3.0, spread 6.0
+    assert verdict([4.0, 5.0, 6.0]) == "+5.0% above"
+    assert verdict([1.0, math.inf]) == "runs lost"
