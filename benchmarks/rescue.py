@@ -67,22 +67,25 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # a small byte-level language model (warm-up + cosine, AdamW)
     "lm_healthy": {"model": "lm"},
     "lm_corrupt_batch": {"model": "lm", "poison_step": 0},
-    # the peak-LR sweep: the peak of the schedule at a multiple of the tuned 3e-3 (MLP: its default Adam with a
-    # linear warm-up and a cosine decay; LM: AdamW, warm-up + cosine)
-    **{
-        f"{model}_peak_x{multiple:g}": {
-            **({"model": "lm"} if model == "lm" else {"schedule": "warmup_cosine"}),
-            "lr": 3e-3 * multiple,
-        }
-        for model in ("mlp", "lm")
-        for multiple in (0.1, 0.3, 1)
-    },
 }
-# the peak-LR sweep: the digits MLP (Adam, linear warm-up then cosine) and the LM (AdamW, warm-up then cosine) with
-# the peak LR a multiple of their tuned 3e-3
-PEAK_MULTIPLES = (1, 3, 10, 30)
-SCENARIOS.update({f"mlp_peak_x{k:g}": {"lr": k * 3e-3, "schedule": "warmup_cosine"} for k in PEAK_MULTIPLES})
-SCENARIOS.update({f"lm_peak_x{k:g}": {"model": "lm", "lr": k * 3e-3} for k in PEAK_MULTIPLES})
+# the grid the tuned peaks are read from (`--tune`): the peak LR at these multiples of 3e-3, no guard
+TUNE_GRID = (1, 2, 3, 5, 7, 10)
+TUNE_BASE = 3e-3
+# the tuned peak LR of each task: the best mean final validation loss of that grid (3 seeds, 600 steps, no guard;
+# `python benchmarks/rescue.py --scenarios mlp_grid_x1 ... lm_grid_x10 --methods none`, numbers in the README)
+TUNED_PEAK = {"mlp": 5 * TUNE_BASE, "lm": 5 * TUNE_BASE}
+# the peak-LR sweep: the peak of the schedule at a multiple of the task's tuned peak (MLP: Adam with a linear
+# warm-up and a cosine decay; LM: AdamW, warm-up + cosine)
+PEAK_MULTIPLES = (0.1, 0.3, 1, 3, 10, 30)
+
+
+def _peak(model: str, lr: float) -> dict[str, Any]:
+    return {"model": "lm", "lr": lr} if model == "lm" else {"lr": lr, "schedule": "warmup_cosine"}
+
+
+for _model in ("mlp", "lm"):
+    SCENARIOS.update({f"{_model}_grid_x{k:g}": _peak(_model, k * TUNE_BASE) for k in TUNE_GRID})
+    SCENARIOS.update({f"{_model}_peak_x{k:g}": _peak(_model, k * TUNED_PEAK[_model]) for k in PEAK_MULTIPLES})
 
 
 class CorruptedDigits(demo.DigitsMLP):
@@ -327,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    default = [name for name in SCENARIOS if "_grid_" not in name]  # the grid is run on its own (`--scenarios`)
+    parser.add_argument("--scenarios", nargs="+", default=default, choices=list(SCENARIOS))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
