@@ -45,11 +45,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lr_guard.range_test import RangeTestResult, read_sweep
-
 if TYPE_CHECKING:
     from lr_guard.config import GuardConfig
     from lr_guard.detectors import Detector
+    from lr_guard.range_test import RangeTestResult
 
 __all__ = ["LR_SEARCH", "LRSearch", "Sweep", "Trend", "Trial", "fit_trend", "sweep_lrs"]
 
@@ -178,6 +177,8 @@ class Sweep:
 
     def read(self) -> RangeTestResult:
         """The range test's reading of the steps seen so far."""
+        from lr_guard.range_test import read_sweep  # SciPy: only where a sweep runs (a replay starts without it)
+
         return read_sweep(self.lrs[: len(self.losses)], self.losses, self.stopped_at)
 
     def lr_at(self, step: int) -> float | None:
