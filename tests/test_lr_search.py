@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import LRRecorder, make_trainer
 
 from lr_guard import LRGuard
 from lr_guard.events import Action
@@ -293,3 +293,22 @@ def test_a_checkpoint_during_the_sweep_reads_it_first_and_resumes_as_the_run_wen
     assert [key(d) for d in resumed_guard.decisions] == after
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_the_sweep_is_sized_on_the_peak_the_schedule_will_reach_and_leaves_the_schedule_to_replay(interval):
+    def warm_up(optimizer):  # 1% of the LR, rising to all of it over 40 steps (one batch per epoch: 40 epochs)
+        return torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, 40)
+
+    model = TinyRegressionModule(lr=0.01, batch_size=256, scheduler=warm_up, interval=interval)
+    guard, recorder = search_guard(lr_search_sweep_steps=SWEEP), LRRecorder()
+    make_trainer([guard, recorder], max_steps=80).fit(model)
+
+    sweeps, reads = sweep_decisions(guard)
+    assert "the schedule's peak 0.01," in sweeps[0].message  # not the warm-up's first LR, 1e-4
+    assert recorder.lrs[0][0] == pytest.approx(0.01 * 0.01)  # the sweep's first LR: 1/100 of the peak
+    assert recorder.lrs[1][0] == pytest.approx(0.01 * 0.01 * 1e5 ** (1 / (SWEEP - 1)))  # to 1000x, exponentially
+    restart = reads[0].step  # the first step after the rollback: the warm-up replays from its start
+    factor = model.trainer.optimizers[0].param_groups[0]["lr_guard_factor"]
+    assert recorder.lrs[restart][0] == pytest.approx(1e-4 * factor)
+    assert recorder.lrs[restart + 10][0] == pytest.approx((0.01 + 0.99 * 10 / 40) * 0.01 * factor)
