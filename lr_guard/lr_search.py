@@ -34,9 +34,10 @@ first param group; the others keep their ratio to it) grows exponentially from `
 range test's divergence rule fires (:func:`~lr_guard.callbacks.range_sweep.sweep_divergence_detector`: 4x the
 best loss for 3 values, 10x at once, or a non-finite loss). The sweep is read by
 :func:`~lr_guard.range_test.read_sweep` (its convergence threshold and suggestion, unchanged), the run is rolled
-back to where it started, and the LR factor is set so that the schedule's peak lands at the suggestion; with no
-threshold found it is left as it was. The threshold is the ceiling from then on. Its steps are discarded, and
-counted with the failed trials' (``discarded_trial_steps``).
+back to where it started, and the LR factor is set to place the schedule's peak (:func:`placed_peak`): at the
+suggestion when above it, at ``STEEPEST_FRACTION`` (half) of the steepest descent when below that. The threshold
+is the ceiling from then on, and no trial follows a sweep that found one (the trials are the net of a sweep that
+found none). Its steps are discarded, and counted with the failed trials' (``discarded_trial_steps``).
 """
 
 from __future__ import annotations

@@ -557,9 +557,7 @@ class GuardPolicy(UpdateResponses):
             f"from lr {lrs[0]:.3g} to {lrs[-1]:.3g} ({SWEEP_LOW:g} to {SWEEP_HIGH:g} x the schedule's peak "
             f"{peak:.3g}, {peak_from})",
         )
-        return Intent(
-            event, Action.LR_SWEEP, reason="then back to this state, with the peak at the range test's suggestion"
-        )
+        return Intent(event, Action.LR_SWEEP, reason="then back to this state, with the peak placed by what it reads")
 
     def _swept(self, step: int, values: float | Mapping[str, float]) -> list[Intent]:
         """A value of the sweep's steps; at its end (all steps seen, or stopped), what the range test reads."""
@@ -571,8 +569,9 @@ class GuardPolicy(UpdateResponses):
         return [self._sweep_read(step, loss)]
 
     def _sweep_read(self, step: int, loss: float) -> Intent:
-        """Read the sweep: back to where it started, the LR factor set so that the schedule's peak lands at the
-        range test's suggestion (kept when it found no threshold); the threshold is the ceiling from now on."""
+        """Read the sweep: back to where it started, the LR factor set to place the schedule's peak
+        (:func:`~lr_guard.lr_search.placed_peak`); the threshold is the ceiling from now on, and with one found no
+        trials follow."""
         search = self.search
         sweep = search.sweep
         assert sweep is not None and self.good is not None

@@ -172,10 +172,12 @@ class GuardCore(GuardSettings):
         lr_search_sweep_steps: With ``lr_search``, first an LR range test inside the run, once per fit, from the
             state training starts from: this many optimizer steps with the LR growing exponentially from 1/100 to
             1000 times the peak the schedule will reach (the schedulers stepped on paper to the end of the run),
-            stopped early once the loss diverges; then back to the starting state, with the LR factor set so that
-            the schedule's peak lands at the range test's suggestion (:func:`~lr_guard.range_test.read_sweep`),
-            and its convergence threshold the ceiling of the trials. Its steps are discarded and counted in
-            ``discarded_trial_steps``. Needs the loss watched per step. ``0``: no sweep (>= 10 otherwise).
+            stopped early once the loss diverges, and read by :func:`~lr_guard.range_test.read_sweep`; then back
+            to the starting state, with the schedule's peak lowered to the suggestion when above it, or raised to
+            half the steepest descent when below that (:func:`~lr_guard.lr_search.placed_peak`). Its threshold is
+            the ceiling from then on, and no trials follow a sweep that found one. Its steps are discarded and
+            counted in ``discarded_trial_steps``. Needs the loss watched per step from the first step (``monitor=
+            None`` or ``check_on="train_step"``). ``0``: no sweep, the trials alone (>= 10 otherwise).
     """
 
     def __init__(
