@@ -156,8 +156,9 @@ class GuardCore(GuardSettings):
             change nothing: no rollback, LR cut, skipped update or stop, and no snapshot is taken. The detectors
             and the rules run as in a live run, counters included (``counts`` are what the live guard would have
             counted); after a rollback that was not made they go on watching the values that follow.
-        lr_search: Search upwards for a better LR, with rollback as the net (:mod:`lr_guard.lr_search`): while the
-            loss falls steadily and quietly (no event and no LR change over ``lr_search_window`` values, every
+        lr_search: Search for a better LR both ways, with rollback as the net (:mod:`lr_guard.lr_search`): first
+            an LR range test inside the run (``lr_search_sweep_steps``); where it finds no threshold, trials: while
+            the loss falls steadily and quietly (no event and no LR change over ``lr_search_window`` values, every
             detector quiet, no warm-up under way, the schedule's own LR at least half its peak, and the loss's
             slope against log-step below zero by 2 standard errors), snapshot the state and raise the LR factor by
             ``lr_search_factor`` for ``lr_search_window`` steps. Keep the raise when the loss over the trial's
