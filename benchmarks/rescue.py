@@ -17,9 +17,12 @@ steps); torch's ``ReduceLROnPlateau`` on ``val_loss`` (factor 0.5, patience 2, v
 beside the scenario's scheduler as a user would; ``zclip`` (its ZClip with defaults, if the package is installed;
 its column is skipped otherwise); ``LRGuard()`` with defaults (the update gate on, skip mode);
 ``LRGuard(gate=False)`` (the update gate off, as the guard was before the gate became its default) and
-``LRGuard(gate=UpdateGate(mode="clip"))``; ``LRGuard(lr_search=True)`` (the upward LR search; the steps its
-failed trials threw away are printed per run). The peak-LR sweep: ``mlp_peak_x<m>`` (the MLP with a linear warm-up
-and a cosine decay to a peak of m x its tuned Adam 3e-3) and ``lm_peak_x<m>`` (the language model at m x 3e-3).
+``LRGuard(gate=UpdateGate(mode="clip"))``; ``LRGuard(lr_search=True)`` (the LR search: its in-run sweep, and
+trials where the sweep found no threshold; the steps it threw away are printed per run) and
+``LRGuard(lr_search=True, lr_search_sweep_steps=0)`` (its trials alone, ``lr_guard_trials``). The peak-LR sweep:
+``mlp_peak_x<m>`` (the MLP with a linear warm-up and a cosine decay to a peak of m x its tuned Adam peak) and
+``lm_peak_x<m>`` (the language model at m x its tuned AdamW peak); the tuned peaks (``TUNED_PEAK``) are the best
+of the grid ``mlp_grid_x<k>`` / ``lm_grid_x<k>`` (the peak at k x 3e-3, no guard), which is run on its own.
 
 Figure: final validation loss (a run whose weights are not finite counts as infinite) and wall time; mean and
 standard deviation over seeds. The last line is one JSON object ``{scenario: {method: mean_final_val_loss}}``.
@@ -67,22 +70,25 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # a small byte-level language model (warm-up + cosine, AdamW)
     "lm_healthy": {"model": "lm"},
     "lm_corrupt_batch": {"model": "lm", "poison_step": 0},
-    # the peak-LR sweep: the peak of the schedule at a multiple of the tuned 3e-3 (MLP: its default Adam with a
-    # linear warm-up and a cosine decay; LM: AdamW, warm-up + cosine)
-    **{
-        f"{model}_peak_x{multiple:g}": {
-            **({"model": "lm"} if model == "lm" else {"schedule": "warmup_cosine"}),
-            "lr": 3e-3 * multiple,
-        }
-        for model in ("mlp", "lm")
-        for multiple in (0.1, 0.3, 1)
-    },
 }
-# the peak-LR sweep: the digits MLP (Adam, linear warm-up then cosine) and the LM (AdamW, warm-up then cosine) with
-# the peak LR a multiple of their tuned 3e-3
-PEAK_MULTIPLES = (1, 3, 10, 30)
-SCENARIOS.update({f"mlp_peak_x{k:g}": {"lr": k * 3e-3, "schedule": "warmup_cosine"} for k in PEAK_MULTIPLES})
-SCENARIOS.update({f"lm_peak_x{k:g}": {"model": "lm", "lr": k * 3e-3} for k in PEAK_MULTIPLES})
+# the grid the tuned peaks are read from: the peak LR at these multiples of 3e-3, no guard
+TUNE_GRID = (1, 2, 3, 5, 7, 10)
+TUNE_BASE = 3e-3
+# the tuned peak LR of each task: the best mean final validation loss of that grid (3 seeds, 600 steps, no guard;
+# `python benchmarks/rescue.py --scenarios mlp_grid_x1 ... lm_grid_x10 --methods none`, numbers in the README)
+TUNED_PEAK = {"mlp": 5 * TUNE_BASE, "lm": 5 * TUNE_BASE}
+# the peak-LR sweep: the peak of the schedule at a multiple of the task's tuned peak (MLP: Adam with a linear
+# warm-up and a cosine decay; LM: AdamW, warm-up + cosine)
+PEAK_MULTIPLES = (0.1, 0.3, 1, 3, 10, 30)
+
+
+def _peak(model: str, lr: float) -> dict[str, Any]:
+    return {"model": "lm", "lr": lr} if model == "lm" else {"lr": lr, "schedule": "warmup_cosine"}
+
+
+for _model in ("mlp", "lm"):
+    SCENARIOS.update({f"{_model}_grid_x{k:g}": _peak(_model, k * TUNE_BASE) for k in TUNE_GRID})
+    SCENARIOS.update({f"{_model}_peak_x{k:g}": _peak(_model, k * TUNED_PEAK[_model]) for k in PEAK_MULTIPLES})
 
 
 class CorruptedDigits(demo.DigitsMLP):
@@ -242,6 +248,7 @@ METHODS = [
     "lr_guard_no_gate",
     "lr_guard_gate_clip",
     "lr_guard_search",
+    "lr_guard_trials",
     "prodigy",
     "schedule_free",
 ]
@@ -292,6 +299,8 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
         callbacks.append(LRGuard(gate=UpdateGate(mode="clip")))
     elif method == "lr_guard_search":
         callbacks.append(LRGuard(lr_search=True))
+    elif method == "lr_guard_trials":  # the LR search's trials alone, with no range test first
+        callbacks.append(LRGuard(lr_search=True, lr_search_sweep_steps=0))
     elif method in LR_FREE:
         _use_lr_free(model, method)
         if method == "schedule_free":
@@ -327,8 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    default = [name for name in SCENARIOS if "_grid_" not in name]  # the grid is run on its own (`--scenarios`)
+    parser.add_argument("--scenarios", nargs="+", default=default, choices=list(SCENARIOS))
+    methods = [m for m in METHODS if m != "lr_guard_trials"]  # the trials alone: asked for by name
+    parser.add_argument("--methods", nargs="+", default=methods, choices=METHODS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -351,13 +362,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             lost = sum(not math.isfinite(x) for x in losses)
             seconds = statistics.mean(r["seconds"] for r in results)
             means[scenario][method] = mean
-            if method == "lr_guard_search":
+            if method in ("lr_guard_search", "lr_guard_trials"):
                 discarded[method] = [int(r["discarded"]) for r in results]
             text = f"{mean:.3f}±{std:.3f}" if math.isfinite(mean) else f"lost {lost}/{len(losses)}"
             cells.append(f"{text} {seconds:4.1f}s")
         print(f"{scenario:<17}" + "".join(f"{c:>24}" for c in cells), flush=True)
         for method, steps in discarded.items():
-            print(f"  {method}: discarded trial steps per run {steps} (of {args.steps})", flush=True)
+            print(f"  {method}: discarded steps (sweep and trials) per run {steps} (of {args.steps})", flush=True)
     print(json.dumps(means))
     return means
 

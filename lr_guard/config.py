@@ -64,6 +64,18 @@ def _count(low: int, optional: bool = False) -> Callable[[str, Any], Any]:
     return check
 
 
+SWEEP_MIN_STEPS = 10  # the fewest steps of an in-run LR sweep (as find_lr's num_steps)
+
+
+def _sweep_steps(name: str, value: Any) -> int:
+    check_number(name, value, low=0, integer=True)
+    if value != 0 and value < SWEEP_MIN_STEPS:
+        raise ValueError(
+            f"{name} must be 0 (no sweep) or >= {SWEEP_MIN_STEPS} (steps of the range test), got {value!r}"
+        )
+    return int(value)
+
+
 def _choice(choices: tuple[str, ...], optional: bool = False) -> Callable[[str, Any], Any]:
     def check(name: str, value: Any) -> Any:
         if value is None and optional:
@@ -136,6 +148,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "lr_search": _flag,
     "lr_search_factor": _raise,
     "lr_search_window": _count(6),
+    "lr_search_sweep_steps": _sweep_steps,
 }
 
 
@@ -184,6 +197,7 @@ class GuardConfig:
     lr_search: bool = False
     lr_search_factor: float = 2.0
     lr_search_window: int = 20
+    lr_search_sweep_steps: int = 30
 
     def __setattr__(self, name: str, value: Any) -> None:
         check = _CHECKS.get(name)

@@ -65,6 +65,7 @@ class Action(str, enum.Enum):
     LR_TRIAL = "lr_trial"  # the LR search raised the LR for a trial, from a snapshot
     LR_KEEP = "lr_keep"  # the LR search kept a trial's raise (a failed trial is a rollback)
     LR_UNDO = "lr_undo"  # the LR search took a trial's raise back without a restore (an event before the trial)
+    LR_SWEEP = "lr_sweep"  # the LR search began a range test inside the run, from the starting snapshot
 
     def __str__(self) -> str:
         return self.value

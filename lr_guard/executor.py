@@ -201,6 +201,7 @@ ACTIONS: dict[Action, ActionSpec] = {
     Action.LR_UNDO: ActionSpec(
         "_scale", _lr_search_message, lambda d: "took the LR trial's raise back", lambda d, f: d.reason
     ),
+    Action.LR_SWEEP: ActionSpec("_nothing", _reason_message, lambda d: "began an LR range test", lambda d, f: ""),
     Action.NONE: ActionSpec("_nothing", _reason_message, lambda d: "logged it", lambda d, f: d.reason),
 }
 
@@ -335,6 +336,8 @@ class IntentExecutor:
         assert intent.rollback_to is not None
         factors, caps = lr_factors(run.optimizers), lr_caps(run.optimizers)
         run.restore(intent.rollback_to)  # the snapshot's optimizer state holds the LR factors and caps of its step
+        if intent.from_snapshot:
+            factors, caps = lr_factors(run.optimizers), lr_caps(run.optimizers)
         _scale_lr_state(run.optimizers, factors, caps, intent.lr_factor)
         return intent, None
 

@@ -26,6 +26,18 @@ With ``window`` = ``lr_search_window`` optimizer steps:
   are those of the first param group of the first optimizer, as the decisions report them.
 * **Back-off**: after a failed trial the next waits ``window * 2**failures`` steps (failures in a row, at most
   ``MAX_BACKOFF`` doublings); after a kept one the trial's second half is the next baseline.
+
+Before the trials, when ``lr_search_sweep_steps`` is not 0, **an LR range test inside the run** (:class:`Sweep`),
+once per fit, from the state training starts from: for ``lr_search_sweep_steps`` optimizer steps the LR (of the
+first param group; the others keep their ratio to it) grows exponentially from ``SWEEP_LOW`` (1/100) to
+``SWEEP_HIGH`` (1000) times the peak the schedule will reach (with the guard's factor), and stops early once the
+range test's divergence rule fires (:func:`~lr_guard.callbacks.range_sweep.sweep_divergence_detector`: 4x the
+best loss for 3 values, 10x at once, or a non-finite loss). The sweep is read by
+:func:`~lr_guard.range_test.read_sweep` (its convergence threshold and suggestion, unchanged), the run is rolled
+back to where it started, and the LR factor is set to place the schedule's peak (:func:`placed_peak`): at the
+suggestion when above it, at ``STEEPEST_FRACTION`` (half) of the steepest descent when below that. The threshold
+is the ceiling from then on, and no trial follows a sweep that found one (the trials are the net of a sweep that
+found none). Its steps are discarded, and counted with the failed trials' (``discarded_trial_steps``).
 """
 
 from __future__ import annotations
@@ -36,8 +48,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lr_guard.config import GuardConfig
+    from lr_guard.detectors import Detector
+    from lr_guard.range_test import RangeTestResult
 
-__all__ = ["LR_SEARCH", "LRSearch", "Trend", "Trial", "fit_trend"]
+__all__ = ["LR_SEARCH", "LRSearch", "Sweep", "Trend", "Trial", "fit_trend", "sweep_lrs"]
 
 LR_SEARCH = "lr_search"  # the kind (and detector name) of the search's events
 Z = 2.0  # standard errors a slope or a gain must clear
@@ -45,7 +59,33 @@ MIN_RAISE = 1.25
 CEILING_MARGIN = 0.9
 DECAY_STOP = 0.5
 MAX_BACKOFF = 5
-COUNTS = ("lr_trials", "lr_raises_kept", "lr_trials_rolled_back", "discarded_trial_steps")
+COUNTS = ("lr_sweeps", "lr_trials", "lr_raises_kept", "lr_trials_rolled_back", "discarded_trial_steps")
+SWEEP_LOW = 1e-2  # the sweep's first LR, times the schedule's peak
+SWEEP_HIGH = 1e3  # its last
+
+
+STEEPEST_FRACTION = 0.5  # a peak below this x the sweep's steepest descent is raised to it (see placed_peak)
+
+
+def placed_peak(peak: float, result: RangeTestResult) -> tuple[float, str]:
+    """Where the in-run sweep puts the schedule's ``peak``, and why: lowered to the range test's suggestion when
+    above it, raised to ``STEEPEST_FRACTION`` x the steepest descent (no higher than the suggestion) when below
+    that, else kept."""
+    suggestion, steepest = result.suggestion, result.steepest
+    if suggestion is not None and peak > suggestion:
+        return suggestion, f"above the range test's suggestion {suggestion:.3g}: lowered to it"
+    if steepest is not None:
+        floor = STEEPEST_FRACTION * steepest
+        if suggestion is not None:
+            floor = min(floor, suggestion)
+        if peak < floor:
+            return floor, f"below the steepest descent's {floor:.3g}: raised to it"
+    return peak, "between the steepest descent and the suggestion: kept"
+
+
+def sweep_lrs(peak: float, steps: int) -> list[float]:
+    """The LR of each step of an in-run sweep: ``SWEEP_LOW`` to ``SWEEP_HIGH`` times ``peak``, exponentially."""
+    return [peak * SWEEP_LOW * (SWEEP_HIGH / SWEEP_LOW) ** (k / (steps - 1)) for k in range(steps)]
 
 
 @dataclass(frozen=True)
@@ -113,6 +153,41 @@ class Trial:
         return self.lr_before * self.raise_factor
 
 
+@dataclass
+class Sweep:
+    """The in-run range test under way: from the snapshot of step ``start``, step ``start + k`` runs at ``lrs[k]``
+    (the first param group's LR); ``peak``: the LR the schedule's peak would have had without it; ``stop``: the
+    divergence rule that ends it early."""
+
+    start: int
+    lrs: list[float]
+    peak: float
+    stop: Detector
+    losses: list[float] = field(default_factory=list)
+    stopped_at: int | None = None  # the sweep step at which the rule fired (or the loss was not finite)
+
+    def add(self, step: int, loss: float) -> bool:
+        """The loss of step ``step``; whether the sweep is over (all its steps seen, or stopped)."""
+        k = step - self.start
+        if k < len(self.losses) or k >= len(self.lrs):
+            return False  # a value of a step before the sweep, or past its end (not read)
+        self.losses.append(loss)
+        if self.stop.update(loss, k) is not None or not math.isfinite(loss):
+            self.stopped_at = k
+        return self.stopped_at is not None or len(self.losses) == len(self.lrs)
+
+    def read(self) -> RangeTestResult:
+        """The range test's reading of the steps seen so far."""
+        from lr_guard.range_test import read_sweep  # SciPy: only where a sweep runs (a replay starts without it)
+
+        return read_sweep(self.lrs[: len(self.losses)], self.losses, self.stopped_at)
+
+    def lr_at(self, step: int) -> float | None:
+        """The LR of step ``step``; ``None`` outside the sweep."""
+        k = step - self.start
+        return self.lrs[k] if 0 <= k < len(self.lrs) else None
+
+
 @dataclass(frozen=True)
 class Verdict:
     """How a trial's second half compares with the trend before it."""
@@ -148,6 +223,9 @@ class LRSearch:
         self.lr = math.nan
         self.history: list[tuple[int, float]] = []  # the values since the last event or LR change
         self.trial: Trial | None = None
+        self.sweep: Sweep | None = None
+        self.swept = False  # this fit's sweep is done (kept across a resume: a resumed run does not sweep again)
+        self.placed = False  # the sweep found a threshold and placed the peak: no trials (they are its net)
 
     def note_lr(self, scheduled: float, effective: float) -> None:
         self.scheduled, self.lr = scheduled, effective
@@ -166,7 +244,7 @@ class LRSearch:
 
     def proposal(self, step: int) -> tuple[float, Trend] | None:
         """The raise to try now, and the trend it is judged against; ``None`` when the rules say not yet."""
-        if len(self.history) < self.window or step < self.next_at:
+        if self.placed or len(self.history) < self.window or step < self.next_at:
             return None
         if not self.scheduled >= DECAY_STOP * self.peak or not self.lr > 0:
             return None  # in the decay (or no LR noted)
@@ -228,6 +306,8 @@ class LRSearch:
             "next_at": self.next_at,
             "peak": self.peak,
             "history": [list(v) for v in self.history],
+            "swept": self.swept,
+            "placed": self.placed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -236,4 +316,7 @@ class LRSearch:
         self.next_at = int(state.get("next_at", 0))
         self.peak = float(state.get("peak", 0.0))
         self.history = [(int(s), float(v)) for s, v in state.get("history", [])]
+        self.swept = bool(state.get("swept", False))
+        self.placed = bool(state.get("placed", False))
         self.trial = None
+        self.sweep = None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lr_guard.detectors import Detector, NullDetector
 from lr_guard.events import Action, Event, EventKind, kind_name
 from lr_guard.lr_search import COUNTS as SEARCH_COUNTS
-from lr_guard.lr_search import LR_SEARCH, LRSearch, Trial, Verdict, Z
+from lr_guard.lr_search import LR_SEARCH, SWEEP_HIGH, SWEEP_LOW, LRSearch, Sweep, Trial, Verdict, Z, placed_peak
 from lr_guard.skips import NON_FINITE, SKIPPED, SkipLedger
 from lr_guard.update_responses import GRAD_NORM, UpdateResponses
 
@@ -62,6 +62,7 @@ class Intent:
     skip_batches: int = 0
     reason: str = ""  # why an action was held or only logged
     cap_at: int | None = None  # a rollback that caps the LR: at warmup_cap_factor x the LR of this step
+    from_snapshot: bool = False  # a rollback whose lr_factor scales the restored LR state, not the current one
 
 
 @dataclass
@@ -196,6 +197,7 @@ class GuardPolicy(UpdateResponses):
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
         self.search.trial = None
+        self.search.sweep = None
         self.trouble_from: int | None = None  # the step of the first event since the good snapshot
         self._trouble_rising = False  # was the schedule's LR rising then?
 
@@ -245,6 +247,7 @@ class GuardPolicy(UpdateResponses):
             and not self.stopped
             and self.pending is None
             and self.search.trial is None
+            and self.search.sweep is None
             and step % self.config.snapshot_every == 0
             and self.quiet()
         )
@@ -281,6 +284,8 @@ class GuardPolicy(UpdateResponses):
         -- and return what should be done, in order (a rollback or stop ends the list)."""
         if self.stopped:
             return []
+        if self.search.sweep is not None:  # the in-run range test: its values are its own
+            return self._swept(step, values)
         gated = None
         if values.__class__ is float or not isinstance(values, Mapping):  # the common case: the loss alone
             loss = values
@@ -534,6 +539,60 @@ class GuardPolicy(UpdateResponses):
             event, Action.LR_TRIAL, lr_factor=raise_factor, reason=f"trying a higher LR for {search.window} steps"
         )
 
+    def begin_sweep(self, step: int, lrs: list[float], peak: float, stop: Detector, peak_from: str) -> Intent:
+        """Start the in-run range test from the snapshot of ``step`` (the state training starts from): step
+        ``step + k`` runs at ``lrs[k]``; ``peak``: the schedule's peak LR (``peak_from`` says how it was found);
+        ``stop``: the divergence rule that ends it early."""
+        assert self.good is not None and self.good.step == step, "the sweep starts from the starting snapshot"
+        stop.reset()
+        self.search.sweep = Sweep(step, lrs, peak, stop)
+        self.counts["lr_sweeps"] = self.counts.get("lr_sweeps", 0) + 1
+        event = Event(
+            LR_SEARCH,
+            step,
+            math.nan,
+            math.nan,
+            math.nan,
+            LR_SEARCH,
+            f"step {step}: an LR range test inside the run, from the state training starts from: {len(lrs)} steps "
+            f"from lr {lrs[0]:.3g} to {lrs[-1]:.3g} ({SWEEP_LOW:g} to {SWEEP_HIGH:g} x the schedule's peak "
+            f"{peak:.3g}, {peak_from})",
+        )
+        return Intent(event, Action.LR_SWEEP, reason="then back to this state, with the peak placed by what it reads")
+
+    def _swept(self, step: int, values: float | Mapping[str, float]) -> list[Intent]:
+        """A value of the sweep's steps; at its end (all steps seen, or stopped), what the range test reads."""
+        sweep = self.search.sweep
+        assert sweep is not None
+        loss = float(values.get(LOSS, math.nan)) if isinstance(values, Mapping) else float(values)
+        if not sweep.add(step, loss):
+            return []
+        return [self._sweep_read(step, loss)]
+
+    def _sweep_read(self, step: int, loss: float) -> Intent:
+        """Read the sweep: back to where it started, the LR factor set to place the schedule's peak
+        (:func:`~lr_guard.lr_search.placed_peak`); the threshold is the ceiling from now on, and with one found no
+        trials follow."""
+        search = self.search
+        sweep = search.sweep
+        assert sweep is not None and self.good is not None
+        search.sweep, search.swept = None, True
+        result = sweep.read()
+        self._restore_detectors(self.good)  # the starting snapshot, as good as ever
+        search.history = []
+        search.placed = result.threshold is not None  # the trials are the net of a sweep that read nothing
+        if result.threshold is not None:
+            search.lower_ceiling(result.threshold)
+        peak, why = placed_peak(sweep.peak, result)
+        steepest = f", steepest descent at {result.steepest:.3g}" if result.steepest is not None else ""
+        found = f"threshold {result.threshold:.3g}" if result.threshold is not None else "no threshold"
+        message = f"step {step}: the LR range test saw {len(sweep.losses)} steps: {found}{steepest} ({result.reason})"
+        reason = f"the schedule's peak {sweep.peak:.3g} is {why}"
+        reason += "; no LR trials from now on" if search.placed else "; LR trials from now on, as the net"
+        factor = peak / sweep.peak
+        event = Event(LR_SEARCH, step, loss, result.threshold or math.nan, math.nan, LR_SEARCH, message)
+        return Intent(event, Action.ROLLBACK, factor, sweep.start, 0, reason, from_snapshot=True)
+
     def _judged(self, trial: Trial, verdict: Verdict, step: int, loss: float) -> Intent:
         score = verdict.gain / verdict.se if verdict.se > 0 else -math.inf if verdict.gain < 0 else math.inf
         where = "below" if verdict.gain < 0 else "above"
@@ -602,6 +661,9 @@ class GuardPolicy(UpdateResponses):
         """A checkpoint is about to be written during a trial: judge it now on the values of its second half, or
         with fewer than 3 of them roll back to its snapshot (no ceiling), so that a checkpoint never holds a
         trial's state; ``None`` when no trial is under way."""
+        sweep = self.search.sweep
+        if sweep is not None:  # read on the steps it has seen
+            return self._sweep_read(sweep.start + len(sweep.losses) - 1, sweep.losses[-1] if sweep.losses else math.nan)
         trial = self.search.trial
         if trial is None or trial.start is None:
             return None

@@ -43,7 +43,9 @@ SCENARIOS = {
     "gate_nan_on_rank1": {1: {25: math.nan}},
     "spawn_nan_on_rank1": {1: {25: math.nan}},
     "warmup_nan_on_rank1": {1: {25: math.nan}},
+    "sweep_blows_up_on_rank1": {1: {12: 1e4}},  # in the LR sweep's 12th step, on one rank only
 }
+SEARCHED = {"sweep_blows_up_on_rank1": {"lr_search": True, "lr_search_sweep_steps": 20}}  # the guard's settings
 WARMED_UP = {"warmup_nan_on_rank1"}  # scenarios with a linear warm-up over the whole run
 GATED = {"gate_nan_on_rank1"}  # scenarios run with the update gate
 SPAWNED = {"spawn_nan_on_rank1"}  # scenarios run with strategy="ddp_spawn" (the others re-run this script per rank)
@@ -98,7 +100,7 @@ def start_rank(out, gate, **settings):
 
 def main():
     scenario, out = sys.argv[1], sys.argv[2]
-    guard = start_rank(out, scenario in GATED)
+    guard = start_rank(out, scenario in GATED, **SEARCHED.get(scenario, {}))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

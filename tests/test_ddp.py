@@ -68,6 +68,15 @@ def test_a_nan_on_one_rank_in_a_warm_up_caps_the_lr_alike_on_both(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_lr_sweep_reads_the_same_threshold_on_both_ranks_with_no_collective_of_its_own(tmp_path):
+    r0, r1 = run_ddp("sweep_blows_up_on_rank1", tmp_path)
+    assert r0["decisions"] == r1["decisions"] and r0["decisions"][0] == [0, "lr_sweep", None]
+    step, action, to = r0["decisions"][1]  # the mean loss blows up at the 12th step: the sweep stops there
+    assert action == "rollback" and to == 0 and 12 <= step < 20
+    assert r0["lr"] == r1["lr"] and r0["params_sha256"] == r1["params_sha256"]
+
+
+@pytest.mark.slow
 def test_spike_on_one_rank_gives_the_same_decision_on_both(tmp_path):
     r0, r1 = run_ddp("spike_on_rank0", tmp_path)
     assert r0["decisions"] == r1["decisions"]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import LRRecorder, make_trainer
 
 from lr_guard import LRGuard
 from lr_guard.events import Action
@@ -16,10 +16,15 @@ from lr_guard.testing import ScriptedLossModule, TinyRegressionModule
 WINDOW = 10
 
 
+# the trials alone (no in-run sweep first)
+TRIALS = dict(
+    lr_search=True, lr_search_window=WINDOW, lr_search_sweep_steps=0, snapshot_every=20, confirm_steps=3, verbose=False
+)
+
+
 def search_guard(**kwargs):
-    settings = dict(lr_search=True, lr_search_window=WINDOW, snapshot_every=20, confirm_steps=3, verbose=False)
-    settings.update(kwargs)
-    return LRGuard(**settings)
+    """The trials alone, unless ``lr_search_sweep_steps`` is given."""
+    return LRGuard(**{**TRIALS, **kwargs})
 
 
 def too_low():
@@ -31,6 +36,26 @@ def power_law_script(n=400, seed=0):
     """A loss that falls as a power law of the step whatever the LR (it is scripted): every trial fails."""
     rng = random.Random(seed)
     return [2.0 * (t + 1) ** -0.3 * math.exp(rng.gauss(0.0, 0.01)) for t in range(n)]
+
+
+def state_recorder():
+    """A callback that keeps, at the start of every step, the weights, the optimizer's state and the LR factor."""
+    import pytorch_lightning as pl
+
+    class Recorder(pl.Callback):
+        def __init__(self):
+            self.states = {}  # global step -> (weights, optimizer state, lr factor) the step starts from
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            optimizer = trainer.optimizers[0]
+            state = (
+                copy.deepcopy(pl_module.state_dict()),
+                copy.deepcopy(optimizer.state_dict()["state"]),
+                optimizer.param_groups[0].get("lr_guard_factor", 1.0),
+            )
+            self.states[trainer.global_step] = state  # Lightning's global step counts on through a rollback
+
+    return Recorder()
 
 
 def test_a_run_at_a_too_low_lr_raises_its_lr_and_keeps_it():
@@ -48,22 +73,7 @@ def test_a_run_at_a_too_low_lr_raises_its_lr_and_keeps_it():
 
 
 def test_a_failed_trial_is_rolled_back_exactly_to_its_snapshot():
-    import pytorch_lightning as pl
-
-    class Recorder(pl.Callback):
-        def __init__(self):
-            self.states = {}  # global step -> (weights, optimizer state, lr factor) the step starts from
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            optimizer = trainer.optimizers[0]
-            state = (
-                copy.deepcopy(pl_module.state_dict()),
-                copy.deepcopy(optimizer.state_dict()["state"]),
-                optimizer.param_groups[0].get("lr_guard_factor", 1.0),
-            )
-            self.states[trainer.global_step] = state  # Lightning's global step counts on through a rollback
-
-    guard, recorder = search_guard(), Recorder()
+    guard, recorder = search_guard(), state_recorder()
     model = ScriptedLossModule(power_law_script(), optimizer="adam", lr=0.01)
     make_trainer([guard, recorder], max_steps=120).fit(model)
 
@@ -122,7 +132,7 @@ class SavingGuard(LRGuard):
 def test_a_checkpoint_during_a_trial_holds_the_state_before_it_and_resumes_as_the_run_went_on(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    settings = dict(lr_search=True, lr_search_window=WINDOW, snapshot_every=20, confirm_steps=3, verbose=False)
+    settings = TRIALS
 
     def module():
         return TinyRegressionModule(lr=0.002, batch_size=256)  # one batch per epoch: the data order cannot matter
@@ -175,6 +185,8 @@ def test_lr_search_is_off_by_default_and_then_changes_nothing():
         ({"lr_search_factor": "2"}, TypeError, r"lr_search_factor must be a number, got '2'"),
         ({"lr_search_window": 5}, ValueError, r"lr_search_window must be >= 6, got 5"),
         ({"lr_search_window": 10.5}, TypeError, r"lr_search_window must be an int, got 10.5"),
+        ({"lr_search_sweep_steps": 5}, ValueError, r"lr_search_sweep_steps must be 0 \(no sweep\) or >= 10 .*, got 5"),
+        ({"lr_search_sweep_steps": 20.0}, TypeError, r"lr_search_sweep_steps must be an int, got 20.0"),
         ({"lr_search": True, "dry_run": True}, ValueError, r"lr_search=True cannot be combined with dry_run=True"),
         ({"lr_search": True, "rollback": False}, ValueError, r"lr_search=True cannot be combined with rollback=False"),
     ],
@@ -197,3 +209,106 @@ def test_the_picture_of_a_run_marks_its_lr_trials_and_kept_raises():
     figure = draw_record(record, guard.decisions)
     gids = {a.get_gid() for ax in figure.axes for a in ax.get_children()}
     assert {"lr_guard:lr_trial", "lr_guard:lr_keep"} <= gids
+
+
+# -- the in-run sweep: an LR range test from the starting state, then back to it ------------------------------
+SWEEP = 30
+
+
+def sweep_decisions(guard):
+    sweeps = [d for d in guard.decisions if d.action == Action.LR_SWEEP]
+    reads = [d for d in guard.decisions if d.action == Action.ROLLBACK and "range test saw" in d.message]
+    return sweeps, reads
+
+
+def test_the_sweep_raises_a_too_low_lr_at_once_and_restores_the_starting_state_exactly():
+    plain = too_low()
+    make_trainer([LRGuard(verbose=False)], max_steps=160).fit(plain)
+    model, guard, recorder = too_low(), search_guard(lr_search_sweep_steps=SWEEP), state_recorder()
+    make_trainer([guard, recorder], max_steps=160).fit(model)
+
+    sweeps, reads = sweep_decisions(guard)
+    assert len(sweeps) == 1 and sweeps[0].step == 0 and len(reads) == 1, [d.message for d in guard.decisions]
+    read = reads[0]
+    assert read.rollback_to == 0 and read.step <= SWEEP  # read as soon as its last step is in, not a batch later
+    assert guard.counts["lr_sweeps"] == 1 and guard.counts["discarded_trial_steps"] >= read.step
+    weights, moments, factor = recorder.states[0]
+    restored_weights, restored_moments, restored_factor = recorder.states[read.step]
+    for name, value in weights.items():
+        assert torch.equal(value, restored_weights[name]), name
+    assert moments == {} and restored_moments == {}  # SGD's momentum buffers: none before the first step
+    assert factor == 1.0 and restored_factor > 5.0  # the LR is raised at once, from the start
+    assert read.lr_after == pytest.approx(3e-4 * restored_factor)
+    assert guard.counts["lr_trials"] == 0  # the sweep placed the peak: no trials after it
+    assert model.full_loss() < 0.5 * plain.full_loss()
+
+
+def test_the_sweep_lowers_a_too_high_lr_below_its_threshold_and_no_trial_follows():
+    def too_high():
+        return TinyRegressionModule(lr=2.0, batch_size=256)  # SGD with momentum: diverges at once
+
+    plain = too_high()
+    make_trainer([], max_steps=120).fit(plain)
+    model, guard = too_high(), search_guard(lr_search_sweep_steps=SWEEP)
+    make_trainer([guard], max_steps=120).fit(model)
+
+    _, reads = sweep_decisions(guard)
+    assert len(reads) == 1 and "threshold" in reads[0].message
+    threshold = float(reads[0].message.split("threshold ")[1].split(",")[0].split(" ")[0])
+    assert reads[0].lr_after < threshold < 2.0  # the peak lowered below the threshold the sweep found
+    assert guard.counts["lr_trials"] == 0  # the sweep placed the peak: the trials are the net of one that did not
+    assert not math.isfinite(plain.full_loss()) or plain.full_loss() > 1e3
+    assert math.isfinite(model.full_loss()) and model.full_loss() < 0.1
+
+
+def test_a_checkpoint_during_the_sweep_reads_it_first_and_resumes_as_the_run_went_on(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    settings = dict(
+        lr_search=True, lr_search_window=WINDOW, lr_search_sweep_steps=SWEEP, snapshot_every=20, verbose=False
+    )
+
+    def module():
+        return TinyRegressionModule(lr=0.002, batch_size=256)
+
+    straight_guard = SavingGuard(**settings)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7, save_top_k=-1, filename="{step}")
+    straight = module()
+    make_trainer([straight_guard, saver], max_steps=80, enable_checkpointing=True).fit(straight)
+    _, reads = sweep_decisions(straight_guard)
+    assert len(reads) == 1 and reads[0].step == 7  # the first checkpoint came during the sweep: read on 7 steps
+    assert straight_guard.counts["lr_sweeps"] == 1
+
+    resumed_guard = SavingGuard(**settings)
+    resumed = module()
+    again = ModelCheckpoint(dirpath=tmp_path / "resumed", every_n_train_steps=7, save_top_k=-1, filename="{step}")
+    trainer = make_trainer([resumed_guard, again], max_steps=80, enable_checkpointing=True)
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "step=7.ckpt"))
+
+    def key(d):
+        return (d.event.step, d.action.value, d.rollback_to, round(d.lr_after, 12))
+
+    assert not any(d.action == Action.LR_SWEEP for d in resumed_guard.decisions)  # its sweep is done
+    after = [key(d) for d in straight_guard.decisions if d.step > 7]
+    assert [key(d) for d in resumed_guard.decisions] == after
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_the_sweep_is_sized_on_the_peak_the_schedule_will_reach_and_leaves_the_schedule_to_replay(interval):
+    def warm_up(optimizer):  # 1% of the LR, rising to all of it over 40 steps (one batch per epoch: 40 epochs)
+        return torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, 40)
+
+    model = TinyRegressionModule(lr=0.01, batch_size=256, scheduler=warm_up, interval=interval)
+    guard, recorder = search_guard(lr_search_sweep_steps=SWEEP), LRRecorder()
+    make_trainer([guard, recorder], max_steps=80).fit(model)
+
+    sweeps, reads = sweep_decisions(guard)
+    assert "the schedule's peak 0.01," in sweeps[0].message  # not the warm-up's first LR, 1e-4
+    assert recorder.lrs[0][0] == pytest.approx(0.01 * 0.01)  # the sweep's first LR: 1/100 of the peak
+    assert recorder.lrs[1][0] == pytest.approx(0.01 * 0.01 * 1e5 ** (1 / (SWEEP - 1)))  # to 1000x, exponentially
+    restart = reads[0].step  # the first step after the rollback: the warm-up replays from its start
+    factor = model.trainer.optimizers[0].param_groups[0]["lr_guard_factor"]
+    assert recorder.lrs[restart][0] == pytest.approx(1e-4 * factor)
+    assert recorder.lrs[restart + 10][0] == pytest.approx((0.01 + 0.99 * 10 / 40) * 0.01 * factor)

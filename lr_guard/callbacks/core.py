@@ -26,11 +26,13 @@ from torch import nn
 
 from lr_guard.actions import compose_with_scheduler, release_scheduler
 from lr_guard.actions.gate import UpdateGate
-from lr_guard.actions.lr import UNSCALED, take_up_written_lrs
+from lr_guard.actions.lr import UNSCALED, set_lr_factors, take_up_written_lrs
 from lr_guard.actions.snapshot_store import SnapshotStore
 from lr_guard.callbacks.feed import ValueFeed
 from lr_guard.callbacks.live_run import LiveRun, schedulers, targets
+from lr_guard.callbacks.range_sweep import sweep_divergence_detector
 from lr_guard.callbacks.reporter import Reporter
+from lr_guard.callbacks.schedule_peak import schedule_peak
 from lr_guard.callbacks.settings import GuardSettings
 from lr_guard.callbacks.skipper import UpdateSkipper
 from lr_guard.callbacks.strategies import check_strategy, state_io_for
@@ -44,6 +46,7 @@ from lr_guard.detectors import (
 )
 from lr_guard.events import Decision
 from lr_guard.executor import IntentExecutor
+from lr_guard.lr_search import sweep_lrs
 from lr_guard.policy import GATE, GRAD_NORM, GuardPolicy
 
 __all__ = ["GuardCore"]
@@ -153,8 +156,9 @@ class GuardCore(GuardSettings):
             change nothing: no rollback, LR cut, skipped update or stop, and no snapshot is taken. The detectors
             and the rules run as in a live run, counters included (``counts`` are what the live guard would have
             counted); after a rollback that was not made they go on watching the values that follow.
-        lr_search: Search upwards for a better LR, with rollback as the net (:mod:`lr_guard.lr_search`): while the
-            loss falls steadily and quietly (no event and no LR change over ``lr_search_window`` values, every
+        lr_search: Search for a better LR both ways, with rollback as the net (:mod:`lr_guard.lr_search`): first
+            an LR range test inside the run (``lr_search_sweep_steps``); where it finds no threshold, trials: while
+            the loss falls steadily and quietly (no event and no LR change over ``lr_search_window`` values, every
             detector quiet, no warm-up under way, the schedule's own LR at least half its peak, and the loss's
             slope against log-step below zero by 2 standard errors), snapshot the state and raise the LR factor by
             ``lr_search_factor`` for ``lr_search_window`` steps. Keep the raise when the loss over the trial's
@@ -166,6 +170,15 @@ class GuardCore(GuardSettings):
             ``lr_trials_rolled_back``, ``discarded_trial_steps``. Needs ``rollback=True``; not with ``dry_run``.
         lr_search_factor: The raise of one trial (> 1); less where that would reach 0.9 of the ceiling.
         lr_search_window: Optimizer steps of a trial, and of the steady stretch before it (>= 6).
+        lr_search_sweep_steps: With ``lr_search``, first an LR range test inside the run, once per fit, from the
+            state training starts from: this many optimizer steps with the LR growing exponentially from 1/100 to
+            1000 times the peak the schedule will reach (the schedulers stepped on paper to the end of the run),
+            stopped early once the loss diverges, and read by :func:`~lr_guard.range_test.read_sweep`; then back
+            to the starting state, with the schedule's peak lowered to the suggestion when above it, or raised to
+            half the steepest descent when below that (:func:`~lr_guard.lr_search.placed_peak`). Its threshold is
+            the ceiling from then on, and no trials follow a sweep that found one. Its steps are discarded and
+            counted in ``discarded_trial_steps``. Needs the loss watched per step from the first step (``monitor=
+            None`` or ``check_on="train_step"``). ``0``: no sweep, the trials alone (>= 10 otherwise).
     """
 
     def __init__(
@@ -203,6 +216,7 @@ class GuardCore(GuardSettings):
         lr_search: bool = False,
         lr_search_factor: float = 2.0,
         lr_search_window: int = 20,
+        lr_search_sweep_steps: int = 30,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k in GuardConfig.names()}
         self.config = GuardConfig(**arguments)
@@ -366,6 +380,40 @@ class GuardCore(GuardSettings):
         if not self.config.dry_run:  # a dry run restores nothing: the rules keep the step alone
             self._store.take(step, targets(trainer, pl_module), self._copies())
             self._run.snapshot_taken(step)  # type: ignore[union-attr]
+        self._begin_sweep(trainer)
+
+    def _begin_sweep(self, trainer: Any) -> None:
+        """With ``lr_search``: the in-run LR range test, from the starting snapshot just taken (once per fit; a
+        resumed fit whose sweep is done does not sweep again)."""
+        config, search = self.config, self.policy.search
+        if not (config.lr_search and config.lr_search_sweep_steps) or search.swept or search.sweep is not None:
+            return
+        if self.watch_on != "train_step" or not trainer.optimizers:
+            return  # the sweep reads the loss of every step
+        peak, how = schedule_peak(trainer, _total_steps(trainer))
+        if not peak > 0:
+            return
+        step = trainer.global_step
+        lrs = sweep_lrs(peak, config.lr_search_sweep_steps)
+        intent = self.policy.begin_sweep(step, lrs, peak, sweep_divergence_detector(), how)
+        self._reporter.decision(self.executor.execute(intent, self._run))  # type: ignore[arg-type]
+
+    def _sweep_lr(self, step: int) -> None:
+        """Before an optimizer step of the sweep: every group's LR factor set so that the first group of the
+        first optimizer steps with the sweep's LR of ``step`` (the others keep their ratio to it)."""
+        sweep = self.policy.search.sweep
+        lr = sweep.lr_at(step) if sweep is not None else None
+        if lr is None:
+            return
+        optimizers = self._run.trainer.optimizers  # type: ignore[union-attr]
+        group = optimizers[0].param_groups[0]
+        factor = lr / float(group.get(UNSCALED, group["lr"]))
+        set_lr_factors(optimizers, [[factor] * len(o.param_groups) for o in optimizers])
+
+    def _after_sweep(self) -> None:
+        """The sweep was read and rolled back: the update gate starts afresh, as the run does."""
+        if self.gate is not None:
+            self.gate.reset()
 
     def _copies(self) -> int:
         return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
@@ -403,6 +451,8 @@ class GuardCore(GuardSettings):
         """Before every optimizer step: take up an LR written by hand, and keep the LRs it steps with (a cap is
         read from those of the step where trouble began)."""
         self._before_optimizer_step(optimizer)
+        if self.policy.search.sweep is not None:
+            self._sweep_lr(self._last_global_step)
         if self._cadence.note_lrs:
             self._run.note_lrs(self._last_global_step)  # type: ignore[union-attr]
 
@@ -466,8 +516,10 @@ class GuardCore(GuardSettings):
         snapshot_due = cadence.snapshot_every and global_step % cadence.snapshot_every == 0
         every = self._weights_only_steps  # a weights-only checkpoint saved after this hook: its weights checked
         weights_only_due = bool(every) and any(global_step % n == 0 for n in every)
-        if snapshot_due or global_step % cadence.check_every == 0 or weights_only_due:
-            self._check(trainer, wait=weights_only_due)
+        sweep = self.policy.search.sweep
+        sweep_done = sweep is not None and global_step >= sweep.start + len(sweep.lrs)  # read it now, not later
+        if snapshot_due or global_step % cadence.check_every == 0 or weights_only_due or sweep_done:
+            self._check(trainer, wait=weights_only_due or sweep_done)
         if snapshot_due and not self._start_pending and self.policy.wants_snapshot(global_step):
             if not self.config.dry_run:  # a dry run restores nothing: the rules keep the step alone
                 self._store.take(global_step, targets(trainer, pl_module), self._copies())
@@ -576,21 +628,27 @@ class GuardCore(GuardSettings):
     def _end_trial(self) -> None:
         """A checkpoint is being written: an LR trial under way is judged now, or rolled back (its state is not
         one to resume from)."""
+        sweeping = self.policy.search.sweep is not None
         intent = self.policy.end_trial()
         if intent is not None:
             assert self._run is not None
             self._reporter.decision(self.executor.execute(intent, self._run))
             self._store.keep_only(self.policy.kept_steps())
+        if sweeping:
+            self._after_sweep()
 
     def _process(self, trainer: Any, values: list[tuple[int, Any]]) -> None:
         assert self._run is not None
         reporter = self._reporter
+        sweeping = self.policy.search.sweep is not None
         self.executor.process(values, self._run, reporter.decision, reporter.value if reporter.logs_values else None)
         self._run.forget_before(values[-1][0])
         if self._cadence.note_lrs:
             self._run.forget_lrs(self.policy.trouble_from, values[-1][0])
         self.checkpoint_path = self._run.checkpoint_path
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
+        if sweeping and self.policy.search.sweep is None:
+            self._after_sweep()
 
 
 _WHERE = {

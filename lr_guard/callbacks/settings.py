@@ -81,6 +81,7 @@ class GuardSettings:
     lr_search = Setting()
     lr_search_factor = Setting()
     lr_search_window = Setting()
+    lr_search_sweep_steps = Setting()
 
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments (detectors as their repr), as recorded in the configuration entry."""
