@@ -7,7 +7,7 @@ with the other cadences under ``"cadences"``.
     python benchmarks/detection.py            # 120 streams per suite
     python benchmarks/detection.py --streams 20
     python benchmarks/detection.py --noise student_t6 student_t3 gaussian --detectors spike   # per noise family
-    python benchmarks/detection.py --noise student_t3 --detectors spike --spike-tail-window 2000
+    python benchmarks/detection.py --noise student_t3 --detectors spike --spike-tail-window 0   # fixed threshold
 
 ``--noise``: the per-step suites are drawn once per noise family (``lr_guard.synthetic.NOISES``: Student-t(6),
 the default's noise; Student-t(3), heavy tails; Gaussian; all at the same robust sigma), each with its own table
@@ -166,9 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", nargs="+", choices=NOISES, default=None, help="per-step suites per noise family")
     parser.add_argument("--detectors", nargs="+", choices=list(DETECTORS), default=list(DETECTORS))
-    parser.add_argument("--spike-tail-window", type=int, default=0, help="SpikeDetector(tail_window=...) (0)")
+    parser.add_argument(
+        "--spike-tail-window", type=int, default=None, help="SpikeDetector(tail_window=...) (0: a fixed threshold)"
+    )
     args = parser.parse_args(argv)
-    SETTINGS["spike"] = {"tail_window": args.spike_tail_window} if args.spike_tail_window else {}
+    SETTINGS["spike"] = {} if args.spike_tail_window is None else {"tail_window": args.spike_tail_window}
     if args.noise:
         return by_noise(args)
     suites = {

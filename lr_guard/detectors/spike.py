@@ -87,6 +87,7 @@ class SpikeDetector(Detector):
     TAIL_INTAKE = NoiseScale.MIN_COUNT  # values after which scores are kept (the noise scale is known by then)
     TAIL_REFRESH = 100  # scores between two readings of the shape: at most this (half the pool while it is smaller) ...
     TAIL_REFRESH_SHARE = 0.1  # ... or this share of the pool, if more
+    TAIL_MIN_SPREAD = 0.4  # scores whose lower quartile lies closer to their median (robust sigmas) are not noise
     TAIL_DOUBT = 3.0  # the height read from n scores is raised by a factor 1 + TAIL_DOUBT / sqrt(n)
     CENTRE_ALPHA = 0.9  # EMA decay of the scores' centre (clipped scores; negative while the trend lags a fall)
     SETTLED = 0.5  # a score counts as settled while the centre is within +-SETTLED of 0 ...
@@ -223,7 +224,8 @@ class SpikeDetector(Detector):
         pool = self._scores if len(self._scores) >= self.SETTLED_MIN else (*self._scores, *self._early_scores)
         n = len(pool)
         if n >= self.TAIL_MIN:
-            self._rare = rare_height(sorted(pool)) * (1.0 + self.TAIL_DOUBT / math.sqrt(n))  # fewer, more doubt
+            rare = rare_height(sorted(pool), self.TAIL_MIN_SPREAD)
+            self._rare = rare * (1.0 + self.TAIL_DOUBT / math.sqrt(n))  # fewer values, more doubt
             self._tail_new = 0
         share = n * self.TAIL_REFRESH_SHARE
         self._tail_due = max(1, min(self.TAIL_REFRESH, n // 2) if share < self.TAIL_REFRESH else int(share))

@@ -4,8 +4,8 @@ A fixed threshold in robust sigmas fits one tail shape only: 8 sigma is a 1-in-1
 about 1 in 1,000 of Student-t(3) noise. :func:`rare_height` reads the shape off the *lower* side of recent scores
 (values below the trend): the outliers of real training losses go up only (bad batches), so an upward data spike
 never touches the side the noise is read from, while symmetric noise shows its tails there as well. The shape is
-the ratio of lower quantiles' distances from the median, the quartile's and a far one's (5%, 2% and 1%, those with
-enough values beyond them); it is matched to the Student-t family, whose once-in-``1 / RARE_RATE`` height is then
+the ratio of lower quantiles' distances from the median, the quartile's and a far one's (5%, 2% and 1%, each
+with enough values beyond it); it is matched to the Student-t family, whose once-in-``1 / RARE_RATE`` height is then
 scaled by the quartile's distance. Quantiles move little when a handful of values (a scheduled LR drop's burst of
 low scores) are added, where a mean would.
 """
@@ -70,24 +70,26 @@ def _log_height(far: int, ratio: float) -> float:
     return _LOG_HEIGHTS[i - 1] + w * (_LOG_HEIGHTS[i] - _LOG_HEIGHTS[i - 1])
 
 
-def rare_height(ordered: Sequence[float]) -> float:
+def rare_height(ordered: Sequence[float], min_spread: float = 0.0) -> float:
     """The score that noise with these values' lower tail exceeds once in ``1 / RARE_RATE`` values, from sorted
-    scores (at least 2); NaN when their lower quartile is not below their median.
+    scores (at least 2); NaN when their lower quartile is not more than ``min_spread`` below their median (values
+    that hardly vary have no tail shape to read).
 
     The height is the median plus the quartile's distance times the Student-t rare height for the tail shape. The
-    shape is read at each of ``TAIL_PROBS`` with ``MIN_BEYOND`` values beyond it (at 5% alone with fewer values)
-    and the logs of the heights so found are averaged: one far quantile alone moves with a handful of values (six
-    low outliers among 600 scores make the 1% quantile look like Student-t(5) in the modded-nanogpt log, whose 2%
-    and 5% quantiles are Gaussian). Between the table's rows the log of the height is interpolated; beyond its
-    ends, the end row holds.
+    shape is read at each of ``TAIL_PROBS`` with ``MIN_BEYOND`` values beyond it (at 5% alone with fewer values),
+    and the middle of the three heights so found is taken: one far quantile alone moves with a handful of values
+    (six low outliers among 600 scores make the 1% quantile look like Student-t(5) in the modded-nanogpt log,
+    whose 2% and 5% quantiles are Gaussian). While the 1% quantile cannot be read yet, the lowest height is taken:
+    a few hundred values early in a run, while the noise scale is still settling, overstate the tails. Between
+    the table's rows the log of the height is interpolated; beyond its ends, the end row holds.
     """
     n = len(ordered)
     mid = n // 2
     centre = ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
     quartile = centre - _lower_quantile(ordered, 0.25)
-    if not quartile > 0.0:
+    if not quartile > min_spread:
         return math.nan
     usable = [i for i, p in enumerate(TAIL_PROBS) if p * n >= MIN_BEYOND] or [len(TAIL_PROBS) - 1]
-    log_height = sum(_log_height(i, (centre - _lower_quantile(ordered, TAIL_PROBS[i])) / quartile) for i in usable)
-    log_height /= len(usable)
+    logs = sorted(_log_height(i, (centre - _lower_quantile(ordered, TAIL_PROBS[i])) / quartile) for i in usable)
+    log_height = logs[len(logs) // 2] if len(logs) == len(TAIL_PROBS) else logs[0]
     return centre + quartile * math.exp(log_height)
