@@ -73,9 +73,10 @@ def test_synthetic_streams_are_seeded():
 def test_muon_data_spikes_are_flagged_and_not_divergence(curve):
     data = curve("lm_gpt2_124m_modded_muon_dataspike")
     det = SpikeDetector()
-    spikes = [e.step for s, x in data if (e := det.update(x, s)) is not None]
-    for labelled in (919, 947, 1760, 3194, 5335, 6127):
-        assert labelled in spikes
+    events = {e.step: e for s, x in data if (e := det.update(x, s)) is not None}
+    spikes = list(events)
+    for labelled in (919, 947, 1760, 3194, 5335, 6127):  # 8.5-10.3 sigma: under the tails of Student-t(6) noise
+        assert labelled in spikes and events[labelled].threshold == 8.0  # its lower tail is light: no raise
     assert len(spikes) <= len((919, 947, 1760, 3194, 5335, 6127)) + 2
     div = DivergenceDetector()
     assert not [s for s, x in data if div.update(x, s)]
