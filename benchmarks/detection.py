@@ -7,7 +7,8 @@ with the other cadences under ``"cadences"``.
     python benchmarks/detection.py            # 120 streams per suite
     python benchmarks/detection.py --streams 20
     python benchmarks/detection.py --noise student_t6 student_t3 gaussian --detectors spike   # per noise family
-    python benchmarks/detection.py --noise student_t3 --detectors spike --spike-tail-window 2000
+    python benchmarks/detection.py --noise student_t3 --detectors spike --spike-tail-window 0   # fixed threshold
+    python benchmarks/detection.py --noise student_t3 --detectors spike --spike-tail-window 0 --spike-threshold 35
 
 ``--noise``: the per-step suites are drawn once per noise family (``lr_guard.synthetic.NOISES``: Student-t(6),
 the default's noise; Student-t(3), heavy tails; Gaussian; all at the same robust sigma), each with its own table
@@ -79,17 +80,17 @@ CADENCES: dict[str, tuple[dict[str, Any], tuple[str | None, ...], Callable[[str]
     "per epoch": (
         {"n_steps": 15_000, "log_every": 100, "log_mean": True, "pace": 0.2},
         (None, "plateau", "stuck", "divergence"),
-        lambda slot: sized_detector(slot, "validation", None) or DETECTORS[slot](),
+        lambda slot: sized_detector(slot, "validation", None) or DETECTORS[slot](**SETTINGS[slot]),
     ),
     "every 100 steps": (
         {"n_steps": 170_000, "log_every": 100, "pace": 3000 / 170_000},
         (None, "spike", "plateau", "stuck", "divergence"),
-        lambda slot: DETECTORS[slot](),
+        lambda slot: DETECTORS[slot](**SETTINGS[slot]),
     ),
     "slow, heavy-tailed": (
         {"n_steps": 20_000, "pace": 0.05, "noise_df": 3.0},
         (None, "spike", "plateau", "divergence"),
-        lambda slot: DETECTORS[slot](),
+        lambda slot: DETECTORS[slot](**SETTINGS[slot]),
     ),
 }
 
@@ -166,9 +167,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", nargs="+", choices=NOISES, default=None, help="per-step suites per noise family")
     parser.add_argument("--detectors", nargs="+", choices=list(DETECTORS), default=list(DETECTORS))
-    parser.add_argument("--spike-tail-window", type=int, default=0, help="SpikeDetector(tail_window=...) (0)")
+    parser.add_argument(
+        "--spike-tail-window", type=int, default=None, help="SpikeDetector(tail_window=...) (0: a fixed threshold)"
+    )
+    parser.add_argument("--spike-threshold", type=float, default=None, help="SpikeDetector(threshold=...) (8)")
     args = parser.parse_args(argv)
-    SETTINGS["spike"] = {"tail_window": args.spike_tail_window} if args.spike_tail_window else {}
+    SETTINGS["spike"] = {} if args.spike_tail_window is None else {"tail_window": args.spike_tail_window}
+    if args.spike_threshold is not None:
+        SETTINGS["spike"]["threshold"] = args.spike_threshold
     if args.noise:
         return by_noise(args)
     suites = {

@@ -73,9 +73,10 @@ def test_synthetic_streams_are_seeded():
 def test_muon_data_spikes_are_flagged_and_not_divergence(curve):
     data = curve("lm_gpt2_124m_modded_muon_dataspike")
     det = SpikeDetector()
-    spikes = [e.step for s, x in data if (e := det.update(x, s)) is not None]
-    for labelled in (919, 947, 1760, 3194, 5335, 6127):
-        assert labelled in spikes
+    events = {e.step: e for s, x in data if (e := det.update(x, s)) is not None}
+    spikes = list(events)
+    for labelled in (919, 947, 1760, 3194, 5335, 6127):  # 8.5-10.3 sigma: under the tails of Student-t(6) noise
+        assert labelled in spikes and events[labelled].threshold == 8.0  # its lower tail is light: no raise
     assert len(spikes) <= len((919, 947, 1760, 3194, 5335, 6127)) + 2
     div = DivergenceDetector()
     assert not [s for s, x in data if div.update(x, s)]
@@ -444,80 +445,150 @@ def test_a_single_value_blow_up_counts_only_when_the_values_after_it_stay_up():
     assert not waiting.quiet  # no snapshot is taken or confirmed while a blow-up waits for its confirmation
 
 
-# --- heavy tails: Student-t(3) noise and the tail-aware spike threshold -------------------------------------------
+# --- heavy tails: the spike threshold follows this stream's noise tails, read off its lower side (issue 19) ------
 
 
-def test_tail_table_matches_student_t_differences():
-    import numpy as np
+def rare_spike(stream, step):
+    """The log-height of the smallest spike the synthetic suites inject at ``step`` of a ``noise="student_t3"``
+    stream: as high as that noise reaches once in 100,000 steps (``lr_guard.synthetic._add_trouble``)."""
     from scipy import stats
 
-    from lr_guard.detectors.tails import RARE_RATE, TAIL_TABLE
-
-    rng = np.random.default_rng(0)
-    for df, ratio, level in TAIL_TABLE[::3]:
-        x = rng.standard_normal((2, 400_000)) if math.isinf(df) else rng.standard_t(df, (2, 400_000))
-        d = np.abs(x[0] - x[1])
-        med = float(np.median(d))
-        one = stats.norm.isf(RARE_RATE) if math.isinf(df) else stats.t.isf(RARE_RATE, df)
-        assert d.mean() / med == pytest.approx(ratio, rel=0.01), df
-        assert one / med == pytest.approx(level, rel=0.01), df
+    divisor = stats.t.ppf(0.75, 3) / (stats.t.ppf(0.75, 6) * math.sqrt(4 / 6))  # the family's robust sigma
+    noise_scale = stream.noise_sigma * (0.5 + 0.5 * stream.lr[step] / stream.lr.max())
+    return stats.t.isf(1e-5, 3) / divisor * noise_scale
 
 
-def test_student_t3_clean_streams_raise_few_spikes_with_the_tail_aware_threshold():
-    fixed = tail = 0
+def test_t_quantile_table_matches_scipy():
+    from scipy import stats
+
+    from lr_guard.detectors.tails import RARE_RATE, T_QUANTILES
+
+    for df, *quantiles in T_QUANTILES:
+        for p, q in zip((0.25, 0.01, 0.02, 0.05, RARE_RATE), quantiles, strict=True):
+            exact = stats.norm.isf(p) if math.isinf(df) else stats.t.isf(p, df)
+            assert q == pytest.approx(exact, abs=1e-4), (df, p)
+
+
+def test_rare_height_reads_the_lower_tail_and_ignores_upward_outliers():
+    import numpy as np
+
+    from lr_guard.detectors.tails import rare_height
+
+    for df, exact in ((math.inf, 4.265), (6.0, 12.03), (3.0, 47.93)):  # the once-in-1e5 height of one draw
+        heights = []
+        for seed in range(25):
+            rng = np.random.default_rng(seed)
+            draws = rng.standard_normal(2000) if math.isinf(df) else rng.standard_t(df, 2000)
+            heights.append(rare_height(sorted(draws.tolist())))
+        assert float(np.median(heights)) == pytest.approx(exact, rel=0.2), df  # 2,000 draws: +4% to +15%
+    gauss = np.random.default_rng(0).standard_normal(4000)
+    lifted = np.where(gauss > 1.0, 10.0 * gauss, gauss)  # bad batches: outliers upwards only
+    assert rare_height(sorted(lifted)) == rare_height(sorted(gauss)) < 6.0
+
+
+def test_clean_student_t3_streams_raise_no_spike_at_the_defaults():
+    default = fixed = 0
     for seed in range(12):  # 36,000 clean steps of Student-t(3) noise
         values = make_stream(seed, inject=None, noise="student_t3").values.tolist()
-        fixed += len(feed(SpikeDetector(), values))
-        tail += len(feed(SpikeDetector(tail_window=2000), values))
+        default += len(feed(SpikeDetector(), values))
+        fixed += len(feed(SpikeDetector(tail_window=0), values))
     assert fixed >= 30, "a fixed 8-sigma threshold flags the noise's own 8-11 sigma draws"
-    assert tail <= 4, tail  # about 1 per 10,000 steps
+    assert default <= 2, default  # the noise's once-in-100,000 draws: < 1 per 10,000 steps
 
 
-@pytest.mark.parametrize("seed", [0, 3, 7, 10])
-def test_injected_spikes_in_student_t3_noise_are_flagged_within_one_step(seed):
-    stream = make_stream(seed, n_steps=1000, inject="spike", noise="student_t3")
-    steps = [e.step for e in feed(SpikeDetector(tail_window=2000), stream.values.tolist())]
-    for true in (e for e in stream.events if e.kind == EventKind.SPIKE):
-        assert [s for s in steps if true.start <= s <= true.end][:1] in ([true.start], [true.start + 1]), true
+def test_a_spike_twice_the_rare_height_of_student_t3_noise_is_flagged_at_once_and_little_else():
+    flagged, other, fixed = [], 0, 0
+    for seed in range(8):
+        stream = make_stream(seed, inject=None, noise="student_t3")
+        values = stream.values.copy()
+        values[2000] *= math.exp(2.0 * rare_spike(stream, 2000))  # the suites' spikes: 1-4 times the rare height
+        steps = [e.step for e in feed(SpikeDetector(), values.tolist())]
+        flagged.append(2000 in steps)
+        other += len(steps) - (2000 in steps)
+        fixed += len(feed(SpikeDetector(tail_window=0), values.tolist()))
+    # one stream of eight (seed 3) reads its tails heavier than they are from its 2,000 scores and misses it
+    assert sum(flagged) >= 7 and other <= 1 and fixed >= 30, (flagged, other, fixed)
 
 
-def test_tail_aware_threshold_stays_at_threshold_on_gaussian_noise():
-    det = SpikeDetector(tail_window=2000)
+def test_injected_student_t3_spikes_are_flagged_within_one_step_once_the_tails_are_known():
+    found = missed = other = 0
+    for seed in range(6):
+        stream = make_stream(seed, inject="spike", noise="student_t3")
+        steps = [e.step for e in feed(SpikeDetector(), stream.values.tolist())]
+        spikes = [e for e in stream.events if e.kind == EventKind.SPIKE and e.start >= 1000]
+        for true in spikes:
+            hit = [s for s in steps if true.start <= s <= true.end][:1] in ([true.start], [true.start + 1])
+            found, missed = found + hit, missed + (not hit)
+        other += sum(not any(e.start <= s <= e.end for e in stream.events) for s in steps if s >= 1000)
+    assert found >= 9 and missed == 0 and other == 0, (found, missed, other)
+
+
+def test_upward_outliers_over_light_noise_keep_the_base_threshold():
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    stream = make_stream(4, inject=None, noise="gaussian")
+    log_values = np.log(stream.values)
+    outliers = rng.random(len(log_values)) < 0.02  # bad batches: 2% of the values, 3-60 sigma up
+    heights = stream.noise_sigma * np.clip(3.0 * np.abs(rng.standard_t(3, len(log_values))), 3.0, 60.0)
+    lifted = SpikeDetector(tail_window=2000)
+    levels = []
+    for step, value in enumerate(np.exp(log_values + outliers * heights).tolist()):
+        lifted.update(value, step)
+        levels.append(lifted.current_threshold)
+    assert max(levels[1000:]) == 8.0, max(levels[1000:])
+
+
+def test_tail_aware_threshold_stays_at_threshold_on_gaussian_noise_and_rises_on_student_t3():
+    det = SpikeDetector()
     feed(det, make_stream(4, inject=None, noise="gaussian").values.tolist())
-    assert det.current_threshold == pytest.approx(8.0, abs=1.0)
-    heavy = SpikeDetector(tail_window=2000)
+    assert det.current_threshold == 8.0
+    heavy = SpikeDetector()
     feed(heavy, make_stream(4, inject=None, noise="student_t3").values.tolist())
     assert heavy.current_threshold > 20.0
     assert heavy.diagnostics()["threshold"] == heavy.current_threshold
+    assert SpikeDetector(tail_window=0).current_threshold == 8.0
+
+
+def test_peek_agrees_with_update_under_the_tail_aware_threshold():
+    det = SpikeDetector()
+    stream = make_stream(1, inject="spike", noise="student_t3")
+    agree = []
+    for step, value in enumerate(stream.values.tolist()):
+        would = det.peek(value) >= det.current_threshold
+        agree.append(would == (det.update(value, step) is not None))
+    assert all(agree) and det.current_threshold > 8.0
 
 
 def test_spike_state_of_the_previous_version_loads():
-    det = SpikeDetector(tail_window=2000)
+    det = SpikeDetector()
     values = make_stream(2, inject=None, noise="student_t3").values.tolist()
     feed(det, values[:500])
     state = det.state_dict()
-    old = {
-        **state,
-        "state": {k: v for k, v in state["state"].items() if k not in ("_tail", "_tail_new", "_level", "_last_y")},
-    }
-    old["settings"] = {k: v for k, v in state["settings"].items() if k != "tail_window"}
-    fresh = SpikeDetector(tail_window=2000)
-    fresh.load_state_dict(old)
+    new = ("_scores", "_early_scores", "_tail_due", "_rare", "_centre")
+    old = {**state, "state": {k: v for k, v in state["state"].items() if k not in new}}
+    old["state"].update({"_tail": [1.0] * 30, "_last_y": math.nan, "_level": 8.0})  # the |dy| of the old method
+    old["settings"] = {**state["settings"], "tail_window": 0}
+    fresh = SpikeDetector()
+    with pytest.warns(UserWarning, match="tail_window: saved 0, now 2000"):
+        fresh.load_state_dict(old)
     assert fresh.current_threshold == 8.0 and fresh.n_updates == det.n_updates  # the tail is read again
     feed(fresh, values[500:900], start_step=500)
     assert fresh.current_threshold > 8.0
 
 
-def test_a_heavy_tailed_run_on_a_trainer_logs_no_spike_with_the_tail_aware_threshold():
+def test_a_heavy_tailed_run_on_a_trainer_logs_only_its_real_spike_at_the_defaults():
     from conftest import make_trainer
 
     from lr_guard import LRGuard
     from lr_guard.testing import ScriptedLossModule
 
-    script = make_stream(1, n_steps=600, inject=None, noise="student_t3").values.tolist()
-    counts = {}
-    for name, spike in (("fixed", True), ("tail", SpikeDetector(tail_window=2000))):
+    stream = make_stream(2, n_steps=600, inject=None, noise="student_t3")
+    script = stream.values.copy()
+    script[450] *= math.exp(2.0 * rare_spike(stream, 450))
+    found = {}
+    for name, spike in (("fixed", SpikeDetector(tail_window=0)), ("default", True)):
         guard = LRGuard(spike=spike, plateau=False, oscillation=False, divergence=False, rollback=False)
-        make_trainer([guard], max_steps=600).fit(ScriptedLossModule(script, optimizer="adam", lr=1e-3))
-        counts[name] = guard.counts["spike"]
-    assert counts["fixed"] >= 1 and counts["tail"] == 0, counts
+        make_trainer([guard], max_steps=600).fit(ScriptedLossModule(script.tolist(), optimizer="adam", lr=1e-3))
+        found[name] = [d.event.step for d in guard.decisions if d.event.kind == EventKind.SPIKE]
+    assert len(found["fixed"]) >= 2 and found["default"] == [450], found

@@ -6,7 +6,7 @@ import math
 from collections import deque
 
 from lr_guard.detectors.base import Detector, LogOrLinear, NoiseScale, check_choice, check_number, to_float
-from lr_guard.detectors.tails import rare_level
+from lr_guard.detectors.tails import rare_height
 from lr_guard.events import Event, EventKind
 
 __all__ = ["SpikeDetector"]
@@ -22,19 +22,24 @@ class SpikeDetector(Detector):
     ``z = (y - trend) / s``, in robust sigmas; an event is raised when ``z`` reaches the current threshold once
     ``warmup_steps`` values have been seen.
 
-    Heavy tails: the current threshold is ``threshold`` or, if higher, the height this stream's own noise reaches
-    about once in 100,000 values, read from the tail shape of the last ``tail_window`` scores
-    (:func:`lr_guard.detectors.tails.rare_level`). On Gaussian noise that stays at ``threshold``; on Student-t(3)
-    noise it is about 35 sigma, where its ordinary draws of 8-11 sigma no longer count as spikes. It is estimated
-    from ``TAIL_MIN`` differences on (raised by ``1 + TAIL_DOUBT / sqrt(n)`` while few are known) and read again
-    every ``TAIL_REFRESH``. Opt-in (``tail_window=2000``, say): the default ``0`` keeps ``threshold`` fixed, since
-    the small labelled data spikes of real LM logs (8.5-9 sigma in the modded-nanogpt log) lie inside their own
-    stream's tail and would no longer be flagged.
+    Heavy tails (on by default): the current threshold is ``threshold`` or, if higher, the height this stream's own
+    noise reaches about once in 100,000 values, read from the *lower* tail of the last ``tail_window`` scores
+    (:func:`lr_guard.detectors.tails.rare_height`). Real loss outliers go up only (bad batches), so upward data
+    spikes never touch the side the noise is read from, while symmetric heavy-tailed noise shows there how far it
+    reaches. On Gaussian noise, and on real LM logs whose lower tail is light, it stays at ``threshold``; on
+    Student-t(3) noise it is about 30 sigma, where that noise's ordinary draws of 8-11 sigma no longer count as
+    spikes. The scores are kept less their centre (an EMA of the clipped scores, decay ``CENTRE_ALPHA``, below 0
+    while the trend lags a falling loss), and the threshold rides on that centre. Scores kept while the centre is
+    off by more than ``SETTLED`` (a run's fast first fall) are left out once ``SETTLED_MIN`` others are known. The
+    shape is read from ``TAIL_MIN`` scores on (the height raised by ``1 + TAIL_DOUBT / sqrt(n)`` while few are
+    known), then again every ``TAIL_REFRESH`` scores, or every ``TAIL_REFRESH_SHARE`` of the pool once it is
+    larger. ``tail_window=0`` keeps ``threshold`` fixed.
 
     Robustness: values enter the trend clipped at ``trend + clip * s`` and ``|dy|`` enters the noise scale clipped
     at ``clip`` times its mean, so a spike cannot drag up the baseline it is measured against. The trend follows
     drops freely, so a scheduled LR drop or the loss's normal fall never scores high. One event is raised per
-    excursion: the detector re-arms once ``z`` falls below ``threshold / 2``; if the loss stays up for
+    excursion: the detector re-arms once ``z`` falls below ``threshold / 2`` (``threshold`` itself, not the raised
+    one, so a loss that stays up is rebased, as below, rather than flagged again and again); if the loss stays up for
     ``rebase_steps`` values the new level becomes the trend (the rise is then the divergence detector's business).
 
     Non-finite values and, in log space, values <= 0 are ignored.
@@ -46,7 +51,7 @@ class SpikeDetector(Detector):
         warmup_steps: Number of values to see before any event can be raised.
         clip: Clipping of the statistics' inputs, in robust sigmas (> 1).
         rebase_steps: Values an excursion may last before its level is taken as the new trend.
-        tail_window: Recent first differences the tail shape is read from (0, the default: a fixed ``threshold``).
+        tail_window: Recent scores the noise's tail shape is read from (0: a fixed ``threshold``).
         space: ``"log"`` (default) or ``"linear"``.
         name: Name used in events; defaults to the class name.
         signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
@@ -70,14 +75,23 @@ class SpikeDetector(Detector):
         "_noise",
         "_excursion",
         "_score",
-        "_tail",
+        "_scores",
+        "_early_scores",
         "_tail_new",
+        "_tail_due",
         "_level",
-        "_last_y",
+        "_rare",
+        "_centre",
     )
-    TAIL_MIN = 20  # differences before the tail shape is first read (then at twice as many, ...)
-    TAIL_REFRESH = 100  # differences between two readings at most
-    TAIL_DOUBT = 2.0  # the level read from n differences is raised by a factor 1 + TAIL_DOUBT / sqrt(n)
+    TAIL_MIN = 20  # scores before the tail shape is first read
+    TAIL_INTAKE = NoiseScale.MIN_COUNT  # values after which scores are kept (the noise scale is known by then)
+    TAIL_REFRESH = 100  # scores between two readings of the shape: at most this (half the pool while it is smaller) ...
+    TAIL_REFRESH_SHARE = 0.1  # ... or this share of the pool, if more
+    TAIL_MIN_SPREAD = 0.4  # scores whose lower quartile lies closer to their median (robust sigmas) are not noise
+    TAIL_DOUBT = 3.0  # the height read from n scores is raised by a factor 1 + TAIL_DOUBT / sqrt(n)
+    CENTRE_ALPHA = 0.9  # EMA decay of the scores' centre (clipped scores; negative while the trend lags a fall)
+    SETTLED = 0.5  # a score counts as settled while the centre is within +-SETTLED of 0 ...
+    SETTLED_MIN = 400  # ... and once this many are kept, the unsettled ones (a run's fast first fall) are left out
 
     def __init__(
         self,
@@ -87,7 +101,7 @@ class SpikeDetector(Detector):
         warmup_steps: int = 20,
         clip: float = 3.0,
         rebase_steps: int = 10,
-        tail_window: int = 0,
+        tail_window: int = 2000,
         space: str = "log",
         name: str | None = None,
         signal: str = "loss",
@@ -123,10 +137,14 @@ class SpikeDetector(Detector):
         self._noise = NoiseScale(self.noise_alpha, self.clip)
         self._excursion = 0  # values seen since the current excursion began; 0 when none
         self._score = math.nan
-        self._tail: deque[float] = deque(maxlen=max(1, self.tail_window))  # |dy| / sigma of recent values
-        self._tail_new = 0  # differences taken in since the level was last read
+        window = max(1, self.tail_window)
+        self._scores: deque[float] = deque(maxlen=window)  # settled scores of recent ordinary values, less the centre
+        self._early_scores: deque[float] = deque(maxlen=window)  # the unsettled ones
+        self._tail_new = 0  # scores kept since the shape was last read
+        self._tail_due = self.TAIL_MIN  # scores to keep before it is read (again)
         self._level = self.threshold  # the current threshold
-        self._last_y = math.nan  # the last ordinary value (no excursion), NaN after an excursion
+        self._rare = math.nan  # the noise's rare height above the scores' centre, from their lower tail
+        self._centre = 0.0  # the scores' centre now (below 0 while the trend lags a falling loss)
 
     @property
     def score(self) -> float:
@@ -185,18 +203,32 @@ class SpikeDetector(Detector):
         sigma = self._noise.sigma
         return (y - self._trend) / sigma if sigma > 0.0 else (math.inf if y > self._trend else 0.0)
 
-    def _take_difference(self, y: float, sigma: float) -> None:
-        """Keep ``|dy| / sigma`` of an ordinary value after an ordinary one; read the tail shape when it is due."""
-        last, self._last_y = self._last_y, y
-        if last != last or sigma <= 0.0:  # NaN: the value before was not an ordinary one
-            return
-        self._tail.append(abs(y - last) / sigma)
+    def _take_score(self, z: float) -> None:
+        """Keep the score of an ordinary value, less the scores' centre; read the tail shape when it is due."""
+        centre = self._centre
+        if -self.SETTLED < centre < self.SETTLED:
+            self._scores.append(z - centre)
+        else:
+            self._early_scores.append(z - centre)
         self._tail_new += 1
-        n = len(self._tail)
-        if n >= self.TAIL_MIN and (self._tail_new >= min(self.TAIL_REFRESH, n // 2) or n == self.TAIL_MIN):
+        if self._tail_new >= self._tail_due:
+            self._read_tail()
+        c = self.clip
+        alpha = self.CENTRE_ALPHA
+        self._centre = centre = alpha * centre + (1.0 - alpha) * (c if z > c else -c if z < -c else z)
+        level = centre + self._rare  # NaN until the shape is read: then the threshold
+        self._level = level if level > self.threshold else self.threshold
+
+    def _read_tail(self) -> None:
+        """Read the noise's rare height off the kept scores, and when to read it next."""
+        pool = self._scores if len(self._scores) >= self.SETTLED_MIN else (*self._scores, *self._early_scores)
+        n = len(pool)
+        if n >= self.TAIL_MIN:
+            rare = rare_height(sorted(pool), self.TAIL_MIN_SPREAD)
+            self._rare = rare * (1.0 + self.TAIL_DOUBT / math.sqrt(n))  # fewer values, more doubt
             self._tail_new = 0
-            rare = rare_level(self._tail) * (1.0 + self.TAIL_DOUBT / math.sqrt(n))  # fewer values, more doubt
-            self._level = rare if rare > self.threshold else self.threshold
+        share = n * self.TAIL_REFRESH_SHARE
+        self._tail_due = max(1, min(self.TAIL_REFRESH, n // 2) if share < self.TAIL_REFRESH else int(share))
 
     def update(self, value: float, step: int) -> Event | None:
         if type(value) is not float:
@@ -216,9 +248,8 @@ class SpikeDetector(Detector):
         event = None
         level = self._level
         if self._excursion:
-            self._last_y = math.nan
             self._excursion += 1
-            if z < 0.5 * level:
+            if z < 0.5 * self.threshold:
                 self._excursion = 0
             elif self._excursion > self.rebase_steps:
                 self._excursion, self._trend, self._prev = 0, y, y
@@ -226,7 +257,7 @@ class SpikeDetector(Detector):
                 return None
         elif self._n >= self.warmup_steps:
             if z >= level:
-                self._excursion, self._last_y = 1, math.nan
+                self._excursion = 1
                 tails = "" if level == self.threshold else "; this stream's noise has heavy tails"
                 event = Event(
                     EventKind.SPIKE,
@@ -239,8 +270,10 @@ class SpikeDetector(Detector):
                     f"{self._to_y.inverse(self._trend):.4g} (threshold {level:.3g}{tails})",
                     sudden=True,
                 )
-            elif self.tail_window:
-                self._take_difference(y, sigma)
+            elif self.tail_window and sigma > 0.0:
+                self._take_score(z)
+        elif self.tail_window and self._n >= self.TAIL_INTAKE and sigma > 0.0:
+            self._take_score(z)
         y_clipped = min(y, self._trend + self.clip * sigma) if self._n >= self.warmup_steps else y
         self._noise.update(abs(y_clipped - self._prev))
         self._trend = self.trend_alpha * self._trend + (1.0 - self.trend_alpha) * y_clipped
