@@ -106,6 +106,18 @@ def test_criteo_divergence_found_at_71_not_at_the_early_bump(curve):
     assert "blew up" in events[0].message and "123x" in events[0].message
 
 
+def test_the_tail_aware_spike_threshold_never_rises_past_its_cap(curve):
+    """A smooth per-epoch curve and a sparse log's fast first fall read as tails heavier than any noise (6,600 sigma
+    on ResNet-110 before the cap): the threshold stops at ``TAIL_CAP`` times ``threshold``."""
+    for name in ("resnet110_cifar10_steplr_per_epoch", "vit_imagenet_noisy_upper_tail_algoperf"):
+        det = SpikeDetector()
+        levels = []
+        for s, x in curve(name):
+            det.update(x, s)
+            levels.append(det.current_threshold)
+        assert max(levels) == pytest.approx(SpikeDetector.TAIL_CAP * det.threshold), name
+
+
 def test_resnet_epoch_plateau_before_the_hand_set_decay(curve):
     data = curve("resnet110_cifar10_steplr_per_epoch")
     det = PlateauDetector(patience=5, threshold=1e-2, window=1, noise_sigmas=0.0, warmup_steps=0)

@@ -33,7 +33,8 @@ class SpikeDetector(Detector):
     off by more than ``SETTLED`` (a run's fast first fall) are left out once ``SETTLED_MIN`` others are known. The
     shape is read from ``TAIL_MIN`` scores on (the height raised by ``1 + TAIL_DOUBT / sqrt(n)`` while few are
     known), then again every ``TAIL_REFRESH`` scores, or every ``TAIL_REFRESH_SHARE`` of the pool once it is
-    larger. ``tail_window=0`` keeps ``threshold`` fixed.
+    larger. The threshold rises to at most ``TAIL_CAP`` times ``threshold``. ``tail_window=0`` keeps ``threshold``
+    fixed.
 
     Robustness: values enter the trend clipped at ``trend + clip * s`` and ``|dy|`` enters the noise scale clipped
     at ``clip`` times its mean, so a spike cannot drag up the baseline it is measured against. The trend follows
@@ -89,6 +90,10 @@ class SpikeDetector(Detector):
     TAIL_REFRESH_SHARE = 0.1  # ... or this share of the pool, if more
     TAIL_MIN_SPREAD = 0.4  # scores whose lower quartile lies closer to their median (robust sigmas) are not noise
     TAIL_DOUBT = 3.0  # the height read from n scores is raised by a factor 1 + TAIL_DOUBT / sqrt(n)
+    # The threshold rises to at most this many times ``threshold`` (64 sigma by default; Student-t(3) noise needs
+    # about 45). A higher reading is not noise: it comes from a trend the detector lags (a smooth per-epoch curve,
+    # a run's fast first fall), and would leave the detector blind (6,600 on the ResNet-110 per-epoch log).
+    TAIL_CAP = 8.0
     CENTRE_ALPHA = 0.9  # EMA decay of the scores' centre (clipped scores; negative while the trend lags a fall)
     SETTLED = 0.5  # a score counts as settled while the centre is within +-SETTLED of 0 ...
     SETTLED_MIN = 400  # ... and once this many are kept, the unsettled ones (a run's fast first fall) are left out
@@ -217,7 +222,7 @@ class SpikeDetector(Detector):
         alpha = self.CENTRE_ALPHA
         self._centre = centre = alpha * centre + (1.0 - alpha) * (c if z > c else -c if z < -c else z)
         level = centre + self._rare  # NaN until the shape is read: then the threshold
-        self._level = level if level > self.threshold else self.threshold
+        self._level = min(level, self.TAIL_CAP * self.threshold) if level > self.threshold else self.threshold
 
     def _read_tail(self) -> None:
         """Read the noise's rare height off the kept scores, and when to read it next."""
