@@ -220,6 +220,12 @@ def test_rescue_benchmark_smoke(capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing left in the working directory (no checkpoints, no logs)
 
 
+def test_peak_train_loss_benchmark_reads_the_sweep_on_both_losses(capsys):
+    means = _bench("peak_train_loss").main(["--multiples", "1", "3", "--seeds", "1", "--steps", "60"])
+    assert set(means) == {1.0, 3.0} and all(0.0 < v < 3.0 for pair in means.values() for v in pair)
+    assert "training loss" in capsys.readouterr().out
+
+
 def test_overhead_benchmark_times_the_policy_and_the_snapshots_inside_a_run():
     bench = _bench("overhead")
     inside = bench.time_inside(bench.TinyMLP, "cpu", steps=120, warmup=10)
