@@ -192,6 +192,7 @@ class GuardPolicy(UpdateResponses):
         self._last_lr_step: int | None = None
         self.stopped = False
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
+        self._calm_ended: tuple[int, int] | None = None  # the step of the event that ended the last calm, its length
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
         self._non_finite_streak, self._non_finite_step = 0, -2  # non-finite steps in a row the gate skipped
         self.search.trial = None
@@ -316,6 +317,11 @@ class GuardPolicy(UpdateResponses):
                     return [searched]
             return [gated] if gated is not None else []
         calm_before, self._calm_from = step - calm_from, step + 1  # optimizer steps with no event before this
+        if calm_before:
+            self._calm_ended = (step, calm_before)
+        began = min((e.began for e in events if e.began is not None), default=step)
+        if began < step:  # confirmed by the values after it: the calm is the one before its first value
+            calm_before = self._calm_before(began, calm_from)
         if self.trouble_from is None and any(kind_name(e.kind) in TROUBLE for e in events):
             self.trouble_from, self._trouble_rising = step, self.lr_rising
         intents = [gated] if gated is not None else []
@@ -344,6 +350,13 @@ class GuardPolicy(UpdateResponses):
                 break
         self.skips.done(step)
         return intents
+
+    def _calm_before(self, began: int, calm_from: int) -> int:
+        """Optimizer steps with no event before step ``began``, which other events may have followed."""
+        ended = self._calm_ended
+        if ended is not None and ended[0] >= began:
+            return max(0, ended[1] - (ended[0] - began))
+        return max(0, began - calm_from)
 
     def _decide(self, event: Event, calm_before: int) -> Intent:
         if event.step in self.skips and (
@@ -460,7 +473,7 @@ class GuardPolicy(UpdateResponses):
         self, event: Event, step: int, skip_batches: int, factor: float | None = None, reason: str = ""
     ) -> Intent:
         self.counts["rollbacks"] += 1
-        self._calm_from = None
+        self._calm_from = self._calm_ended = None
         self._grad_warning = None
         self.trouble_from = None
         self.skips.left = skip_batches

@@ -437,8 +437,12 @@ def test_a_single_value_blow_up_counts_only_when_the_values_after_it_stay_up():
     assert [e.step for e in events] == [62] and events[0].sudden
     assert "from 3.038 at step 60: it stayed up for 2 more steps" in events[0].message
     assert [e.step for e in feed(DivergenceDetector(instant_confirm=0), benign)] == [60]  # the old rule
-    far = [*calm, 20.0, level, level]  # 20x the untrained loss too: at once
-    assert [e.step for e in feed(DivergenceDetector(), far)] == [60]
+    far = [*calm, 20.0, level, level]  # 20x the untrained loss too, but back at the next value: one bad batch
+    assert not feed(DivergenceDetector(), far)
+    far_and_up = [*calm, 20.0, 10 * level, 12 * level]  # the model stays broken: confirmed two values later
+    assert [e.step for e in feed(DivergenceDetector(), far_and_up)] == [62]
+    under_way = [*calm, 1.5 * level, 20.0]  # the value before was already well above its level: at once
+    assert [e.step for e in feed(DivergenceDetector(), under_way)] == [61]
     waiting = DivergenceDetector()
     feed(waiting, broken[:61])
     assert not waiting.quiet  # no snapshot is taken or confirmed while a blow-up waits for its confirmation

@@ -320,7 +320,9 @@ def _first_rollback(with_grad_norm):
 
     detectors = {"spike": SpikeDetector(), "divergence": DivergenceDetector()}
     if with_grad_norm:
-        detectors["grad_norm_divergence"] = DivergenceDetector(name="grad_norm_divergence", signal="grad_norm")
+        detectors["grad_norm_divergence"] = DivergenceDetector(
+            instant_confirm=0, name="grad_norm_divergence", signal="grad_norm"
+        )  # the guard's: a blow-up of the gradient norm warns at once, and the loss confirms it
     policy = GuardPolicy(detectors, GuardConfig(snapshot_every=10, confirm_steps=3))
     policy.start(0)
     for t in range(120):
