@@ -112,8 +112,12 @@ def test_resnet_epoch_plateau_before_the_hand_set_decay(curve):
     assert steps and 40 <= steps[0] < 81
     torch_defaults = PlateauDetector(patience=10, threshold=1e-4, window=1, noise_sigmas=0.0, warmup_steps=0)
     assert not [s for s, x in data[:81] if torch_defaults.update(x, s)], "torch's defaults never fire here"
-    per_epoch_default = sized_detector("plateau", "validation", None)  # what the callbacks use per validation
-    assert [s for s, x in data[:81] if per_epoch_default.update(x, s)] == [79]
+    # What the callbacks use per validation: inside the plateau, also when the log starts later (its margin is half
+    # the run's own recent change from one epoch to the next, not a fixed 1%)
+    for start in (0, 3, 6, 10, 15):
+        per_epoch_default = sized_detector("plateau", "validation", None)
+        steps = [s for s, x in data[start:81] if per_epoch_default.update(x, s)]
+        assert steps and 40 <= steps[0] < 81, (start, steps)
 
 
 def at_cadence_defaults(name):
