@@ -20,7 +20,7 @@ from lr_guard.detectors import (
     SpikeDetector,
 )
 from lr_guard.events import Event, EventKind
-from lr_guard.synthetic import make_stream
+from lr_guard.synthetic import make_stream, make_suite
 from lr_guard.testing import check_detector, feed
 
 ALL = [SpikeDetector, OscillationDetector, PlateauDetector, DivergenceDetector]
@@ -453,6 +453,17 @@ def test_a_single_value_blow_up_counts_only_when_the_values_after_it_stay_up():
 
 
 # --- heavy tails: Student-t(3) noise and the tail-aware spike threshold -------------------------------------------
+
+
+def test_injected_spikes_in_student_t3_noise_are_not_divergence_and_real_ones_are_still_found():
+    # The spikes of the benchmark's Student-t(3) suite: 37-150 noise sigmas, up to +7 nats, 1-3 steps, halving
+    # each step. Before, those far above the untrained loss counted as blow-ups at once (18 events in these 20).
+    spiky = make_suite("spike", 20, noise="student_t3")
+    assert not [(s.seed, e.step) for s in spiky for e in feed(DivergenceDetector(), s.values.tolist())]
+    for stream in make_suite("divergence", 20, noise="student_t3"):  # NaN, exponential blow-up, slow rise
+        (true,) = [e for e in stream.events if e.kind == EventKind.DIVERGENCE]
+        events = feed(DivergenceDetector(), stream.values.tolist())
+        assert events and true.start <= events[0].step <= true.start + 100, (stream.seed, true, events[:1])
 
 
 def test_tail_table_matches_student_t_differences():
