@@ -392,7 +392,7 @@ class GuardPolicy(UpdateResponses):
     def _on_divergence(self, event: Event, calm_before: int) -> Intent:
         config = self.config
         if self._signal_of.get(event.detector) == GRAD_NORM:  # the gradient norm leads; the loss must confirm it
-            return self._warn(event)
+            return self._warn(event, calm_before)
         if not config.rollback or self.good is None:
             return Intent(event, Action.NONE, reason="logged")
         good = self.good

@@ -321,8 +321,8 @@ def _first_rollback(with_grad_norm):
     detectors = {"spike": SpikeDetector(), "divergence": DivergenceDetector()}
     if with_grad_norm:
         detectors["grad_norm_divergence"] = DivergenceDetector(
-            instant_confirm=0, name="grad_norm_divergence", signal="grad_norm"
-        )  # the guard's: a blow-up of the gradient norm warns at once, and the loss confirms it
+            name="grad_norm_divergence", signal="grad_norm", far_at_once=True
+        )  # as the guard's: a gradient norm far above the untrained one warns at once, and the loss confirms it
     policy = GuardPolicy(detectors, GuardConfig(snapshot_every=10, confirm_steps=3))
     policy.start(0)
     for t in range(120):
@@ -341,6 +341,39 @@ def test_a_gradient_norm_blow_up_the_loss_confirms_is_rolled_back_earlier():
     late, _ = _first_rollback(with_grad_norm=False)
     assert early == 61 and "the loss confirms the gradient-norm divergence of step 60" in intent.reason
     assert late is not None and late > early
+
+
+def test_a_one_value_loss_blow_up_whose_gradient_norm_blew_up_too_is_rolled_back():
+    # One batch at step 60 the gate let through: loss 30x and gradient norm 1000x, then the losses look normal.
+    # The loss alone is a bad batch (it came back); with its huge gradient applied the model is hit: rolled back.
+    from lr_guard import DivergenceDetector
+    from lr_guard.config import GuardConfig
+    from lr_guard.policy import GuardPolicy
+
+    def first_rollback(norm_at_60):
+        policy = GuardPolicy(
+            {
+                "divergence": DivergenceDetector(),
+                "grad_norm_divergence": DivergenceDetector(
+                    name="grad_norm_divergence", signal="grad_norm", far_at_once=True
+                ),
+            },
+            GuardConfig(snapshot_every=10, confirm_steps=3),
+        )
+        policy.start(0)
+        for t in range(80):
+            loss = (2.0 - 0.005 * t) * (1.0 + 0.01 * (t % 3)) * (30.0 if t == 60 else 1.0)
+            norm = norm_at_60 if t == 60 else 1.0 + 0.02 * (t % 4)
+            for intent in policy.observe(t, {"loss": loss, "grad_norm": norm}):
+                if intent.action.value == "rollback":
+                    return t, intent
+            if policy.wants_snapshot(t + 1):
+                policy.snapshot_taken(t + 1)
+        return None, None
+
+    step, intent = first_rollback(norm_at_60=1000.0)
+    assert step == 60 and intent.event.began == 60 and "confirms the loss's blow-up" in intent.reason
+    assert first_rollback(norm_at_60=1.0) == (None, None)  # the loss alone came back: a bad batch
 
 
 def test_a_gradient_norm_warning_alone_is_only_logged():

@@ -73,6 +73,9 @@ class DivergenceDetector(Detector):
         space: ``"log"`` (default) or ``"linear"``.
         name: Name used in events.
         signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
+        far_at_once: ``True``: a blow-up also ``instant_factor`` times the untrained level counts at once, rise
+            under way or not (the gradient-norm watch of the update gate: a gradient that far above the untrained
+            one has been applied, whatever the next values say).
 
     Example:
         >>> det = DivergenceDetector()
@@ -116,7 +119,10 @@ class DivergenceDetector(Detector):
         space: str = "log",
         name: str | None = None,
         signal: str = "loss",
+        far_at_once: bool = False,
     ) -> None:
+        if not isinstance(far_at_once, bool):
+            raise TypeError(f"far_at_once must be True or False, got {far_at_once!r}")
         check_number("factor", factor, low=1.0, low_open=True)
         check_number("instant_factor", instant_factor, low=float(factor))
         check_number("instant_confirm", instant_confirm, low=0, integer=True)
@@ -141,6 +147,7 @@ class DivergenceDetector(Detector):
         self.noise_sigmas = float(noise_sigmas)
         self.warmup_steps = int(warmup_steps)
         self.space = space
+        self.far_at_once = far_at_once
         super().__init__(name, signal)
 
     def _reset(self) -> None:
@@ -173,6 +180,11 @@ class DivergenceDetector(Detector):
         return (
             not self._latched and self._above == 0 and self._outlier is None and not self._over_best > self._log_factor
         )
+
+    @property
+    def waiting(self) -> tuple[int, float] | None:
+        """The step and value of a single-value blow-up waiting for the values after it to confirm it, or ``None``."""
+        return None if self._outlier is None else (self._outlier[0], self._outlier[1])
 
     @property
     def score(self) -> float:
@@ -256,7 +268,7 @@ class DivergenceDetector(Detector):
             # at once when there is no confirmation to wait for, or when the value is far above the untrained loss
             # and the one before it was already well above its level: a blow-up under way, not one bad batch
             rising = rise > self.noise_sigmas * noise.sigma or prev - best > margin
-            if not self.instant_confirm or (rising and y - self._start > self._log_instant):
+            if not self.instant_confirm or ((rising or self.far_at_once) and y - self._start > self._log_instant):
                 return self._blow_up(step, value, y - best)
             self._outlier = (step, value, self.instant_confirm)
             self._outlier_excess = math.nan
