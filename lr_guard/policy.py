@@ -317,11 +317,12 @@ class GuardPolicy(UpdateResponses):
                     return [searched]
             return [gated] if gated is not None else []
         calm_before, self._calm_from = step - calm_from, step + 1  # optimizer steps with no event before this
-        if calm_before:
-            self._calm_ended = (step, calm_before)
         began = min((e.began for e in events if e.began is not None), default=step)
+        calm_here = calm_before
         if began < step:  # confirmed by the values after it: the calm is the one before its first value
             calm_before = self._calm_before(began, calm_from)
+        if calm_here:
+            self._calm_ended = (step, calm_here)
         if self.trouble_from is None and any(kind_name(e.kind) in TROUBLE for e in events):
             self.trouble_from, self._trouble_rising = step, self.lr_rising
         intents = [gated] if gated is not None else []

@@ -110,3 +110,6 @@ def test_a_blow_up_that_stays_up_is_still_rolled_back_within_two_steps():
     first = next(d for d in guard.decisions if d.action.value == "rollback")
     assert first.event.kind == "divergence" and 150 <= first.event.step <= 152, first
     assert "it stayed up for 2 more steps" in first.event.message
+    # the calm stretch is the one before its first value (the spike logged there does not end it): a bad batch after
+    # a calm stretch, so the LR is kept
+    assert first.lr_factor == 1.0 and "bad batch" in first.reason
