@@ -37,6 +37,8 @@ class Event:
         message: One sentence a person can read in a log.
         sudden: Raised by one value alone (a spike, a non-finite value, a blow-up), not by a trend over
             several values.
+        began: The step of the value that set it off, where the values after it confirmed it (a blow-up that
+            stayed up); ``None``: ``step`` itself.
     """
 
     kind: str
@@ -47,6 +49,7 @@ class Event:
     detector: str
     message: str
     sudden: bool = False
+    began: int | None = None
 
     def __str__(self) -> str:
         return self.message

@@ -195,6 +195,7 @@ class GuardPolicy(UpdateResponses):
         self._last_lr_step: int | None = None
         self.stopped = False
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
+        self._calm_ended: tuple[int, int] | None = None  # the step of the event that ended the last calm, its length
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
         self.search.trial = None
         self.search.sweep = None
@@ -322,6 +323,12 @@ class GuardPolicy(UpdateResponses):
                     return [searched]
             return [gated] if gated is not None else []
         calm_before, self._calm_from = step - calm_from, step + 1  # optimizer steps with no event before this
+        began = min((e.began for e in events if e.began is not None), default=step)
+        calm_here = calm_before
+        if began < step:  # confirmed by the values after it: the calm is the one before its first value
+            calm_before = self._calm_before(began, calm_from)
+        if calm_here:
+            self._calm_ended = (step, calm_here)
         if self.trouble_from is None and any(kind_name(e.kind) in TROUBLE for e in events):
             self.trouble_from, self._trouble_rising = step, self.lr_rising
         intents = [gated] if gated is not None else []
@@ -350,6 +357,13 @@ class GuardPolicy(UpdateResponses):
                 break
         self.skips.done(step)
         return intents
+
+    def _calm_before(self, began: int, calm_from: int) -> int:
+        """Optimizer steps with no event before step ``began``, which other events may have followed."""
+        ended = self._calm_ended
+        if ended is not None and ended[0] >= began:
+            return max(0, ended[1] - (ended[0] - began))
+        return max(0, began - calm_from)
 
     def _decide(self, event: Event, calm_before: int) -> Intent:
         if event.step in self.skips and (
@@ -385,7 +399,7 @@ class GuardPolicy(UpdateResponses):
     def _on_divergence(self, event: Event, calm_before: int) -> Intent:
         config = self.config
         if self._signal_of.get(event.detector) == GRAD_NORM:  # the gradient norm leads; the loss must confirm it
-            return self._warn(event)
+            return self._warn(event, calm_before)
         if not config.rollback or self.good is None:
             return Intent(event, Action.NONE, reason="logged")
         good = self.good
@@ -466,7 +480,7 @@ class GuardPolicy(UpdateResponses):
         self, event: Event, step: int, skip_batches: int, factor: float | None = None, reason: str = ""
     ) -> Intent:
         self.counts["rollbacks"] += 1
-        self._calm_from = None
+        self._calm_from = self._calm_ended = None
         self._grad_warning = None
         self.trouble_from = None
         self.skips.left = skip_batches

@@ -71,7 +71,31 @@ class UpdateResponses:
             return False
         return self.skips.spike(step, read_value(), spike)
 
-    def _warn(self, event: Event) -> Intent:
+    def _warn(self, event: Event, calm_before: int) -> Intent:
+        """A blow-up of the gradient norm: a warning, unless the loss of the same update (or of one at most
+        ``GRAD_CONFIRM_STEPS`` steps before it) blew up too and waits for confirmation. Then that update, with its
+        huge gradient, was applied: the model is hit even if the next losses look normal, and it is rolled back."""
+        for detector in self.detectors.values():
+            waiting = getattr(detector, "waiting", None) if self._signal_of.get(detector.name) == LOSS else None
+            if waiting is not None and 0 <= event.step - waiting[0] <= GRAD_CONFIRM_STEPS:
+                loss_step, loss = waiting
+                confirmed = Event(
+                    EventKind.DIVERGENCE,
+                    event.step,
+                    loss,
+                    event.score,
+                    event.threshold,
+                    detector.name,
+                    f"step {event.step}: loss {loss:.4g} at step {loss_step} blew up with the gradient norm of its "
+                    f"update ({event.value:.4g}, {event.score:.3g}x its best level): the update was applied",
+                    sudden=True,
+                    began=loss_step,
+                )
+                intent = self._on_divergence(confirmed, calm_before)
+                if intent.action != Action.ROLLBACK:
+                    return intent
+                why = f"the gradient-norm divergence of step {event.step} confirms the loss's blow-up"
+                return replace(intent, reason=f"{why}; {intent.reason}" if intent.reason else why)
         self._grad_warning = event.step
         return self._intent(event, Action.NONE, reason=GRAD_WARNING)
 

@@ -38,7 +38,7 @@ class RankScripted(ScriptedLossModule):
 
 SCENARIOS = {
     "nan_on_rank1": {1: {25: math.nan}},
-    "spike_on_rank0": {0: {30: 5000.0}},
+    "spike_on_rank0": {0: {30: 5000.0, 31: 5000.0, 32: 5000.0}},  # it stays up: a blow-up, not one bad batch
     "always_nan_on_rank0": {0: {"start": 25, "from": math.nan}},
     "gate_nan_on_rank1": {1: {25: math.nan}},
     "spawn_nan_on_rank1": {1: {25: math.nan}},

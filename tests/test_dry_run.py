@@ -13,8 +13,8 @@ from lr_guard.testing import ScriptedLossModule
 
 def _script():
     script = [1.0 - 0.01 * t + 0.002 * (t % 3) for t in range(40)] + [0.62 + 0.002 * (t % 3) for t in range(40)]
-    for step in (55, 62, 66, 70):  # divergence that comes back: rollbacks, then a stop
-        script[step] = 100.0  # a blow-up (the scripted loss keeps its values: the weights stay finite)
+    for step in (50, 57, 64, 71):  # divergence that comes back: rollbacks, then a stop
+        script[step : step + 3] = [100.0] * 3  # a blow-up that stays up (the scripted loss keeps its values)
     return script
 
 

@@ -70,3 +70,46 @@ def test_the_same_classifier_at_a_far_too_high_lr_is_still_rolled_back():
     make_trainer([guard], max_steps=300).fit(module, DataLoader(noisy_blobs(0), batch_size=4, shuffle=True))
     assert guard.counts["rollbacks"] >= 1
     assert all(math.isfinite(float(p.sum())) for p in module.parameters())
+
+
+def heavy_tailed_with_spikes(seed: int, n: int = 240, spikes=((80, 1), (130, 2), (180, 3))) -> list[float]:
+    """A decaying loss with Student-t(3) batch noise (heavy tails, robust sigma 0.03) and bad batches of +5 nats
+    (150x) that last 1, 2 and 3 steps, halving each step: every one far above the untrained loss, then back."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    log_loss = np.log(2.0 / (1.0 + 0.02 * np.arange(n))) + 0.03 * rng.standard_t(3.0, n)
+    for start, length in spikes:
+        log_loss[start : start + length] += 5.0 * 0.5 ** np.arange(length)
+    return np.exp(log_loss).tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_few_steps_of_bad_batches_in_heavy_tailed_noise_are_not_a_divergence(seed):
+    from lr_guard import DivergenceDetector
+    from lr_guard.testing import ScriptedLossModule, feed
+
+    script = heavy_tailed_with_spikes(seed)
+    assert not feed(DivergenceDetector(), script)
+    # On a real Trainer with the update gate off (the gate would skip those updates): spikes logged, no rollback.
+    guard = LRGuard(gate=False, snapshot_every=20, confirm_steps=5, plateau=False, verbose=False)
+    make_trainer([guard], max_steps=len(script)).fit(ScriptedLossModule(script, optimizer="adam", lr=1e-3))
+    assert guard.counts["rollbacks"] == 0 and guard.counts["divergence"] == 0, guard.decisions
+    assert guard.counts["spike"] >= 3
+
+
+def test_a_blow_up_that_stays_up_is_still_rolled_back_within_two_steps():
+    # The same heavy-tailed loss, but at step 150 the model breaks: 40x and it stays there, as after an update
+    # that wrecked the weights. It used to be rolled back at the blow-up itself; now at most two values later.
+    from lr_guard.testing import ScriptedLossModule
+
+    script = heavy_tailed_with_spikes(0, spikes=())
+    script[150:] = [40.0 * v for v in script[150:]]
+    guard = LRGuard(gate=False, snapshot_every=20, confirm_steps=5, plateau=False, verbose=False)
+    make_trainer([guard], max_steps=170).fit(ScriptedLossModule(script, optimizer="adam", lr=1e-3))
+    first = next(d for d in guard.decisions if d.action.value == "rollback")
+    assert first.event.kind == "divergence" and 150 <= first.event.step <= 152, first
+    assert "it stayed up for 2 more steps" in first.event.message
+    # the calm stretch is the one before its first value (the spike logged there does not end it): a bad batch after
+    # a calm stretch, so the LR is kept
+    assert first.lr_factor == 1.0 and "bad batch" in first.reason

@@ -311,22 +311,25 @@ def test_weight_averaging_beside_the_gate_never_takes_in_non_finite_weights(aver
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def _first_rollback(with_grad_norm):
+def _first_rollback(with_grad_norm, loss_at=None, norm_at=None, steps=120):
     """The policy over a run whose gradient norm blows up at step 60 and whose loss follows a step later, rising
-    to 3x and more: with the gradient norm watched, and without."""
+    to 3x and more (or ``loss_at(t)``, ``norm_at(t)``): with the gradient norm watched, and without."""
     from lr_guard import DivergenceDetector, SpikeDetector
     from lr_guard.config import GuardConfig
     from lr_guard.policy import GuardPolicy
 
     detectors = {"spike": SpikeDetector(), "divergence": DivergenceDetector()}
     if with_grad_norm:
-        detectors["grad_norm_divergence"] = DivergenceDetector(name="grad_norm_divergence", signal="grad_norm")
+        detectors["grad_norm_divergence"] = DivergenceDetector(
+            name="grad_norm_divergence", signal="grad_norm", far_at_once=True
+        )  # as the guard's: a gradient norm far above the untrained one warns at once, and the loss confirms it
+    loss_at = loss_at or (lambda t: 3.0 * 1.3 ** (t - 61) if t >= 61 else 1.0)
+    norm_at = norm_at or (lambda t: 1.0 + 0.02 * (t % 4) if t < 60 else 200.0)
     policy = GuardPolicy(detectors, GuardConfig(snapshot_every=10, confirm_steps=3))
     policy.start(0)
-    for t in range(120):
-        loss = (2.0 - 0.005 * t) * (1.0 + 0.01 * (t % 3)) * (3.0 * 1.3 ** (t - 61) if t >= 61 else 1.0)
-        norm = 1.0 + 0.02 * (t % 4) if t < 60 else 200.0
-        for intent in policy.observe(t, {"loss": loss, "grad_norm": norm}):
+    for t in range(steps):
+        loss = (2.0 - 0.005 * t) * (1.0 + 0.01 * (t % 3)) * loss_at(t)
+        for intent in policy.observe(t, {"loss": loss, "grad_norm": norm_at(t)}):
             if intent.action.value == "rollback":
                 return t, intent
         if policy.wants_snapshot(t + 1):
@@ -339,6 +342,22 @@ def test_a_gradient_norm_blow_up_the_loss_confirms_is_rolled_back_earlier():
     late, _ = _first_rollback(with_grad_norm=False)
     assert early == 61 and "the loss confirms the gradient-norm divergence of step 60" in intent.reason
     assert late is not None and late > early
+
+
+def test_a_one_value_loss_blow_up_whose_gradient_norm_blew_up_too_is_rolled_back():
+    # One batch at step 60 the gate let through: loss 30x and gradient norm 1000x, then the losses look normal.
+    # The loss alone is a bad batch (it came back); with its huge gradient applied the model is hit: rolled back.
+    def first_rollback(norm_at_60):
+        return _first_rollback(
+            True,
+            loss_at=lambda t: 30.0 if t == 60 else 1.0,
+            norm_at=lambda t: norm_at_60 if t == 60 else 1.0 + 0.02 * (t % 4),
+            steps=80,
+        )
+
+    step, intent = first_rollback(norm_at_60=1000.0)
+    assert step == 60 and intent.event.began == 60 and "confirms the loss's blow-up" in intent.reason
+    assert first_rollback(norm_at_60=1.0) == (None, None)  # the loss alone came back: a bad batch
 
 
 def test_a_gradient_norm_warning_alone_is_only_logged():

@@ -15,6 +15,7 @@ from lr_guard.testing import ScriptedLossModule
 
 WARMUP, STEPS, LR = 100, 200, 0.01
 SPIKE, BLOW_UP, SECOND = 40, 46, 78  # the first sign, the blow-up it leads to, a failure under the cap
+STAYS_UP = 2  # a blow-up counts once the values after it stay up (one bad batch comes back at once)
 
 
 class ScheduleRecorder(Callback):
@@ -40,9 +41,9 @@ def warmup_cosine(optimizer):
 def script(second_failure=False, blow_up=BLOW_UP):
     values = [2.0 / (1.0 + 0.05 * t) for t in range(STEPS)]
     values[SPIKE] *= 4  # the first sign of trouble: a spike, logged
-    values[blow_up] = 40.0  # the blow-up it leads to: the rollback
+    values[blow_up : blow_up + STAYS_UP + 1] = [40.0] * (STAYS_UP + 1)  # the blow-up it leads to: the rollback
     if second_failure:
-        values[SECOND] = 40.0  # under the cap, while the schedule's own LR still rises
+        values[SECOND : SECOND + STAYS_UP + 1] = [40.0] * (STAYS_UP + 1)  # under the cap, while the LR still rises
     return values
 
 
@@ -77,8 +78,8 @@ def test_a_warm_up_past_the_threshold_is_capped_just_below_where_the_trouble_beg
     g, recorder = guard(), ScheduleRecorder()
     make_trainer([g, recorder], max_steps=STEPS).fit(module())
     (rollback,) = rollbacks(g)
-    # the trouble began at the spike (step 40), not at the blow-up that confirmed it (step 46)
-    assert rollback.event.step == BLOW_UP and rollback.trouble_step == SPIKE
+    # the trouble began at the spike (step 40), not at the blow-up that confirmed it (step 46, confirmed at 48)
+    assert rollback.event.step == BLOW_UP + STAYS_UP and rollback.trouble_step == SPIKE
     assert rollback.trouble_lr == recorder.lr[SPIKE]
     assert rollback.lr_cap == pytest.approx(g.warmup_cap_factor * recorder.lr[SPIKE])
     assert rollback.lr_factor == 1.0  # the schedule is not halved
@@ -100,7 +101,7 @@ def test_a_second_failure_under_the_cap_cuts_cap_and_schedule_as_before():
     g, recorder = guard(), ScheduleRecorder()
     make_trainer([g, recorder], max_steps=STEPS).fit(module(second_failure=True))
     first, second = rollbacks(g)
-    assert second.event.step == SECOND and second.lr_cap is None and second.lr_factor == 0.5
+    assert second.event.step == SECOND + STAYS_UP and second.lr_cap is None and second.lr_factor == 0.5
     assert "capped" not in str(second)
     cap = first.lr_cap
     for step in (s for s in recorder.lr if s >= second.step):

@@ -691,12 +691,17 @@ def _assemble(switches: dict[str, Any], extra: list[Detector], gate: UpdateGate 
     """The guard's detectors: the built-in ones, the user's, and with the gate on one that watches the gradient
     norm for a blow-up (it leads the loss: its divergence warns, a loss spike soon after confirms it). Only a
     blow-up counts there -- 20x its best level at once, or 5x smoothed -- since a gradient norm drifts by more
-    than 2x in a healthy run."""
+    than 2x in a healthy run. A value also 20x the untrained gradient norm counts at once (``far_at_once``)."""
     built_in = []
     if gate is not None and switches["divergence"] is not False and all(d.signal != GRAD_NORM for d in extra):
         built_in.append(
             DivergenceDetector(
-                factor=5.0, instant_factor=20.0, trend_window=0, name="grad_norm_divergence", signal=GRAD_NORM
+                factor=5.0,
+                instant_factor=20.0,
+                trend_window=0,
+                far_at_once=True,
+                name="grad_norm_divergence",
+                signal=GRAD_NORM,
             )
         )
     return build_detectors(switches, [*extra, *built_in])

@@ -91,8 +91,9 @@ class _SweepCallback(pl.Callback):
         value = float(self._loss)
         self._loss = None
         self.losses.append(value)
-        if self.detector.update(value, k - 1) is not None or not math.isfinite(value):
-            self.stopped_at = k - 1
+        event = self.detector.update(value, k - 1)
+        if event is not None or not math.isfinite(value):  # a blow-up the next value confirmed began before it
+            self.stopped_at = k - 1 if event is None or event.began is None else event.began
             trainer.should_stop = True
 
 

@@ -21,6 +21,10 @@ from lr_guard.events import Event, EventKind
 
 __all__ = ["DivergenceDetector"]
 
+# A value after a single-value blow-up that is this share of the way up or less, relative to the value before it
+# (its excess over the best, log space), is on its way back: a bad batch recovering, not a model that stays broken
+RECOVERING = 2.0 / 3.0
+
 
 class DivergenceDetector(Detector):
     """Reports that training is diverging. Three rules, checked in this order:
@@ -28,11 +32,13 @@ class DivergenceDetector(Detector):
     1. **Non-finite**: a NaN or +-inf value, at once (also during warm-up).
     2. **Blow-up**: one value above both the first values' level (the untrained loss) and ``instant_factor``
        times the best loss, also during warm-up: at once when it is also ``instant_factor`` times the untrained
-       loss (nothing but a broken model or corrupt data scores that far above a model that has learned nothing);
-       otherwise once the next ``instant_confirm`` values stay above the blow-up margin too (a model the update
-       has broken stays broken, while a single outlier of a noisy small-batch loss -- a batch of hard or
-       mislabelled samples -- is back at the next value and is benign: holding back the update of one bad batch
-       is the update gate's job); or the smoothed loss (median of the last
+       loss and the value before it was already well up (more than ``noise_sigmas`` robust sigmas above its
+       level, or above the blow-up margin): a blow-up under way; otherwise once the next ``instant_confirm``
+       values stay above the blow-up margin too, the last of them no less than ``RECOVERING`` (2/3) as far above
+       the best as the one before it. A model the update has broken stays broken (or climbs), while a bad batch
+       -- hard or mislabelled samples, a corrupt batch, an outlier of heavy-tailed noise, even at +7 nats -- is
+       back, or on its way back, within a few values and is benign: holding back the update of one bad batch is
+       the update gate's job. Its values then leave the running median below. Or the smoothed loss (median of the last
        ``smoothing_window`` values) above ``factor`` times the best for ``patience`` consecutive values. "The best"
        is the minimum over time of a steady level (an EMA of ``y`` with a 10-value memory), not of the reactive
        median: the minimum of a noisy series is set by its luckiest stretch, and a noisy classifier's loss would
@@ -53,9 +59,10 @@ class DivergenceDetector(Detector):
     Args:
         factor: Blow-up factor over the best level (> 1).
         instant_factor: Factor over the best level for a single value to count as a blow-up (>= ``factor``).
-        instant_confirm: Values after such a value (one below ``instant_factor`` times the untrained loss) that
-            must stay above the blow-up margin (``factor`` times the best) before it counts; ``0`` counts every
-            blow-up at once. One that falls back within the margin dismisses it.
+        instant_confirm: Values after such a value (unless a rise was already under way) that must stay above
+            the blow-up margin (``factor`` times the best) before it counts; ``0`` counts every blow-up at once.
+            One that falls back within the margin, or (the last) falls back by more than a third of the way to
+            the best from the value before it, dismisses it.
         smoothing_window: Values in the running median.
         patience: Consecutive smoothed values above the margin needed for a blow-up.
         trend_window: Values in the sustained-rise test (0 switches the rule off).
@@ -66,6 +73,9 @@ class DivergenceDetector(Detector):
         space: ``"log"`` (default) or ``"linear"``.
         name: Name used in events.
         signal: The named signal the detector reads (``"loss"``: the watched loss or metric).
+        far_at_once: ``True``: a blow-up also ``instant_factor`` times the untrained level counts at once, rise
+            under way or not (the gradient-norm watch of the update gate: a gradient that far above the untrained
+            one has been applied, whatever the next values say).
 
     Example:
         >>> det = DivergenceDetector()
@@ -90,6 +100,8 @@ class DivergenceDetector(Detector):
         "_latched",
         "_over_best",
         "_outlier",
+        "_outlier_excess",
+        "_rise",
     )
 
     def __init__(
@@ -107,7 +119,10 @@ class DivergenceDetector(Detector):
         space: str = "log",
         name: str | None = None,
         signal: str = "loss",
+        far_at_once: bool = False,
     ) -> None:
+        if not isinstance(far_at_once, bool):
+            raise TypeError(f"far_at_once must be True or False, got {far_at_once!r}")
         check_number("factor", factor, low=1.0, low_open=True)
         check_number("instant_factor", instant_factor, low=float(factor))
         check_number("instant_confirm", instant_confirm, low=0, integer=True)
@@ -132,6 +147,7 @@ class DivergenceDetector(Detector):
         self.noise_sigmas = float(noise_sigmas)
         self.warmup_steps = int(warmup_steps)
         self.space = space
+        self.far_at_once = far_at_once
         super().__init__(name, signal)
 
     def _reset(self) -> None:
@@ -155,6 +171,8 @@ class DivergenceDetector(Detector):
         self._over_best = math.nan  # smoothed y minus the best level; the score is its ratio (log space)
         # a single-value blow-up waiting for confirmation: (its step, its value, values still to see) or None
         self._outlier: tuple[int, float, int] | None = None
+        self._outlier_excess = math.nan  # how far above the best the latest value after it was (log space)
+        self._rise = 0.0  # how far the last value was above the level before it: a rise already under way
 
     @property
     def quiet(self) -> bool:
@@ -162,6 +180,11 @@ class DivergenceDetector(Detector):
         return (
             not self._latched and self._above == 0 and self._outlier is None and not self._over_best > self._log_factor
         )
+
+    @property
+    def waiting(self) -> tuple[int, float] | None:
+        """The step and value of a single-value blow-up waiting for the values after it to confirm it, or ``None``."""
+        return None if self._outlier is None else (self._outlier[0], self._outlier[1])
 
     @property
     def score(self) -> float:
@@ -174,10 +197,21 @@ class DivergenceDetector(Detector):
     def charts(self) -> dict[str, list[str]]:
         return {"{slot}: loss over its best vs factor": ["{slot}/score", "{slot}/threshold"]}
 
-    def _event(self, step: int, value: float, score: float, threshold: float, text: str, sudden: bool = False) -> Event:
+    def _event(
+        self,
+        step: int,
+        value: float,
+        score: float,
+        threshold: float,
+        text: str,
+        sudden: bool = False,
+        began: int | None = None,
+    ) -> Event:
         self._latched = True
         self._outlier = None
-        return Event(EventKind.DIVERGENCE, step, value, score, threshold, self.name, f"step {step}: {text}", sudden)
+        return Event(
+            EventKind.DIVERGENCE, step, value, score, threshold, self.name, f"step {step}: {text}", sudden, began
+        )
 
     def update(self, value: float, step: int) -> Event | None:
         if type(value) is not float:
@@ -193,8 +227,10 @@ class DivergenceDetector(Detector):
             return None
         n = self._n = self._n + 1
         noise = self._noise
+        prev, rise = self._prev, self._rise  # the value before this one, and how far it rose above its level
         if n > 1:
             noise.update(abs(y - self._prev))
+            self._rise = y - self._level
             level = self._level = 0.9 * self._level + 0.1 * y
         else:  # the untrained loss: the first value, before any update could have blown it up
             self._start = level = self._level = y
@@ -216,18 +252,26 @@ class DivergenceDetector(Detector):
 
         outlier = self._outlier
         if outlier is not None:  # a blow-up waiting for the values after it
-            if y - best <= margin:
-                self._outlier = None  # back within the margin: a benign outlier
+            excess, before = y - best, self._outlier_excess
+            if excess <= margin or excess < RECOVERING * before:  # back within the margin, or on its way back
+                self._dismiss(outlier)  # a benign outlier
+                smoothed = median(recent) if len(recent) > 1 else y
+                over_best = self._over_best = smoothed - best
             elif outlier[2] <= 1:
                 self._outlier = None
-                return self._blow_up(step, value, y - best, outlier[0], outlier[1])
+                return self._blow_up(step, value, excess, outlier[0], outlier[1])
             else:
                 self._outlier = (outlier[0], outlier[1], outlier[2] - 1)
+                self._outlier_excess = excess
                 return None
         elif y - best > max(self._log_instant, margin) and y > self._start:
-            if not self.instant_confirm or y - self._start > self._log_instant:  # far above the untrained loss
+            # at once when there is no confirmation to wait for, or when the value is far above the untrained loss
+            # and the one before it was already well above its level: a blow-up under way, not one bad batch
+            rising = rise > self.noise_sigmas * noise.sigma or prev - best > margin
+            if not self.instant_confirm or ((rising or self.far_at_once) and y - self._start > self._log_instant):
                 return self._blow_up(step, value, y - best)
             self._outlier = (step, value, self.instant_confirm)
+            self._outlier_excess = math.nan
             return None
         armed = n >= self.warmup_steps
         if armed and over_best > margin:
@@ -246,6 +290,15 @@ class DivergenceDetector(Detector):
                 return self._sustained_rise(step, value, margin)
         return None
 
+    def _dismiss(self, outlier: tuple[int, float, int]) -> None:
+        """Drop a benign outlier: its value and the ones after it that stayed up leave the running median, which
+        they would otherwise lift for a few values (a bad batch of several steps is not a smoothed rise)."""
+        self._outlier = None
+        recent, kept = self._recent, self._recent.pop()  # the value that dismissed it stays
+        for _ in range(min(len(recent), 1 + self.instant_confirm - outlier[2])):
+            recent.pop()
+        recent.append(kept)
+
     def _blow_up(
         self, step: int, value: float, ratio: float, first_step: int | None = None, first_value: float = math.nan
     ) -> Event:
@@ -261,6 +314,7 @@ class DivergenceDetector(Detector):
             f"loss {value:.4g} blew up to {self._ratio_text(ratio)} its best level "
             f"{to_y.inverse(self._best):.4g}, above its starting level{since}",
             sudden=True,
+            began=first_step,
         )
 
     def _smoothed_rise(self, step: int, value: float, smoothed: float) -> Event:

@@ -52,8 +52,10 @@ class PlateauDetector(Detector):
     none before their last 15%.
 
     **A fixed patience** (``patience=N``): torch's rule on the mean of the last ``window`` (100) values with a
-    noise margin of ``noise_sigmas`` (2); with ``window=1, noise_sigmas=0`` it is exactly torch's rule, the
-    default for one value per epoch or per validation run (:func:`lr_guard.config.validation_plateau`).
+    noise margin of ``noise_sigmas`` (2); with ``window=1, noise_sigmas=0`` it is exactly torch's rule. The
+    default for one value per epoch or per validation run (:func:`lr_guard.config.validation_plateau`) is
+    ``patience=5, threshold=0, window=1, noise_sigmas=0.5``: an improvement must beat the best by half the run's
+    typical change from one value to the next, which holds both its pace and its noise.
     ``level_quantile`` compares a quantile of the window instead of its mean, for noise with a long upper tail.
     Values are used as they are (no log), so ``mode="max"`` fits accuracies. Non-finite values are ignored.
 
