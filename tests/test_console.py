@@ -150,7 +150,7 @@ def test_the_plateau_message_puts_the_mean_the_best_and_the_noise_margin_in_thei
     make_trainer([guard], max_steps=50).fit(_plateau_then_nan_module())
     cut = next(d for d in guard.decisions if d.event.kind == "plateau")
     assert re.search(
-        r"no improvement for 9 steps \(patience 8\): the mean of the last 1 values, 0\.62\d*, has not improved on "
+        r"no improvement for 9 values \(patience 8\): the mean of the last 1 values, 0\.62\d*, has not improved on "
         r"the best, 0\.61\d*, by more than the threshold",
         cut.message,
     ), cut.message

@@ -319,7 +319,7 @@ class PlateauDetector(Detector):
                 float(bad),
                 float(patience),
                 self.name,
-                f"step {step}: no improvement for {bad} steps (patience {patience}): the {self._level_name()} of "
+                f"step {step}: no improvement for {bad} values (patience {patience}): the {self._level_name()} of "
                 f"the last {window} values, {mean:.4g}, has not improved on the best, {self.best:.4g}, by more "
                 f"than the {self._margin_name(window)} {margin:.2g}",
             )
