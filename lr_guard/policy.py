@@ -146,6 +146,9 @@ class GuardPolicy(UpdateResponses):
         progress = [d for d in self._active if d.tracks_progress and d.signal == LOSS]
         self._progress: Detector | None = progress[0] if progress else None
 
+    def _detector_named(self, name: str) -> Detector:
+        return next((d for d in self._active if d.name == name), NullDetector())
+
     def replace_detector(
         self,
         slot: str,
@@ -371,6 +374,8 @@ class GuardPolicy(UpdateResponses):
         ):
             if not self.skips.claim(event.step):
                 self.counts["skipped_batches"] += 1
+            if event.kind == EventKind.DIVERGENCE:  # no rollback resets the detector: a NaN after the skips must
+                self._detector_named(event.detector).rearm()  # raise a divergence again, not go unseen
             return Intent(event, Action.SKIP, reason="its update was not applied")
         response = self.responses.get(kind_name(event.kind))
         if response is None:

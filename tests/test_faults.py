@@ -229,3 +229,20 @@ def test_fsdp1_and_deepspeed_are_refused_with_a_clear_error(name, why):
     trainer = type("Trainer", (), {"strategy": strategy})()
     with pytest.raises(ValueError, match=f"does not support the {name} strategy: {why}"):
         LRGuard().setup(trainer, ScriptedLossModule(script()), "fit")
+
+
+@pytest.mark.parametrize("max_rollbacks", [1, 3])
+def test_nan_losses_that_outlast_the_skipped_batches_still_stop_the_run(max_rollbacks):
+    """With the gate off and ``skip_batches``, a NaN in a skipped batch is only skipped; a NaN after the skips must
+    still be a divergence. Before, the divergence detector stayed latched from the skipped NaN: NaN updates landed
+    from then on, unseen, and the run ended with NaN weights and no stop."""
+    script = [2.0 * 0.97**t for t in range(40)] + [math.nan] * 300
+    guard = LRGuard(
+        gate=False, snapshot_every=10, confirm_steps=3, skip_batches=7, max_rollbacks=max_rollbacks, verbose=False
+    )
+    module = ScriptedLossModule(script, optimizer="adam", lr=0.01)
+    make_trainer([guard], max_steps=200).fit(module)
+    actions = [d.action for d in guard.decisions]
+    assert actions[0] == Action.ROLLBACK and Action.SKIP in actions and actions[-1] == Action.STOP
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+

@@ -138,6 +138,13 @@ class Detector(abc.ABC):
         """Forget everything seen so far; the detector is as freshly constructed."""
         self._reset()
 
+
+    def rearm(self) -> None:
+        """The event just raised was answered without the rollback that would reset this detector (the step's
+        update was skipped): be ready to raise the next one. A detector that raises one event per episode (a
+        divergence latched until the loss recovers) forgets that episode here; the default does nothing."""
+        return None
+
     @property
     def quiet(self) -> bool:
         """``True`` unless something is building up or under way (an excursion, a count towards an alarm, a

@@ -213,6 +213,10 @@ class DivergenceDetector(Detector):
             EventKind.DIVERGENCE, step, value, score, threshold, self.name, f"step {step}: {text}", sudden, began
         )
 
+    def rearm(self) -> None:
+        """Unlatch: the next non-finite value or blow-up raises a new event (see :meth:`Detector.rearm`)."""
+        self._latched = False
+
     def update(self, value: float, step: int) -> Event | None:
         if type(value) is not float:
             value = to_float(value)
