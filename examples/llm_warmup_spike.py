@@ -2,7 +2,7 @@
 
 Character-level language model on text that ships with Python (the stdlib's own module docstrings: no download).
 The LR warms up to 0.1 with Adam -- too high for this model -- and the loss spikes and blows up. ``LRGuard``
-flags the spikes, rolls back to the last good state when the loss diverges, caps the LR at 0.3 x the LR at which
+flags the spikes, rolls back to the last good state when the loss diverges, caps the LR at 0.1 x the LR at which
 the trouble began (the replayed warm-up rises to the cap and stays there) and skips a few batches; the run carries
 on at a peak it can take.
 

@@ -63,7 +63,7 @@ def test_nan_on_one_rank_rolls_back_both_and_parameters_stay_identical(tmp_path)
 def test_a_nan_on_one_rank_in_a_warm_up_caps_the_lr_alike_on_both(tmp_path):
     r0, r1 = run_ddp("warmup_nan_on_rank1", tmp_path)
     assert r0["decisions"] == r1["decisions"] == [[25, "rollback", 20]]
-    assert r0["lr_caps"] == r1["lr_caps"] and r0["lr_caps"][0] == pytest.approx(0.3 * 0.01 * (0.1 + 0.9 * 25 / 60))
+    assert r0["lr_caps"] == r1["lr_caps"] and r0["lr_caps"][0] == pytest.approx(0.1 * 0.01 * (0.1 + 0.9 * 25 / 60))
     assert r0["lr"] == r1["lr"] and r0["params_sha256"] == r1["params_sha256"]
 
 

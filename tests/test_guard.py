@@ -316,7 +316,7 @@ def test_warmup_to_a_too_high_peak_is_rescued():
     module = TinyRegressionModule(lr=1.0, seed=3, scheduler=warmup)
     guard = LRGuard(snapshot_every=10, confirm_steps=5, max_rollbacks=10)
     make_trainer([guard], max_steps=600).fit(module)
-    # The first rollback caps the LR at half the LR where the trouble began (warmup_cap_factor); later ones halve
+    # The first rollback caps the LR at a tenth of the LR where the trouble began (warmup_cap_factor); later ones halve
     # factor and cap alike until it is stable.
     assert bad and finite(module) and module.full_loss() < 0.5
     first = next(d for d in guard.decisions if d.action.value == "rollback")

@@ -107,7 +107,7 @@ def test_replay_reads_the_logged_lr_and_sees_a_warm_up_as_the_live_guard_does(tm
     assert [(d.event.step, d.action.value) for d in guard.decisions] == [(60, "rollback")]
     assert lr_factors(trainer.optimizers) == [[1.0]]  # capped, not cut: the LR was rising
     (cap,) = [d.lr_cap for d in guard.decisions]
-    assert lr_caps(trainer.optimizers) == [[cap]] and cap == pytest.approx(0.3 * 0.01 * (0.1 + 0.9 * 60 / 100))
+    assert lr_caps(trainer.optimizers) == [[cap]] and cap == pytest.approx(0.1 * 0.01 * (0.1 + 0.9 * 60 / 100))
     assert main(["replay", logger.log_dir, "--set", "snapshot_every=10", "--set", "confirm_steps=3"]) == 0
     out = capsys.readouterr().out
     assert "learning rate from 'lr-Adam'" in out
@@ -124,15 +124,15 @@ def test_a_csv_lr_column_marks_the_warm_up(tmp_path):
     assert column == "lr" and len(lr) == 100
     series, _, _ = load_series(with_lr)
     settings = {"snapshot_every": 10, "confirm_steps": 3}
-    # the LR rises: the cap is 0.3 x the LR at the NaN's step (0.061)
+    # the LR rises: the cap is 0.1 x the LR at the NaN's step (0.061)
     assert (
-        replay(series, settings, lr=lr).rows[0].detail == "back to step 50, LR x1 (cumulative x1), LR capped at 0.0183"
+        replay(series, settings, lr=lr).rows[0].detail == "back to step 50, LR x1 (cumulative x1), LR capped at 0.0061"
     )
     assert replay(series, settings).rows[0].detail == "back to step 50, LR x1 (cumulative x1)"  # no LR: past warm-up
     # an LR logged every 7 steps only (a monitor's log_every_n_steps): the warm-up lasts between the readings
     sparse = [(t, rate) for t, rate in lr if t % 7 == 0]
     # (the cap is read from the last reading at or before step 60: 0.057, at step 56)
-    assert replay(series, settings, lr=sparse).rows[0].detail.endswith("LR x1 (cumulative x1), LR capped at 0.0171")
+    assert replay(series, settings, lr=sparse).rows[0].detail.endswith("LR x1 (cumulative x1), LR capped at 0.0057")
     with pytest.raises(ReplayError, match="'learning_rate' columns"):
         load_lr_series(with_lr, "learning_rate")
 

@@ -198,7 +198,7 @@ class GuardCore(GuardSettings):
         skip_batches: int = 0,
         max_rollbacks: int = 3,
         keep_lr_on_bad_batch: bool = True,
-        warmup_cap_factor: float | None = 0.3,
+        warmup_cap_factor: float | None = 0.1,
         skip_spikes: bool = False,
         snapshot_every: int = 50,
         confirm_steps: int = 10,
