@@ -245,4 +245,3 @@ def test_nan_losses_that_outlast_the_skipped_batches_still_stop_the_run(max_roll
     actions = [d.action for d in guard.decisions]
     assert actions[0] == Action.ROLLBACK and Action.SKIP in actions and actions[-1] == Action.STOP
     assert all(torch.isfinite(p).all() for p in module.parameters())
-

@@ -138,7 +138,6 @@ class Detector(abc.ABC):
         """Forget everything seen so far; the detector is as freshly constructed."""
         self._reset()
 
-
     def rearm(self) -> None:
         """The event just raised was answered without the rollback that would reset this detector (the step's
         update was skipped): be ready to raise the next one. A detector that raises one event per episode (a
