@@ -267,7 +267,8 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
+def run(scenario: str, method: str, seed: int, steps: int, sweep_steps: int | None = None) -> dict[str, float]:
+    """One run; ``sweep_steps``: ``lr_search_sweep_steps`` of ``lr_guard_search`` (``None``: its default)."""
     kwargs = dict(SCENARIOS[scenario])
     poison = steps // 2 if kwargs.pop("poison_step", None) is not None else None  # the fault at mid-run
     pl.seed_everything(seed, verbose=False)
@@ -298,7 +299,8 @@ def run(scenario: str, method: str, seed: int, steps: int) -> dict[str, float]:
     elif method == "lr_guard_gate_clip":
         callbacks.append(LRGuard(gate=UpdateGate(mode="clip")))
     elif method == "lr_guard_search":
-        callbacks.append(LRGuard(lr_search=True))
+        sweep = {} if sweep_steps is None else {"lr_search_sweep_steps": sweep_steps}
+        callbacks.append(LRGuard(lr_search=True, **sweep))
     elif method == "lr_guard_trials":  # the LR search's trials alone, with no range test first
         callbacks.append(LRGuard(lr_search=True, lr_search_sweep_steps=0))
     elif method in LR_FREE:
@@ -340,6 +342,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--scenarios", nargs="+", default=default, choices=list(SCENARIOS))
     methods = [m for m in METHODS if m != "lr_guard_trials"]  # the trials alone: asked for by name
     parser.add_argument("--methods", nargs="+", default=methods, choices=METHODS)
+    parser.add_argument(
+        "--sweep-steps", type=int, default=None, help="lr_search_sweep_steps of lr_guard_search (default: its own)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         means[scenario] = {}
         cells, discarded = [], {}
         for method in methods:
-            results = [run(scenario, method, seed, args.steps) for seed in range(args.seeds)]
+            results = [run(scenario, method, seed, args.steps, args.sweep_steps) for seed in range(args.seeds)]
             losses = [r["val_loss"] for r in results]
             mean = statistics.mean(losses) if all(math.isfinite(x) for x in losses) else math.inf
             std = statistics.pstdev(losses) if math.isfinite(mean) else 0.0
