@@ -34,19 +34,7 @@ def final_losses(multiple: float, seed: int, steps: int) -> tuple[float, float]:
     model = demo.DigitsMLP(None, seed=seed, **kwargs)
     rescue._quiet()
     with tempfile.TemporaryDirectory(prefix="lr_guard_peak_") as root:
-        trainer = pl.Trainer(
-            default_root_dir=root,
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
-            val_check_interval=50,
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-        )
+        trainer = rescue.quiet_trainer(root, steps)
         trainer.fit(model)
         held_out = trainer.validate(model, verbose=False)[0]["val_loss"]
     x, y = model.train_set.tensors

@@ -267,6 +267,25 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def quiet_trainer(root: str, steps: int, callbacks: list[Any] | None = None) -> pl.Trainer:
+    """The benchmark's CPU Trainer: ``steps`` optimizer steps, validation every 50, nothing written but under
+    ``root``."""
+    return pl.Trainer(
+        default_root_dir=root,
+        max_steps=steps,
+        callbacks=callbacks or [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        val_check_interval=50,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+
+
 def run(scenario: str, method: str, seed: int, steps: int, sweep_steps: int | None = None) -> dict[str, float]:
     """One run; ``sweep_steps``: ``lr_search_sweep_steps`` of ``lr_guard_search`` (``None``: its default)."""
     kwargs = dict(SCENARIOS[scenario])
@@ -310,20 +329,7 @@ def run(scenario: str, method: str, seed: int, steps: int, sweep_steps: int | No
     _quiet()  # each time: a Lightning namespace imported lazily sets its logger's level as it loads
     # a guard that stops writes its last good state under the root: a temporary one, gone after the run
     with tempfile.TemporaryDirectory(prefix="lr_guard_rescue_") as root:
-        trainer = pl.Trainer(
-            default_root_dir=root,
-            max_steps=steps,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
-            val_check_interval=50,
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-        )
+        trainer = quiet_trainer(root, steps, callbacks)
         start = time.perf_counter()
         trainer.fit(model)
         seconds = time.perf_counter() - start
