@@ -17,6 +17,18 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # one reduction order for every comparison in the suite
 
 
+def load_benchmark(name):
+    """The module ``benchmarks/<name>.py`` of this checkout (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_trainer(callbacks=(), max_steps=60, trainer_class=pl.Trainer, **kwargs):
     """A quiet CPU Trainer for tests (``trainer_class=lightning.pytorch.Trainer`` for the other namespace)."""
     defaults = dict(

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import pytest
+from conftest import load_benchmark
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -489,29 +490,70 @@ def rare_spike(stream, step):
     return stats.t.isf(1e-5, 3) / divisor * noise_scale
 
 
-def test_t_quantile_table_matches_scipy():
-    from scipy import stats
+def test_the_calibrations_score_recursion_is_the_spike_detectors():
+    import numpy as np
 
-    from lr_guard.detectors.tails import RARE_RATE, T_QUANTILES
+    calibration = load_benchmark("calibrate_tails")
 
-    for df, *quantiles in T_QUANTILES:
-        for p, q in zip((0.25, 0.01, 0.02, 0.05, RARE_RATE), quantiles, strict=True):
-            exact = stats.norm.isf(p) if math.isinf(df) else stats.t.isf(p, df)
-            assert q == pytest.approx(exact, abs=1e-4), (df, p)
+    class FixedHeight(SpikeDetector):  # the threshold stands at ``rare`` above the centre, as in the calibration
+        rare = 20.0
+
+        def _reset(self):
+            super()._reset()
+            self._rare = self.rare
+
+        def _read_tail(self):
+            self._tail_new, self._tail_due = 0, 10**9
+
+    rng = np.random.default_rng(0)
+    y = 1.0 + 0.02 * rng.standard_t(3, (3000, 4))
+    y[1500, 0] += 0.8  # a spike
+    y[1500:1520, 1] += 1.5  # a step up the detector rebases on
+    y[2000, 2] -= 1.5  # a deep dip
+    for rare in (20.0, math.inf):  # then at its cap
+        FixedHeight.rare = rare
+        replica = calibration.scores(y, rare)
+        for j in range(y.shape[1]):
+            detector, events, kept = FixedHeight(), 0, []
+            for t, value in enumerate(np.exp(y[:, j]).tolist()):
+                centre, ordinary = detector._centre, detector.quiet
+                events += detector.update(value, t) is not None
+                kept.append(detector.score - centre if ordinary else math.nan)
+            ours, theirs = np.array(kept[1:]), replica[1:, j]
+            assert np.array_equal(np.isnan(ours), np.isnan(theirs)), (rare, j)
+            assert np.allclose(ours[~np.isnan(ours)], theirs[~np.isnan(theirs)], rtol=0, atol=1e-9), (rare, j)
+            if math.isfinite(rare) and j in (0, 1):
+                assert events, j  # the excursion paths ran too
+
+
+def test_the_score_tail_table_is_remade_from_fewer_scores():
+    from lr_guard.detectors.tails import SCORE_TAILS
+
+    calibration = load_benchmark("calibrate_tails")
+    for row in (SCORE_TAILS[0], SCORE_TAILS[-4]):  # Gaussian and Student-t(3)
+        df, *table = row
+        lower_1, lower_2, lower_5, rare = calibration.shape_of(df, 2e6, seed=1, streams=2000)
+        assert [lower_1, lower_2, lower_5] == pytest.approx(table[:3], rel=0.03), df
+        assert rare == pytest.approx(table[3], rel=0.2), df  # 60 scores beyond it
 
 
 def test_rare_height_reads_the_lower_tail_and_ignores_upward_outliers():
     import numpy as np
 
-    from lr_guard.detectors.tails import rare_height
+    from lr_guard.detectors.tails import RARE_RATE, SCORE_TAILS, rare_height
 
-    for df, exact in ((math.inf, 4.265), (6.0, 12.03), (3.0, 47.93)):  # the once-in-1e5 height of one draw
-        heights = []
-        for seed in range(25):
-            rng = np.random.default_rng(seed)
-            draws = rng.standard_normal(2000) if math.isinf(df) else rng.standard_t(df, 2000)
-            heights.append(rare_height(sorted(draws.tolist())))
-        assert float(np.median(heights)) == pytest.approx(exact, rel=0.2), df  # 2,000 draws: +4% to +15%
+    calibration = load_benchmark("calibrate_tails")
+    for row in (SCORE_TAILS[0], SCORE_TAILS[10], SCORE_TAILS[-4]):  # Gaussian, Student-t(6), Student-t(3)
+        df, rare = row[0], row[4]
+        rng = np.random.default_rng(0)
+        kept = calibration.scores(0.02 * calibration.draws(rng, df, (3000, 25)))[1000:]  # 25 streams' scores
+        ratios = []
+        for stream in kept.T:  # the rare height read off 2,000 scores, in quartiles above their median
+            ordered = sorted(stream.tolist())
+            centre, quartile = float(np.median(ordered)), float(np.median(ordered) - np.quantile(ordered, 0.25))
+            ratios.append((rare_height(ordered) - centre) / quartile)
+        assert float(np.median(ratios)) == pytest.approx(rare, rel=0.25), df  # the once-in-1/RARE_RATE height
+    assert RARE_RATE == 3e-5
     gauss = np.random.default_rng(0).standard_normal(4000)
     lifted = np.where(gauss > 1.0, 10.0 * gauss, gauss)  # bad batches: outliers upwards only
     assert rare_height(sorted(lifted)) == rare_height(sorted(gauss)) < 6.0

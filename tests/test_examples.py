@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -43,7 +44,7 @@ def test_detection_benchmark_prints_one_json_line(capsys):
 
     sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
     try:
-        results = load_benchmark().main(["--streams", "2", "--steps", "3000"])
+        results = load_benchmark("detection").main(["--streams", "2", "--steps", "3000"])
     finally:
         sys.path.pop(0)
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -59,24 +60,10 @@ def test_detection_benchmark_prints_one_json_line(capsys):
         }
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("detection", EXAMPLES.parent / "benchmarks" / "detection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _bench(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES.parent / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_overhead_benchmark_runs_and_reports_its_keys(capsys):
     import json
 
-    summary = _bench("overhead").main(["--steps", "60", "--repeats", "1"])
+    summary = load_benchmark("overhead").main(["--steps", "60", "--repeats", "1"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(summary))
     assert {"cpu_overhead_pct", "cpu_overhead_median_pct", "guard_us_per_step", "tiny_cpu", "small_cpu"} <= set(last)
@@ -90,7 +77,7 @@ def test_overhead_benchmark_alternates_the_callback_block_by_block():
     a step "with" reaches it, none of a step "without" does, and it is back in the list for the teardown."""
     import pytorch_lightning as pl
 
-    bench = _bench("overhead")
+    bench = load_benchmark("overhead")
 
     class Counting(pl.Callback):
         def __init__(self):
@@ -119,19 +106,19 @@ def test_overhead_benchmark_alternates_the_callback_block_by_block():
 
 
 def test_overhead_benchmark_times_both_ways_of_writing_the_scalars_to_tensorboard():
-    writes = _bench("overhead").time_scalar_writes(rounds=5)
+    writes = load_benchmark("overhead").time_scalar_writes(rounds=5)
     assert writes["scalars"] >= 16 and writes["one_event_us"] > 0 and writes["log_metrics_us"] > 0
 
 
 def test_snapshot_benchmark_measures_only_states_that_fit_in_memory():
-    bench = _bench("snapshot")
+    bench = load_benchmark("snapshot")
     assert bench.fits(1, "cpu") and not bench.fits(bench.available_host_bytes() / 1e6, "cpu")
 
 
 def test_snapshot_benchmark_runs_and_reports_its_keys(capsys):
     import json
 
-    summary = _bench("snapshot").main(["--sizes-mb", "4", "--repeats", "2"])
+    summary = load_benchmark("snapshot").main(["--sizes-mb", "4", "--repeats", "2"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"snapshot_gbps", "restore_gbps", "pinned_copy_gbps"} <= set(last) == set(summary)
     assert last["snapshot_gbps"] > 0 and last["restore_gbps"] > 0
@@ -213,7 +200,7 @@ def test_rescue_benchmark_smoke(capsys, tmp_path, monkeypatch):
     import json
 
     monkeypatch.chdir(tmp_path)
-    means = _bench("rescue").main(["--seeds", "1", "--steps", "200", "--scenarios", "healthy", "nan_inputs"])
+    means = load_benchmark("rescue").main(["--seeds", "1", "--steps", "200", "--scenarios", "healthy", "nan_inputs"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"healthy", "nan_inputs"} and math.isfinite(means["nan_inputs"]["lr_guard"])
     assert means["nan_inputs"]["none"] == math.inf
@@ -221,12 +208,12 @@ def test_rescue_benchmark_smoke(capsys, tmp_path, monkeypatch):
 
 
 def test_peak_train_loss_benchmark_reads_the_sweep_on_both_losses(capsys):
-    means = _bench("peak_train_loss").main(["--multiples", "1", "3", "--seeds", "1", "--steps", "60"])
+    means = load_benchmark("peak_train_loss").main(["--multiples", "1", "3", "--seeds", "1", "--steps", "60"])
     assert set(means) == {1.0, 3.0} and all(0.0 < v < 3.0 for pair in means.values() for v in pair)
     assert "training loss" in capsys.readouterr().out
 
 
 def test_overhead_benchmark_times_the_policy_and_the_snapshots_inside_a_run():
-    bench = _bench("overhead")
+    bench = load_benchmark("overhead")
     inside = bench.time_inside(bench.TinyMLP, "cpu", steps=120, warmup=10)
     assert inside["first_value_us"] > 0 and inside["other_values_us"] > 0 and inside["snapshot_us"] > 0

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import load_benchmark, make_trainer
 
 import lr_guard
 from lr_guard import DivergenceDetector, find_lr
@@ -187,28 +187,17 @@ def test_a_lightning_pytorch_trainer_runs_the_sweep():
     assert result.threshold == pytest.approx(result.lrs[49]) and trainer.global_step == 0
 
 
-def _benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "range_test.py"
-    spec = importlib.util.spec_from_file_location("range_test_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_benchmark_runs_in_its_fast_mode(capsys):
-    table = _benchmark().main(["--seeds", "1", "--steps", "20", "--grid", "3", "--tasks", "regression"])
+    table = load_benchmark("range_test").main(["--seeds", "1", "--steps", "20", "--grid", "3", "--tasks", "regression"])
     assert set(table["regression"]) >= {"threshold", "suggestion", "lightning", "run x0.33", "run lightning"}
     assert "regression (1 seeds)" in capsys.readouterr().out
 
 
 def test_the_benchmark_measures_the_suggestion_against_a_tuned_grid_on_an_adam_warm_up_task(capsys):
     pytest.importorskip("sklearn")
-    columns = _benchmark().main(["--seeds", "1", "--steps", "20", "--grid", "4", "--tasks", "digits_adam"])[
-        "digits_adam"
-    ]
+    columns = load_benchmark("range_test").main(
+        ["--seeds", "1", "--steps", "20", "--grid", "4", "--tasks", "digits_adam"]
+    )["digits_adam"]
     grid = {key: v[0] for key, v in columns.items() if key.startswith("run grid ")}
     assert len(grid) == 4
     lrs = sorted(float(key.removeprefix("run grid ")) for key in grid)
@@ -225,7 +214,7 @@ def test_the_benchmark_measures_the_suggestion_against_a_tuned_grid_on_an_adam_w
 
 
 def test_the_benchmarks_verdict_says_within_noise_only_when_the_seeds_spread_covers_the_gap():
-    verdict = _benchmark().verdict
+    verdict = load_benchmark("range_test").verdict
     assert verdict([0.5, -0.2, 0.9]) == "within 1%"
     assert verdict([-3.0, 9.0, 3.0]) == "within noise"  # mean +3.0, spread 6.0
     assert verdict([4.0, 5.0, 6.0]) == "+5.0% above"

@@ -23,7 +23,7 @@ class SpikeDetector(Detector):
     ``warmup_steps`` values have been seen.
 
     Heavy tails (on by default): the current threshold is ``threshold`` or, if higher, the height this stream's own
-    noise reaches about once in 100,000 values, read from the *lower* tail of the last ``tail_window`` scores
+    noise reaches about once in 33,000 values, read from the *lower* tail of the last ``tail_window`` scores
     (:func:`lr_guard.detectors.tails.rare_height`). Real loss outliers go up only (bad batches), so upward data
     spikes never touch the side the noise is read from, while symmetric heavy-tailed noise shows there how far it
     reaches. On Gaussian noise, and on real LM logs whose lower tail is light, it stays at ``threshold``; on
@@ -31,10 +31,13 @@ class SpikeDetector(Detector):
     spikes. The scores are kept less their centre (an EMA of the clipped scores, decay ``CENTRE_ALPHA``, below 0
     while the trend lags a falling loss), and the threshold rides on that centre. Scores kept while the centre is
     off by more than ``SETTLED`` (a run's fast first fall) are left out once ``SETTLED_MIN`` others are known. The
-    shape is read from ``TAIL_MIN`` scores on (the height raised by ``1 + TAIL_DOUBT / sqrt(n)`` while few are
-    known), then again every ``TAIL_REFRESH`` scores, or every ``TAIL_REFRESH_SHARE`` of the pool once it is
-    larger. The threshold rises to at most ``TAIL_CAP`` times ``threshold``. ``tail_window=0`` keeps ``threshold``
-    fixed.
+    shape is read from ``TAIL_MIN`` scores on, then again every ``TAIL_REFRESH`` scores, or every
+    ``TAIL_REFRESH_SHARE`` of the pool once it is larger; until it is first read, the threshold is at its cap (a
+    stream's first few dozen values say nothing of how far its noise reaches). A height read from ``n`` scores is
+    raised by a factor ``1 + TAIL_DOUBT / n``, at most ``TAIL_DOUBT_MAX`` (x3 up to 100 scores, x1.2 from 1,000,
+    x1.1 from 2,000): the far tail read from a few hundred values is often a factor 2 off either way, and a
+    threshold read low fires on noise.
+    The threshold rises to at most ``TAIL_CAP`` times ``threshold``. ``tail_window=0`` keeps ``threshold`` fixed.
 
     Robustness: values enter the trend clipped at ``trend + clip * s`` and ``|dy|`` enters the noise scale clipped
     at ``clip`` times its mean, so a spike cannot drag up the baseline it is measured against. The trend follows
@@ -89,7 +92,8 @@ class SpikeDetector(Detector):
     TAIL_REFRESH = 100  # scores between two readings of the shape: at most this (half the pool while it is smaller) ...
     TAIL_REFRESH_SHARE = 0.1  # ... or this share of the pool, if more
     TAIL_MIN_SPREAD = 0.4  # scores whose lower quartile lies closer to their median (robust sigmas) are not noise
-    TAIL_DOUBT = 3.0  # the height read from n scores is raised by a factor 1 + TAIL_DOUBT / sqrt(n)
+    TAIL_DOUBT = 200.0  # the height read from n scores is raised by a factor 1 + TAIL_DOUBT / n ...
+    TAIL_DOUBT_MAX = 3.0  # ... or at most this
     # The threshold rises to at most this many times ``threshold`` (64 sigma by default; Student-t(3) noise needs
     # about 45). A higher reading is not noise: it comes from a trend the detector lags (a smooth per-epoch curve,
     # a run's fast first fall), and would leave the detector blind (6,600 on the ResNet-110 per-epoch log).
@@ -147,8 +151,9 @@ class SpikeDetector(Detector):
         self._early_scores: deque[float] = deque(maxlen=window)  # the unsettled ones
         self._tail_new = 0  # scores kept since the shape was last read
         self._tail_due = self.TAIL_MIN  # scores to keep before it is read (again)
-        self._level = self.threshold  # the current threshold
-        self._rare = math.nan  # the noise's rare height above the scores' centre, from their lower tail
+        # the current threshold: at its cap until the tail is first read (``threshold`` when it is never read)
+        self._level = self.TAIL_CAP * self.threshold if self.tail_window else self.threshold
+        self._rare = math.nan  # the noise's rare height above the scores' centre, from their lower tail (NaN: unread)
         self._centre = 0.0  # the scores' centre now (below 0 while the trend lags a falling loss)
 
     @property
@@ -221,8 +226,9 @@ class SpikeDetector(Detector):
         c = self.clip
         alpha = self.CENTRE_ALPHA
         self._centre = centre = alpha * centre + (1.0 - alpha) * (c if z > c else -c if z < -c else z)
-        level = centre + self._rare  # NaN until the shape is read: then the threshold
-        self._level = min(level, self.TAIL_CAP * self.threshold) if level > self.threshold else self.threshold
+        level = centre + self._rare  # NaN until the shape is first read: then the cap
+        cap = self.TAIL_CAP * self.threshold
+        self._level = cap if level != level else min(level, cap) if level > self.threshold else self.threshold
 
     def _read_tail(self) -> None:
         """Read the noise's rare height off the kept scores, and when to read it next."""
@@ -230,7 +236,9 @@ class SpikeDetector(Detector):
         n = len(pool)
         if n >= self.TAIL_MIN:
             rare = rare_height(sorted(pool), self.TAIL_MIN_SPREAD)
-            self._rare = rare * (1.0 + self.TAIL_DOUBT / math.sqrt(n))  # fewer values, more doubt
+            if rare != rare:  # scores that hardly vary have no tail to read: ``threshold`` holds
+                rare = 0.0
+            self._rare = rare * min(1.0 + self.TAIL_DOUBT / n, self.TAIL_DOUBT_MAX)  # fewer values, more doubt
             self._tail_new = 0
         share = n * self.TAIL_REFRESH_SHARE
         self._tail_due = max(1, min(self.TAIL_REFRESH, n // 2) if share < self.TAIL_REFRESH else int(share))
