@@ -87,9 +87,11 @@ class GuardPolicy(UpdateResponses):
       or blown up) after at least ``confirm_steps`` optimizer steps without any event, outside a warm-up, the LR was not
       to blame, and the data stream has moved past the batch; if the trouble comes back, the next rollback cuts.
       The warm-up as a range test (``warmup_cap_factor``): when the incident's first event (a spike, oscillation
-      or divergence after the good snapshot) came while the schedule's LR was rising, or the LR is rising now, the
-      first such rollback of the fit keeps the LR factor and caps the LR at ``warmup_cap_factor`` times the LR of
-      that first event's step (:attr:`Intent.cap_at`); a later one cuts as usual.
+      or divergence after the good snapshot) began while the schedule's LR was rising (or it has risen since, or
+      is rising now), the first such rollback of the fit keeps the LR factor and caps the LR at
+      ``warmup_cap_factor`` times the LR of the step where that event began (:attr:`Intent.cap_at`; a sustained
+      rise begins at its window's lowest value, so a rise seen just after a warm-up ended is capped at the LR it
+      began at); a later one cuts as usual.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
       ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
     * A failed start: a plateau while the progress detector's (the plateau detector's) best mean is less than
@@ -196,14 +198,16 @@ class GuardPolicy(UpdateResponses):
         self.lr_rising = False  # the schedule's LR is rising (a warm-up): see note_lr
         self._last_lr: float | None = None
         self._last_lr_step: int | None = None
+        self._lr_rose_at: int | None = None  # the last step at which the schedule's LR rose
         self.stopped = False
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._calm_ended: tuple[int, int] | None = None  # the step of the event that ended the last calm, its length
         self._grad_warning: int | None = None  # the step of a gradient-norm divergence the loss may confirm
         self.search.trial = None
         self.search.sweep = None
-        self.trouble_from: int | None = None  # the step of the first event since the good snapshot
-        self._trouble_rising = False  # was the schedule's LR rising then?
+        # where the first event since the good snapshot began (its ``began``: a sustained rise's lowest value)
+        self.trouble_from: int | None = None
+        self._trouble_rising = False  # was the schedule's LR rising then, or has it risen since?
 
     def note_lr(self, lr: float, step: int, effective: float | None = None) -> None:
         """The schedule's own LR (without the guard's cuts) at ``step``, and the ``effective`` one the optimizer
@@ -216,6 +220,8 @@ class GuardPolicy(UpdateResponses):
             return
         last = self._last_lr
         self.lr_rising = last is not None and lr > last * (1 + 1e-9)
+        if self.lr_rising:
+            self._lr_rose_at = step
         self._last_lr, self._last_lr_step = lr, step
 
     # -- outcomes ----------------------------------------------------------------------------------------------
@@ -332,8 +338,11 @@ class GuardPolicy(UpdateResponses):
             calm_before = self._calm_before(began, calm_from)
         if calm_here:
             self._calm_ended = (step, calm_here)
-        if self.trouble_from is None and any(kind_name(e.kind) in TROUBLE for e in events):
-            self.trouble_from, self._trouble_rising = step, self.lr_rising
+        troubles = [e for e in events if kind_name(e.kind) in TROUBLE]
+        if self.trouble_from is None and troubles:  # where the first trouble began (a slow rise: well before)
+            first = min((e.began for e in troubles if e.began is not None), default=step)
+            rose = self._lr_rose_at is not None and self._lr_rose_at >= first
+            self.trouble_from, self._trouble_rising = first, self.lr_rising or rose
         intents = [gated] if gated is not None else []
         if self.config.lr_search:
             trial = self.search.trial

@@ -665,3 +665,11 @@ def test_a_heavy_tailed_run_on_a_trainer_logs_only_its_real_spike_at_the_default
         make_trainer([guard], max_steps=600).fit(ScriptedLossModule(script.tolist(), optimizer="adam", lr=1e-3))
         found[name] = [d.event.step for d in guard.decisions if d.event.kind == EventKind.SPIKE]
     assert len(found["fixed"]) >= 2 and found["default"] == [450], found
+
+
+def test_a_sustained_rise_is_dated_to_the_lowest_value_of_its_window():
+    values = [2.0 / (1.0 + 0.05 * t) for t in range(61)]
+    values += [values[-1] * math.exp(0.005 * k) for k in range(1, 240)]  # a slow rise from step 60 on
+    events = feed(DivergenceDetector(), values)
+    assert events and "Mann-Kendall" in events[0].message
+    assert events[0].began == 60 < events[0].step and not events[0].sudden

@@ -168,3 +168,18 @@ def test_cuts_scale_the_cap_and_min_lr_stays_the_floor():
 def test_warmup_cap_factor_is_checked():
     with pytest.raises(ValueError, match=r"warmup_cap_factor must be in \(0.0, 1.0\), got 1.5"):
         LRGuard(warmup_cap_factor=1.5)
+
+
+def test_a_slow_rise_that_began_in_the_warm_up_and_is_seen_after_it_is_capped_where_it_began():
+    rise_from, steps = 60, 300
+    values = [2.0 / (1.0 + 0.05 * t) for t in range(rise_from + 1)]
+    values += [values[-1] * math.exp(0.005 * k) for k in range(1, steps - rise_from)]  # up 0.5% a step, from 60
+    g, recorder = guard(), ScheduleRecorder()
+    scripted = ScriptedLossModule(values, optimizer="adam", lr=LR, batch_size=256, scheduler=warmup_cosine)
+    make_trainer([g, recorder], max_steps=steps).fit(scripted)
+    first = rollbacks(g)[0]
+    # seen after the warm-up (step 100) by the sustained-rise rule, which dates the rise to its lowest value
+    assert "Mann-Kendall" in first.event.message and first.event.step > WARMUP
+    assert first.event.began == rise_from and first.trouble_step == rise_from
+    assert first.trouble_lr == recorder.lr[rise_from] < 0.7 * LR
+    assert first.lr_cap == pytest.approx(g.warmup_cap_factor * recorder.lr[rise_from]) and first.lr_factor == 1.0

@@ -274,6 +274,12 @@ class GuardCore(GuardSettings):
         return self._reporter.decisions
 
     @property
+    def _lr_memory(self) -> int:
+        """Steps of LRs kept for a warm-up cap: as many as the longest sustained-rise window, where a rise seen
+        now may have begun (one value a step, as the loss is watched in a warm-up)."""
+        return max((getattr(d, "trend_window", 0) for d in self.policy.detectors.values()), default=0)
+
+    @property
     def detectors(self) -> dict[str, Detector]:
         """The detectors by slot name: ``spike``, ``oscillation``, ``plateau``, ``divergence``, then those of
         ``detectors=[...]`` under their names."""
@@ -644,7 +650,7 @@ class GuardCore(GuardSettings):
         self.executor.process(values, self._run, reporter.decision, reporter.value if reporter.logs_values else None)
         self._run.forget_before(values[-1][0])
         if self._cadence.note_lrs:
-            self._run.forget_lrs(self.policy.trouble_from, values[-1][0])
+            self._run.forget_lrs(self.policy.trouble_from, values[-1][0], self._lr_memory)
         self.checkpoint_path = self._run.checkpoint_path
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
         if sweeping and self.policy.search.sweep is None:

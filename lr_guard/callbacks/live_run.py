@@ -108,10 +108,11 @@ class LiveRun:
     def lrs_at(self, step: int) -> list[list[float]] | None:
         return self.lrs.get(step)
 
-    def forget_lrs(self, kept: int | None, after: int) -> None:
-        """Keep the LRs of step ``kept`` (the first sign of the trouble under way) and of the steps after
+    def forget_lrs(self, kept: int | None, after: int, recent: int = 0) -> None:
+        """Keep the LRs of step ``kept`` (where the trouble under way began), of the last ``recent`` steps up to
+        ``after`` (where a trouble seen later may have begun: a sustained rise's window) and of the steps after
         ``after`` (not checked yet)."""
-        self.lrs = {s: lrs for s, lrs in self.lrs.items() if s > after or s == kept}
+        self.lrs = {s: lrs for s, lrs in self.lrs.items() if s > after - recent or s == kept}
 
     def forget_before(self, step: int) -> None:
         """Steps before ``step`` are dealt with: their places are no longer needed."""

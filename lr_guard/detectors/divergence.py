@@ -91,6 +91,7 @@ class DivergenceDetector(Detector):
         "_n_nonfinite",
         "_recent",
         "_trend",
+        "_trend_steps",
         "_start",
         "_best",
         "_level",
@@ -161,6 +162,7 @@ class DivergenceDetector(Detector):
         self._n_nonfinite = 0
         self._recent: deque[float] = deque(maxlen=self.smoothing_window)
         self._trend: deque[float] = deque(maxlen=max(self.trend_window, 1))
+        self._trend_steps: deque[int] = deque(maxlen=max(self.trend_window, 1))  # the step of each of them
         self._start = math.nan  # the first value: the untrained loss
         self._best = math.inf
         self._level = math.nan  # EMA(0.9) of y: the steady level whose minimum is "the best"
@@ -290,6 +292,7 @@ class DivergenceDetector(Detector):
         if self.trend_window:
             trend = self._trend
             trend.append(y)
+            self._trend_steps.append(step)
             if armed and n % self._tenth == 0 and len(trend) == self.trend_window:
                 return self._sustained_rise(step, value, margin)
         return None
@@ -350,7 +353,11 @@ class DivergenceDetector(Detector):
         z = (s - 1) / math.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)
         if z < self._z_crit:
             return None
+        steps = list(self._trend_steps)
+        # the rise began at the window's lowest value (unknown for a window restored from an older checkpoint)
+        began = steps[int(np.argmin(ys))] if len(steps) == n else None
         self._trend.clear()
+        self._trend_steps.clear()
         return self._event(
             step,
             value,
@@ -358,4 +365,5 @@ class DivergenceDetector(Detector):
             self._z_crit,
             f"loss rose {self._ratio_text(rise)} over the last {n} steps "
             f"(Mann-Kendall z {z:.1f} > {self._z_crit:.1f}, p < {self.significance:g})",
+            began=began if began is not None and began < step else None,
         )
