@@ -552,7 +552,7 @@ def test_rare_height_reads_the_lower_tail_and_ignores_upward_outliers():
             ordered = sorted(stream.tolist())
             centre, quartile = float(np.median(ordered)), float(np.median(ordered) - np.quantile(ordered, 0.25))
             ratios.append((rare_height(ordered) - centre) / quartile)
-        assert float(np.median(ratios)) == pytest.approx(rare, rel=0.25), df  # the once-in-1/RARE_RATE height
+        assert float(np.median(ratios)) == pytest.approx(rare, rel=0.2), df  # 2,000 scores: -4% to +4%
     assert RARE_RATE == 3e-5
     gauss = np.random.default_rng(0).standard_normal(4000)
     lifted = np.where(gauss > 1.0, 10.0 * gauss, gauss)  # bad batches: outliers upwards only
