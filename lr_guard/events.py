@@ -38,8 +38,8 @@ class Event:
         sudden: Raised by one value alone (a spike, a non-finite value, a blow-up), not by a trend over
             several values.
         began: The step of the value that set it off, where the values after it confirmed it (a blow-up that
-            stayed up), or where a sustained rise began (the lowest value of its window); ``None``: ``step``
-            itself.
+            stayed up), where a sustained rise began (the lowest value of its window), or where a plateau's
+            progress stopped (the step of the best level it ever saw, before any rise); ``None``: ``step`` itself.
     """
 
     kind: str

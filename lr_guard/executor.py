@@ -98,11 +98,18 @@ def _rollback_message(intent: Intent, c: _Context) -> str:
     if event.kind == LR_SEARCH:  # the LR search's trial undone
         discarded = f", discarding {c.step - intent.rollback_to} steps" if intent.rollback_to is not None else ""
         return f"{event.message} -- {verb} to step {intent.rollback_to}{discarded}, {change} ({intent.reason})"
+    cap = c.cap
+    if event.kind == EventKind.PLATEAU and cap is not None:  # a warm-up plateau: back to before its best level
+        capped = "would cap" if c.dry_run else "capped"
+        return (
+            f"{event.message} -- {verb} to step {intent.rollback_to}, before the best level, {change}, {capped} the "
+            f"peak at {cap.lr:.3g} (progress stopped at LR {cap.trouble_lr:.3g}, step {cap.trouble_step}: "
+            f"{intent.reason})"
+        )
     if event.kind == EventKind.PLATEAU:  # a failed start: a rollback to where training started
         notes = "; ".join(note for note in (intent.reason, why) if note)
         return f"{event.message} -- {verb} to step {intent.rollback_to}, where training started, {change} ({notes})"
     skip = f", skipping the next {intent.skip_batches} batches" if intent.skip_batches else ""
-    cap = c.cap
     if cap is not None:
         capped = "would cap" if c.dry_run else "capped"
         skip += (
@@ -129,7 +136,15 @@ def _stop_message(intent: Intent, c: _Context) -> str:
 
 def _cut_message(intent: Intent, c: _Context) -> str:
     would = "would cut the LR: " if c.dry_run else ""
-    return f"{intent.event.message} -- {would}lr {c.lr_before:.3g} -> {c.lr_after:.3g} (x{intent.lr_factor:g})"
+    text = f"{intent.event.message} -- {would}lr {c.lr_before:.3g} -> {c.lr_after:.3g} (x{intent.lr_factor:g})"
+    cap = c.cap
+    if cap is not None:
+        capped = "would cap" if c.dry_run else "capped"
+        text += (
+            f", {capped} the peak at {cap.lr:.3g} (progress stopped at LR {cap.trouble_lr:.3g}, step "
+            f"{cap.trouble_step}: {intent.reason})"
+        )
+    return text
 
 
 def _reason_message(intent: Intent, c: _Context) -> str:
@@ -189,7 +204,13 @@ ACTIONS: dict[Action, ActionSpec] = {
         "_stop", _stop_message, _stop_done, lambda d, f: f"stop; checkpoint of step {d.rollback_to}"
     ),
     Action.LR_CUT: ActionSpec(
-        "_cut", _cut_message, lambda d: "cut the LR", lambda d, f: f"LR x{d.lr_factor:g} (cumulative x{f:.3g})"
+        "_cut",
+        _cut_message,
+        lambda d: "cut the LR" + (f" and capped the peak LR at {d.lr_cap:.3g}" if d.lr_cap is not None else ""),
+        lambda d, f: (
+            f"LR x{d.lr_factor:g} (cumulative x{f:.3g})"
+            + (f", LR capped at {d.lr_cap:.3g}" if d.lr_cap is not None else "")
+        ),
     ),
     Action.SKIP: ActionSpec("_nothing", _skip_message, lambda d: "skipped the update", lambda d, f: d.reason),
     Action.CLIP: ActionSpec("_nothing", _reason_message, lambda d: "scaled the update down", lambda d, f: d.reason),
@@ -325,6 +346,8 @@ class IntentExecutor:
                 self.policy.lr_cut_made()  # counted as the live guard counts its cuts
             else:
                 intent = replace(intent, action=Action.HELD, lr_factor=1.0, reason=NO_CUT)
+            if cap is not None:
+                set_lr_caps(paper, cap[0])
         elif intent.action == Action.ROLLBACK:
             _scale_lr_state(paper, lr_factors(paper), lr_caps(paper), intent.lr_factor)
             if cap is not None:

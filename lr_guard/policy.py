@@ -42,6 +42,10 @@ LASTING_NON_FINITE = 16
 BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
 # Why a rollback caps the LR instead of cutting it: the trouble began while the schedule's LR was rising
 WARMUP_CAP = "the trouble began while the schedule's LR was rising: the warm-up passed where training stays stable"
+# Why a plateau's LR cut also caps the LR: its progress stopped while the schedule's LR was rising
+WARMUP_PLATEAU = (
+    "the loss stopped improving while the schedule's LR was rising: the warm-up passed where the loss still falls"
+)
 # The kinds of event that are the first sign of trouble (a plateau is none)
 TROUBLE = (EventKind.SPIKE.value, EventKind.OSCILLATION.value, EventKind.DIVERGENCE.value)
 
@@ -93,7 +97,10 @@ class GuardPolicy(UpdateResponses):
       rise begins at its window's lowest value, so a rise seen just after a warm-up ended is capped at the LR it
       began at); a later one cuts as usual.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
-      ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``).
+      ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``) -- unless the plateau's
+      progress stopped (its ``began``: its best level) before the LR last rose: the warm-up carried the LR past
+      where the loss still falls, as a range test reads it, and the first such cut of the fit (if no rollback has
+      capped it) also caps the LR at ``warmup_cap_factor`` times the LR of that step.
     * A failed start: a plateau while the progress detector's (the plateau detector's) best mean is less than
       ``RESTART_PROGRESS`` (5%) better than the first value, after ``RESTART_MIN_VALUES`` (100) values without
       improvement (a shorter flat stretch is logged) -- training has learned nothing, typically because a
@@ -194,11 +201,14 @@ class GuardPolicy(UpdateResponses):
         self.good: SnapshotMark | None = None
         self.pending: SnapshotMark | None = None
         self.origin: SnapshotMark | None = None  # where training started, kept for a restart until progress
+        self.progress_mark: SnapshotMark | None = None  # a good snapshot before the best level, for a warm-up plateau
         self.skips.reset_run()
         self.lr_rising = False  # the schedule's LR is rising (a warm-up): see note_lr
         self._last_lr: float | None = None
         self._last_lr_step: int | None = None
         self._lr_rose_at: int | None = None  # the last step at which the schedule's LR rose
+        self._rises = 0  # the steps at which it rose since it last fell
+        self._warmup_rose_at: int | None = None  # the last step it rose at with another rise before, no fall between
         self.stopped = False
         self._calm_from: int | None = None  # the first step of the current stretch of values with no event
         self._calm_ended: tuple[int, int] | None = None  # the step of the event that ended the last calm, its length
@@ -222,6 +232,11 @@ class GuardPolicy(UpdateResponses):
         self.lr_rising = last is not None and lr > last * (1 + 1e-9)
         if self.lr_rising:
             self._lr_rose_at = step
+            self._rises += 1
+            if self._rises >= 2:  # a warm-up rises again and again; a warm restart jumps once, then decays
+                self._warmup_rose_at = step
+        elif last is not None and lr < last * (1 - 1e-9):
+            self._rises = 0
         self._last_lr, self._last_lr_step = lr, step
 
     # -- outcomes ----------------------------------------------------------------------------------------------
@@ -245,11 +260,21 @@ class GuardPolicy(UpdateResponses):
 
     def kept_steps(self) -> set[int]:
         """The steps whose snapshots the rules may still restore."""
-        kept = {mark.step for mark in (self.good, self.pending, self.origin) if mark is not None}
+        kept = {mark.step for mark in (self.good, self.pending, self.origin, self.progress_mark) if mark is not None}
         trial = self.search.trial
         if trial is not None and trial.start is not None:
             kept.add(trial.start)
         return kept
+
+    def lr_steps_kept(self) -> set[int]:
+        """The steps whose LRs a warm-up cap may still read: where the trouble under way began, and where each
+        plateau detector's progress stopped (its ``best_step``)."""
+        steps = {self.trouble_from} if self.trouble_from is not None else set()
+        for detector in self.detectors.values():
+            best = getattr(detector, "best_step", None)
+            if isinstance(best, int):
+                steps.add(best)
+        return steps
 
     def wants_snapshot(self, step: int) -> bool:
         return (
@@ -275,6 +300,7 @@ class GuardPolicy(UpdateResponses):
         # confirmed by healthy values over confirm_steps optimizer steps: one per step when the loss is watched,
         # the first validation that far on when a validation metric is
         if step - self.pending.step + 1 >= self.config.confirm_steps:
+            self._keep_progress_mark()
             self.good, self.pending = self.pending, None
             self.incident_rollbacks = 0
             self.trouble_from = None
@@ -332,7 +358,10 @@ class GuardPolicy(UpdateResponses):
                     return [searched]
             return [gated] if gated is not None else []
         calm_before, self._calm_from = step - calm_from, step + 1  # optimizer steps with no event before this
-        began = min((e.began for e in events if e.began is not None), default=step)
+        began = min(  # a plateau's began is where progress stopped, not a value that set off trouble
+            (e.began for e in events if e.began is not None and kind_name(e.kind) != EventKind.PLATEAU.value),
+            default=step,
+        )
         calm_here = calm_before
         if began < step:  # confirmed by the values after it: the calm is the one before its first value
             calm_before = self._calm_before(began, calm_from)
@@ -456,8 +485,13 @@ class GuardPolicy(UpdateResponses):
         factor = self.config.plateau_factor
         if factor is None:
             return Intent(event, Action.NONE, reason="logged")
-        if self.lr_rising:
+        cap_at = self._warmup_plateau(event)
+        if self.lr_rising and cap_at is None:
             return Intent(event, Action.HELD, reason="no LR cut while the schedule's LR is still rising (warm-up)")
+        if cap_at is not None:
+            mark = self._before(cap_at)
+            if mark is not None:  # back to before the LR passed where the loss still falls, capped below there
+                return self._back_before_plateau(event, mark, cap_at)
         if self.origin is not None:
             progress = self._progress.progress if self._progress is not None else math.nan
             early = event.detector == "plateau" and event.score < RESTART_MIN_VALUES  # the built-in: score = values
@@ -471,7 +505,54 @@ class GuardPolicy(UpdateResponses):
             if progress < RESTART_PROGRESS:  # NaN (unknown): no restart
                 return self._restart(event, progress)
         self.search.lower_ceiling(self.search.lr)
+        if cap_at is not None:  # the warm-up carried the LR past where the loss still falls: cap it below there
+            self.capped = True
+            return Intent(event, Action.LR_CUT, lr_factor=factor, reason=WARMUP_PLATEAU, cap_at=cap_at)
         return Intent(event, Action.LR_CUT, lr_factor=factor)
+
+    def _warmup_plateau(self, event: Event) -> int | None:
+        """Where a plateau's progress stopped (its ``began``: the step of its best level), when the schedule's LR
+        has risen since or is rising now and the fit has had no warm-up cap yet: the LR cut then also caps the LR
+        at ``warmup_cap_factor`` times the LR of that step. ``None`` otherwise."""
+        began = event.began
+        if self.config.warmup_cap_factor is None or self.capped or began is None or began >= event.step:
+            return None
+        if not getattr(self._detector_named(event.detector), "progress_lost", False):
+            return None  # a flat loss under a rising LR is not past the threshold: the LR did it no harm
+        rose = self._warmup_rose_at is not None and self._warmup_rose_at > began
+        return began if self.lr_rising or rose else None
+
+    def _before(self, step: int) -> SnapshotMark | None:
+        """The latest restorable snapshot at or before ``step`` (the good one, the progress mark, where training
+        started), or ``None``."""
+        marks = [m for m in (self.good, self.progress_mark, self.origin) if m is not None and m.step <= step]
+        return max(marks, key=lambda m: m.step, default=None)
+
+    def _back_before_plateau(self, event: Event, mark: SnapshotMark, cap_at: int) -> Intent:
+        """A warm-up plateau: the steps since ``mark`` were taken at LRs past where the loss still falls and left
+        the model worse than at its best (a cut LR does not undo that); roll back there, keep the LR factor and
+        cap the LR at ``warmup_cap_factor`` times the LR where the progress stopped."""
+        self.capped = True
+        self.search.lower_ceiling(self.search.lr)
+        self._restore_detectors(mark)
+        self.good, self.progress_mark = mark, None  # the snapshots taken since hold the worse model
+        if self.origin is not None and self.origin.step > mark.step:
+            self.origin = None
+        intent = self._rollback(event, mark.step, 0, factor=1.0, reason=WARMUP_PLATEAU)
+        return replace(intent, cap_at=cap_at)
+
+    def _keep_progress_mark(self) -> None:
+        """Before the good snapshot is replaced by a newer one: keep it as the progress mark (one more snapshot
+        held) when it is no later than where the progress detector's best level is, while a warm-up plateau may
+        still roll back there (a warm-up cap is still to come, and no progress has been made since the LR last
+        rose); drop the mark once none can."""
+        old, best = self.good, getattr(self._progress, "best_step", None)
+        may_cap = self.config.rollback and self.config.warmup_cap_factor is not None and not self.capped
+        risen = self._warmup_rose_at is not None and isinstance(best, int) and best < self._warmup_rose_at
+        if not may_cap or not isinstance(best, int) or not (risen or self.lr_rising):
+            self.progress_mark = None
+        elif old is not None and old.step <= best:
+            self.progress_mark = old
 
     def _restart(self, event: Event, progress: float) -> Intent:
         origin = self.origin

@@ -11,7 +11,7 @@ import sys
 
 import pytorch_lightning as pl
 import torch
-from ddp_worker import QUIET, SCENARIOS, RankScripted, start_rank
+from ddp_worker import QUIET, SCENARIOS, RankScripted, leave_group, start_rank
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -125,6 +125,7 @@ def main():
         default_root_dir=out,
     )
     trainer.fit(ShardedScripted(SHARDED_SCENARIOS[scenario]), ckpt_path=checkpoint)
+    leave_group()
 
 
 if __name__ == "__main__":

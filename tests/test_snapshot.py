@@ -113,8 +113,11 @@ def test_a_store_frees_reuses_restores_and_cleans_up(tmp_path):
     pointers = [t.data_ptr() for t in first.model.values()]
     third = store.take(20, targets)
     assert [t.data_ptr() for t in third.model.values()] == pointers
+    store.take(5, targets)
     store.restore(10, targets)
-    assert store.steps == [10]  # the states after the restored one are gone
+    assert store.steps == [5, 10]  # the states after the restored one are gone; an earlier one stays restorable
+    store.restore(5, targets)
+    assert store.steps == [5]
 
     disk = SnapshotStore("disk", directory=str(tmp_path), rank=1)
     disk.take(0, targets)

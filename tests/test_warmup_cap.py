@@ -183,3 +183,48 @@ def test_a_slow_rise_that_began_in_the_warm_up_and_is_seen_after_it_is_capped_wh
     assert first.event.began == rise_from and first.trouble_step == rise_from
     assert first.trouble_lr == recorder.lr[rise_from] < 0.7 * LR
     assert first.lr_cap == pytest.approx(g.warmup_cap_factor * recorder.lr[rise_from]) and first.lr_factor == 1.0
+
+
+def warm_up_plateau_values(steps=300, best=40, level=0.80):
+    """Falls to step ``best`` (in the warm-up), then sits higher (``level``) with a little noise: the higher LR
+    lost ground and the loss does not come back while the LR keeps rising."""
+    values = [2.0 / (1.0 + 0.05 * t) for t in range(best + 1)]
+    return values + [level + 0.01 * math.sin(1.3 * t) for t in range(best + 1, steps)]
+
+
+def test_a_plateau_that_lost_ground_while_the_warm_up_rose_rolls_back_before_its_best_and_caps_the_lr():
+    g, recorder = guard(plateau=True), ScheduleRecorder()
+    scripted = ScriptedLossModule(
+        warm_up_plateau_values(), optimizer="adam", lr=LR, batch_size=256, scheduler=warmup_cosine
+    )
+    make_trainer([g, recorder], max_steps=300).fit(scripted)
+    first = g.decisions[0]
+    assert first.event.kind == "plateau" and first.action.value == "rollback"
+    best = first.event.began  # the best level: where the falling values leave the window, before the LR peaks
+    assert best is not None and best < WARMUP < first.event.step
+    # back to a snapshot no later than the best level (kept past the good one's moves: the progress mark)
+    assert first.rollback_to <= best and first.event.step - first.rollback_to > 2 * g.snapshot_every
+    assert first.trouble_step == best and first.trouble_lr == recorder.lr[best]
+    assert first.lr_cap == pytest.approx(g.warmup_cap_factor * recorder.lr[best]) and first.lr_factor == 1.0
+    assert "before the best level" in str(first) and "progress stopped at LR" in str(first)
+    assert g.policy.capped
+    assert all(recorder.lr[s] <= first.lr_cap * (1 + 1e-9) for s in recorder.lr if s >= first.step)
+
+
+def test_a_flat_loss_under_a_rising_lr_gets_no_cap():
+    flat = [2.0 / (1.0 + 0.05 * t) for t in range(41)] + [2.0 / 3.0] * 260  # stopped, but lost nothing
+    g = guard(plateau=True)
+    make_trainer([g], max_steps=300).fit(
+        ScriptedLossModule(flat, optimizer="adam", lr=LR, batch_size=256, scheduler=warmup_cosine)
+    )
+    assert g.decisions and all(d.lr_cap is None and d.action.value != "rollback" for d in g.decisions)
+    assert not g.policy.capped
+
+
+def test_a_warm_restart_is_no_warm_up_for_a_plateau():
+    restarts = lambda o: S.CosineAnnealingWarmRestarts(o, T_0=60)  # noqa: E731 - the LR jumps up once at 60
+    g = guard(plateau=True)
+    make_trainer([g], max_steps=300).fit(
+        ScriptedLossModule(warm_up_plateau_values(), optimizer="adam", lr=LR, batch_size=256, scheduler=restarts)
+    )
+    assert all(d.lr_cap is None for d in g.decisions) and not g.policy.capped

@@ -22,7 +22,7 @@ from lr_guard.actions.state_io import FULL_STATE, StateIO, state_nbytes
 
 __all__ = ["DISK_SLOTS", "SnapshotStore", "Targets"]
 
-DISK_SLOTS = 3  # a good, a pending and a starting state (origin) may be held at once
+DISK_SLOTS = 4  # a good, a pending, a starting state (origin) and a progress mark may be held at once
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,8 @@ class SnapshotStore:
             self.copying = []
 
     def restore(self, step: int, targets: Targets) -> None:
-        """Write the snapshot of ``step`` back into the targets; every other snapshot is dropped (they hold
-        states after it, which the run has left)."""
+        """Write the snapshot of ``step`` back into the targets; the snapshots of later steps are dropped (they
+        hold states the run has left), those of earlier ones stay restorable (states the run went through)."""
         snapshot = self._held[step]
         snapshot.restore(
             targets.model,
@@ -160,7 +160,7 @@ class SnapshotStore:
             state_io=self.state_io,
             averages=targets.averages,
         )
-        self._held = {step: snapshot}
+        self._held = {s: held for s, held in self._held.items() if s <= step}
 
     def keep_only(self, steps: Iterable[int]) -> None:
         """Free the snapshots not in ``steps``; the last one freed is reused by the next :meth:`take`."""

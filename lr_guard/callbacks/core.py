@@ -124,8 +124,11 @@ class GuardCore(GuardSettings):
             with at the incident's first event (a spike, oscillation or divergence after the last good snapshot,
             not the event that confirmed it). From then on each group's LR is ``min(schedule x factor, cap)``: the
             replayed warm-up rises to the cap and stays there until the schedule's decay passes under it. A later
-            rollback (or cut) lowers factor and cap alike by its factor. ``None``: every such rollback cuts by
-            ``rollback_factor``, as at a constant LR.
+            rollback (or cut) lowers factor and cap alike by its factor. A plateau whose loss lost ground since
+            its best level while a warm-up raised the LR rolls back to a snapshot no later than that best and caps
+            the LR at this fraction of the LR there (one more snapshot is held during a warm-up for it).
+            ``None``: every
+            such rollback cuts by ``rollback_factor``, as at a constant LR, and plateaus cut as usual.
         skip_spikes: Skip the update of a spiking (or non-finite) step; costs one host sync per step.
         snapshot_every: Take a snapshot every this many optimizer steps.
         confirm_steps: Optimizer steps of healthy values after a snapshot before it counts as good (with
@@ -422,7 +425,8 @@ class GuardCore(GuardSettings):
             self.gate.reset()
 
     def _copies(self) -> int:
-        return 3 if self.policy.origin is not None else 2  # the starting state is kept until progress
+        policy = self.policy  # a good and a pending one, the starting state until progress, a progress mark
+        return 2 + len({mark.step for mark in (policy.origin, policy.progress_mark) if mark is not None})
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._fitting = False
@@ -650,7 +654,7 @@ class GuardCore(GuardSettings):
         self.executor.process(values, self._run, reporter.decision, reporter.value if reporter.logs_values else None)
         self._run.forget_before(values[-1][0])
         if self._cadence.note_lrs:
-            self._run.forget_lrs(self.policy.trouble_from, values[-1][0], self._lr_memory)
+            self._run.forget_lrs(self.policy.lr_steps_kept(), values[-1][0], self._lr_memory)
         self.checkpoint_path = self._run.checkpoint_path
         self._store.keep_only(self.policy.kept_steps())  # free what the rules can no longer restore
         if sweeping and self.policy.search.sweep is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -108,11 +108,11 @@ class LiveRun:
     def lrs_at(self, step: int) -> list[list[float]] | None:
         return self.lrs.get(step)
 
-    def forget_lrs(self, kept: int | None, after: int, recent: int = 0) -> None:
-        """Keep the LRs of step ``kept`` (where the trouble under way began), of the last ``recent`` steps up to
-        ``after`` (where a trouble seen later may have begun: a sustained rise's window) and of the steps after
-        ``after`` (not checked yet)."""
-        self.lrs = {s: lrs for s, lrs in self.lrs.items() if s > after - recent or s == kept}
+    def forget_lrs(self, kept: Collection[int], after: int, recent: int = 0) -> None:
+        """Keep the LRs of the steps ``kept`` (where the trouble under way began, where a plateau's progress
+        stopped), of the last ``recent`` steps up to ``after`` (where a trouble seen later may have begun: a
+        sustained rise's window) and of the steps after ``after`` (not checked yet)."""
+        self.lrs = {s: lrs for s, lrs in self.lrs.items() if s > after - recent or s in kept}
 
     def forget_before(self, step: int) -> None:
         """Steps before ``step`` are dealt with: their places are no longer needed."""

@@ -105,6 +105,9 @@ class PlateauDetector(Detector):
         "_cooldown_left",
         "_first",
         "_sorted",
+        "_lowest",
+        "_lowest_at",
+        "_lost",
     )
 
     def __init__(
@@ -184,6 +187,9 @@ class PlateauDetector(Detector):
         self._best = math.inf
         self._first = math.nan  # sign * the first value: where training started
         self._bad = 0
+        self._lowest = math.inf  # the best level ever (a rebase to a risen level does not raise it) ...
+        self._lowest_at: int | None = None  # ... and its step: where the run's progress stopped (Event.began)
+        self._lost = False  # the level now is worse than that best by more than an improvement's margin
         self._cooldown_left = 0
         self._sorted: list[float] = []  # sign * the values of _recent, sorted (with level_quantile)
         if self.patience is None:  # the window grows with the run: trimmed in update, not by maxlen
@@ -206,6 +212,18 @@ class PlateauDetector(Detector):
         if math.isinf(self._best) or not self._first:
             return math.nan
         return (self._first - self._best) / abs(self._first)
+
+    @property
+    def best_step(self) -> int | None:
+        """The step of the best level this detector has seen (a rebase to a risen level does not move it): where
+        the run's progress stopped, a plateau event's ``began``. ``None`` before the first full window."""
+        return self._lowest_at
+
+    @property
+    def progress_lost(self) -> bool:
+        """Whether the level now is worse than the best level ever (:attr:`best_step`) by more than an
+        improvement must beat it by: the run has lost ground since, not only stopped gaining it."""
+        return self._lost
 
     @property
     def num_bad_steps(self) -> int:
@@ -296,7 +314,10 @@ class PlateauDetector(Detector):
         if level is None:
             return None
         current, window = level
+        if current < self._lowest:
+            self._lowest, self._lowest_at = current, step
         margin = self._margin(window)
+        self._lost = current > self._lowest + margin
         if current < self._best - margin or math.isinf(self._best) or self._rose(current, window):
             self._best = current
             self._bad = 0
@@ -322,5 +343,6 @@ class PlateauDetector(Detector):
                 f"step {step}: no improvement for {bad} values (patience {patience}): the {self._level_name()} of "
                 f"the last {window} values, {mean:.4g}, has not improved on the best, {self.best:.4g}, by more "
                 f"than the {self._margin_name(window)} {margin:.2g}",
+                began=self._lowest_at,
             )
         return None
