@@ -42,7 +42,7 @@ LASTING_NON_FINITE = 16
 BAD_BATCH = "LR factor kept: a sudden blow-up after a calm stretch is a bad batch, not a too-high LR"
 # Why a rollback caps the LR instead of cutting it: the trouble began while the schedule's LR was rising
 WARMUP_CAP = "the trouble began while the schedule's LR was rising: the warm-up passed where training stays stable"
-# Why a plateau's LR cut also caps the LR: its progress stopped while the schedule's LR was rising
+# Why a plateau rolls back and caps the LR: it lost ground while the schedule's LR was rising
 WARMUP_PLATEAU = (
     "the loss stopped improving while the schedule's LR was rising: the warm-up passed where the loss still falls"
 )
@@ -97,10 +97,13 @@ class GuardPolicy(UpdateResponses):
       rise begins at its window's lowest value, so a rise seen just after a warm-up ended is capped at the LR it
       began at); a later one cuts as usual.
     * Plateau / oscillation: cut the LR by ``plateau_factor`` / ``oscillation_factor``, or log only when that is
-      ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``) -- unless the plateau's
-      progress stopped (its ``began``: its best level) before the LR last rose: the warm-up carried the LR past
-      where the loss still falls, as a range test reads it, and the first such cut of the fit (if no rollback has
-      capped it) also caps the LR at ``warmup_cap_factor`` times the LR of that step.
+      ``None``; a plateau cut is held while the schedule's LR is rising (``lr_rising``). A warm-up plateau is
+      answered otherwise: when the plateau's level has lost ground since its best (``progress_lost``) and that
+      best (its ``began``) came before a warm-up's last LR rise (a rise at two or more steps with no fall between,
+      or the LR rising now), the warm-up carried the LR past where the loss still falls, as a range test reads
+      it. The first such plateau of the fit (if no rollback has capped the LR) rolls back to the latest snapshot
+      no later than that best (the progress mark, kept during a warm-up) and caps the LR at
+      ``warmup_cap_factor`` times the LR of that step; with no such snapshot, its cut also sets the cap.
     * A failed start: a plateau while the progress detector's (the plateau detector's) best mean is less than
       ``RESTART_PROGRESS`` (5%) better than the first value, after ``RESTART_MIN_VALUES`` (100) values without
       improvement (a shorter flat stretch is logged) -- training has learned nothing, typically because a

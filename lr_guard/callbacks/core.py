@@ -127,8 +127,8 @@ class GuardCore(GuardSettings):
             rollback (or cut) lowers factor and cap alike by its factor. A plateau whose loss lost ground since
             its best level while a warm-up raised the LR rolls back to a snapshot no later than that best and caps
             the LR at this fraction of the LR there (one more snapshot is held during a warm-up for it).
-            ``None``: every
-            such rollback cuts by ``rollback_factor``, as at a constant LR, and plateaus cut as usual.
+            ``None``: every such rollback cuts by ``rollback_factor``, as at a constant LR, and plateaus cut as
+            usual.
         skip_spikes: Skip the update of a spiking (or non-finite) step; costs one host sync per step.
         snapshot_every: Take a snapshot every this many optimizer steps.
         confirm_steps: Optimizer steps of healthy values after a snapshot before it counts as good (with
